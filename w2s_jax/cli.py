@@ -1,0 +1,66 @@
+"""The `w2s` command: one entry point, one module per subcommand.
+
+Each subcommand lives in its own module exposing ``main(argv: list[str]) -> int``; the module is
+imported only when its command runs, so `w2s grade` never pays for importing JAX.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from w2s_jax.errors import UserError
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("w2s_jax.pipeline", "run the weak-to-strong pipeline from a config"),
+    "data": ("w2s_jax.datasets", "build data sets: split, full-weak, consistency, vote, pairs"),
+    "grade": ("w2s_jax.grading", "extract and grade answers in a JSONL file"),
+    "generate": ("w2s_jax.generate_cli", "batched generation with a KV cache"),
+    "logprobs": ("w2s_jax.scoring", "summed completion log-probabilities"),
+    "convert": ("w2s_jax.convert", "convert checkpoints between HF/GGUF and w2s-jax"),
+    "sft": ("w2s_jax.train_cli", "supervised fine-tuning"),
+    "dpo": ("w2s_jax.train_cli", "preference optimization (DPO, IPO, hinge, ORPO, SimPO)"),
+    "compile-check": ("w2s_jax.compile_check", "ahead-of-time fit check for a TPU topology"),
+    "bench": ("w2s_jax.bench", "benchmarks against PyTorch baselines"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: w2s COMMAND [options]", "", "commands:"]
+    width = max(len(c) for c in COMMANDS)
+    for name, (_, desc) in COMMANDS.items():
+        lines.append(f"  {name.ljust(width)}  {desc}")
+    lines.append("")
+    lines.append("Run `w2s COMMAND --help` for a command's options.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from w2s_jax import __version__
+
+        print(__version__)
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" (did you mean `{close[0]}`?)" if close else ""
+        print(f"w2s: unknown command `{name}`{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        return int(module.main(argv[1:], prog=f"w2s {name}", command=name) or 0)
+    except UserError as e:
+        print(f"w2s {name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
