@@ -1,0 +1,428 @@
+"""One decoder for the Llama family (Llama 2/3, Mistral, Gemma, SmolLM2), pure-functional.
+
+Parameters are a nested dict of arrays; ``param_axes(cfg)`` gives the matching tree of logical
+axis names (see ``sharding.py``). Layers are stacked on a leading ``layers`` axis and run with
+``jax.lax.scan``, so compile time does not grow with depth; each layer body is wrapped in
+``jax.checkpoint`` with the configured rematerialisation policy.
+
+Weight layout (x @ W, per layer; stacked over L):
+
+    embed      [V, D]            ("vocab", "embed")
+    attn_norm  [L, D]            ("layers", "norm")
+    wq         [L, D, H, Dh]     ("layers", "embed", "heads", "head_dim")
+    wk, wv     [L, D, K, Dh]     ("layers", "embed", "kv_heads", "head_dim")
+    wo         [L, H, Dh, D]     ("layers", "heads", "head_dim", "embed")
+    mlp_norm   [L, D]
+    w_gate,w_up[L, D, F]         ("layers", "embed", "mlp")
+    w_down     [L, F, D]         ("layers", "mlp", "embed")
+    final_norm [D]
+    lm_head    [D, V]            (absent when embeddings are tied)
+
+LoRA adapters (``lora.py``) are a second tree ``{"layers": {name: {"a": [L, in..., r], "b": [L, r, out...]}}}``
+applied unmerged inside the same einsums.
+
+Attention masks: training and scoring pass ``segment_ids`` (0 = padding; packing puts several
+examples in one row with distinct ids; attention never crosses ids). Generation passes a KV cache
+with ``cache_index`` (the slot the first new token is written to, same for all rows) and
+``kv_start`` (per row, the first valid slot: prompts are left-padded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from w2s_jax.sharding import DEFAULT_RULES, Rules, constrain
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "tiny"
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    head_dim: int = 16
+    d_ff: int = 128
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    # Llama-3 style rope scaling ("llama3") or None
+    rope_scaling: str | None = None
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_pos: int = 8192
+    norm_eps: float = 1e-5
+    activation: str = "silu"  # "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma)
+    tie_embeddings: bool = False
+    scale_embeddings: bool = False  # Gemma: embeddings * sqrt(d_model)
+    norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + w)
+    sliding_window: int | None = None  # Mistral
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype
+    remat: str = "none"  # none | full | dots | dots_no_batch
+    attention_impl: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention implementation)
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = 0
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.activation not in ("silu", "gelu_tanh"):
+            raise ValueError(f"unknown activation {self.activation!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {self.remat!r}; valid: {sorted(REMAT_POLICIES)}")
+
+    def replace(self, **kw) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+    @property
+    def num_params(self) -> int:
+        D, F, L, V = self.d_model, self.d_ff, self.n_layers, self.vocab_size
+        H, K, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        per_layer = D * H * Dh * 2 + D * K * Dh * 2 + 3 * D * F + 2 * D
+        return V * D * (1 if self.tie_embeddings else 2) + L * per_layer + D
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (6N plus attention), as in the PaLM/MaxText accounting."""
+        attn = 12 * self.n_layers * self.n_heads * self.head_dim * seq_len / 2  # causal half
+        return 6.0 * self.num_params + attn
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+# Published shapes. vocab/special ids follow each family's tokenizer.
+PRESETS: dict[str, ModelConfig] = {
+    "llama2-7b": ModelConfig("llama2-7b", 32000, 4096, 32, 32, 32, 128, 11008, 4096),
+    "llama2-13b": ModelConfig("llama2-13b", 32000, 5120, 40, 40, 40, 128, 13824, 4096),
+    "llama2-70b": ModelConfig("llama2-70b", 32000, 8192, 80, 64, 8, 128, 28672, 4096),
+    "mistral-7b": ModelConfig(
+        "mistral-7b", 32000, 4096, 32, 32, 8, 128, 14336, 32768, rope_theta=1e6, sliding_window=4096
+    ),
+    "gemma-2b": ModelConfig(
+        "gemma-2b", 256000, 2048, 18, 8, 1, 256, 16384, 8192, norm_eps=1e-6, activation="gelu_tanh",
+        tie_embeddings=True, scale_embeddings=True, norm_plus_one=True, bos_token_id=2, eos_token_id=1,
+        pad_token_id=0,
+    ),
+    "llama3-8b": ModelConfig(
+        "llama3-8b", 128256, 4096, 32, 32, 8, 128, 14336, 8192, rope_theta=500000.0, rope_scaling="llama3",
+        norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001, pad_token_id=None,
+    ),
+    "llama3-70b": ModelConfig(
+        "llama3-70b", 128256, 8192, 80, 64, 8, 128, 28672, 8192, rope_theta=500000.0, rope_scaling="llama3",
+        bos_token_id=128000, eos_token_id=128001, pad_token_id=None,
+    ),
+    "smollm2-135m": ModelConfig(
+        "smollm2-135m", 49152, 576, 30, 9, 3, 64, 1536, 8192, rope_theta=100000.0, tie_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    ),
+    "tiny": ModelConfig("tiny"),
+    "tiny-gqa": ModelConfig("tiny-gqa", 256, 64, 2, 4, 2, 16, 128, 512),
+    "tiny-mqa": ModelConfig("tiny-mqa", 256, 64, 2, 4, 1, 16, 128, 512),
+    "tiny-gemma": ModelConfig(
+        "tiny-gemma", 256, 64, 2, 4, 1, 32, 128, 512, norm_eps=1e-6, activation="gelu_tanh",
+        tie_embeddings=True, scale_embeddings=True, norm_plus_one=True,
+    ),
+    "tiny-mistral": ModelConfig("tiny-mistral", 256, 64, 2, 4, 2, 16, 128, 512, sliding_window=8),
+}
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        import difflib
+
+        from w2s_jax.errors import UserError
+
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f" (did you mean `{close[0]}`?)" if close else ""
+        raise UserError(f"unknown model preset `{name}`{hint}; known: {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def param_axes(cfg: ModelConfig) -> dict:
+    axes = {
+        "embed": ("vocab", "embed"),
+        "layers": {
+            "attn_norm": ("layers", "norm"),
+            "wq": ("layers", "embed", "heads", "head_dim"),
+            "wk": ("layers", "embed", "kv_heads", "head_dim"),
+            "wv": ("layers", "embed", "kv_heads", "head_dim"),
+            "wo": ("layers", "heads", "head_dim", "embed"),
+            "mlp_norm": ("layers", "norm"),
+            "w_gate": ("layers", "embed", "mlp"),
+            "w_up": ("layers", "embed", "mlp"),
+            "w_down": ("layers", "mlp", "embed"),
+        },
+        "final_norm": ("norm",),
+    }
+    if not cfg.tie_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """Tree of ``jax.ShapeDtypeStruct`` for the parameters."""
+    D, F, L, V = cfg.d_model, cfg.d_ff, cfg.n_layers, cfg.vocab_size
+    H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    dt = jnp.dtype(cfg.param_dtype)
+    s = lambda *shape: jax.ShapeDtypeStruct(shape, dt)
+    shapes = {
+        "embed": s(V, D),
+        "layers": {
+            "attn_norm": s(L, D),
+            "wq": s(L, D, H, Dh),
+            "wk": s(L, D, K, Dh),
+            "wv": s(L, D, K, Dh),
+            "wo": s(L, H, Dh, D),
+            "mlp_norm": s(L, D),
+            "w_gate": s(L, D, F),
+            "w_up": s(L, D, F),
+            "w_down": s(L, F, D),
+        },
+        "final_norm": s(D),
+    }
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = s(D, V)
+    return shapes
+
+
+def _init_params(cfg: ModelConfig, key: jax.Array) -> dict:
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree.flatten_with_path(shapes)
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    norm_value = 0.0 if cfg.norm_plus_one else 1.0
+    for (path, sds), k in zip(leaves, keys):
+        name = path[-1].key
+        if "norm" in name:
+            out.append(jnp.full(sds.shape, norm_value, sds.dtype))
+        else:
+            out.append((cfg.initializer_range * jax.random.normal(k, sds.shape, jnp.float32)).astype(sds.dtype))
+    return jax.tree.unflatten(jax.tree.structure(shapes), out)
+
+
+def param_shardings(cfg: ModelConfig, mesh, rules: Rules = DEFAULT_RULES):
+    from w2s_jax.sharding import tree_shardings
+
+    return tree_shardings(mesh, param_axes(cfg), param_shapes(cfg), rules)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, mesh=None, rules: Rules = DEFAULT_RULES) -> dict:
+    """Random parameters, created directly sharded on ``mesh`` (jit with out_shardings)."""
+    if mesh is None:
+        return jax.jit(partial(_init_params, cfg))(key)
+    return jax.jit(partial(_init_params, cfg), out_shardings=param_shardings(cfg, mesh, rules))(key)
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+def cache_axes() -> dict:
+    names = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+    return {"k": names, "v": names}
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
+    dt = jnp.dtype(dtype or cfg.dtype)
+    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, plus_one: bool) -> jax.Array:
+    dtype = x.dtype
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if plus_one:  # Gemma: scale in float32, then cast
+        return (xf * (1.0 + w.astype(jnp.float32))).astype(dtype)
+    return w.astype(dtype) * xf.astype(dtype)  # Llama: cast, then scale
+
+
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    dh = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+    if cfg.rope_scaling == "llama3":
+        factor, lo, hi = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        old = cfg.rope_original_max_pos
+        low_wl, high_wl = old / lo, old / hi
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > low_wl, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+        inv = jnp.where(medium, smoothed, scaled)
+    elif cfg.rope_scaling is not None:
+        raise ValueError(f"unsupported rope_scaling {cfg.rope_scaling!r}")
+    return inv
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """x [B, T, N, Dh]; positions [B, T]. Rotate-half convention (Hugging Face layout)."""
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+    cos = jnp.cos(jnp.concatenate([ang, ang], -1))[:, :, None, :].astype(x.dtype)
+    sin = jnp.sin(jnp.concatenate([ang, ang], -1))[:, :, None, :].astype(x.dtype)
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rot * sin
+
+
+# einsum specs: (base, lora-in, lora-out)
+_EINSUM = {
+    "wq": ("btd,dhk->bthk", "btd,dr->btr", "btr,rhk->bthk"),
+    "wk": ("btd,dhk->bthk", "btd,dr->btr", "btr,rhk->bthk"),
+    "wv": ("btd,dhk->bthk", "btd,dr->btr", "btr,rhk->bthk"),
+    "wo": ("bthk,hkd->btd", "bthk,hkr->btr", "btr,rd->btd"),
+    "w_gate": ("btd,df->btf", "btd,dr->btr", "btr,rf->btf"),
+    "w_up": ("btd,df->btf", "btd,dr->btr", "btr,rf->btf"),
+    "w_down": ("btf,fd->btd", "btf,fr->btr", "btr,rd->btd"),
+}
+
+
+def _dense(name, x, p, lora_p, lora_scale, dropout_key, lora_dropout):
+    w = p[name].astype(x.dtype)
+    y = jnp.einsum(_EINSUM[name][0], x, w)
+    if lora_p is not None and name in lora_p:
+        xin = x
+        if dropout_key is not None and lora_dropout > 0:
+            k = jax.random.fold_in(dropout_key, list(_EINSUM).index(name))
+            keep = jax.random.bernoulli(k, 1.0 - lora_dropout, x.shape)
+            xin = jnp.where(keep, x / (1.0 - lora_dropout), 0).astype(x.dtype)
+        h = jnp.einsum(_EINSUM[name][1], xin, lora_p[name]["a"].astype(x.dtype))
+        y = y + lora_scale * jnp.einsum(_EINSUM[name][2], h, lora_p[name]["b"].astype(x.dtype))
+    return y
+
+
+def _attention_mask(q_slots, k_slots, q_seg, k_seg, k_valid, window):
+    """Boolean [B, T, S]: causal by slot, same segment, key valid, optional sliding window."""
+    m = k_slots[:, None, :] <= q_slots[:, :, None]
+    m &= q_seg[:, :, None] == k_seg[:, None, :]
+    m &= k_valid[:, None, :]
+    if window is not None:
+        m &= (q_slots[:, :, None] - k_slots[:, None, :]) < window
+    return m
+
+
+def _layer(cfg: ModelConfig, mesh, rules, lora_scale, lora_dropout, carry, xs):
+    x, mask, positions, cache_index, dropout_key = carry
+    p, lp, ck, cv, layer_idx = xs
+    inv_freq = rope_frequencies(cfg)
+    dk = None if dropout_key is None else jax.random.fold_in(dropout_key, layer_idx)
+    dense = lambda name, h: _dense(name, h, p, lp, lora_scale, dk, lora_dropout)
+
+    h = rms_norm(x, p["attn_norm"], cfg.norm_eps, cfg.norm_plus_one)
+    q = apply_rope(dense("wq", h), positions, inv_freq)
+    k = apply_rope(dense("wk", h), positions, inv_freq)
+    v = dense("wv", h)
+    q = constrain(q, ("batch", "length", "heads", "head_dim"), mesh, rules)
+    if ck is not None:  # write the new keys/values into the cache, attend over the whole cache
+        ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
+        cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+        k_all, v_all = ck.astype(x.dtype), cv.astype(x.dtype)
+    else:
+        k_all, v_all = k, v
+    k_all = constrain(k_all, ("batch", "cache_length", "kv_heads", "head_dim"), mesh, rules)
+    v_all = constrain(v_all, ("batch", "cache_length", "kv_heads", "head_dim"), mesh, rules)
+    attn = jax.nn.dot_product_attention(
+        q, k_all, v_all, mask=mask[:, None, :, :], implementation=None if cfg.attention_impl == "xla"
+        else cfg.attention_impl,
+    )
+    x = x + dense("wo", attn)
+    x = constrain(x, ("batch", "length", "embed"), mesh, rules)
+
+    h = rms_norm(x, p["mlp_norm"], cfg.norm_eps, cfg.norm_plus_one)
+    g = dense("w_gate", h)
+    g = jax.nn.silu(g) if cfg.activation == "silu" else jax.nn.gelu(g, approximate=True)
+    u = dense("w_up", h)
+    gu = constrain(g * u, ("batch", "length", "mlp"), mesh, rules)
+    x = x + dense("w_down", gu)
+    x = constrain(x, ("batch", "length", "embed"), mesh, rules)
+    return (x, mask, positions, cache_index, dropout_key), (ck, cv)
+
+
+def forward(
+    params: dict,
+    tokens: jax.Array,
+    cfg: ModelConfig,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    cache: dict | None = None,
+    cache_index: jax.Array | int | None = None,
+    kv_start: jax.Array | None = None,
+    lora: dict | None = None,
+    lora_scale: float = 1.0,
+    lora_dropout: float = 0.0,
+    dropout_key: jax.Array | None = None,
+    mesh=None,
+    rules: Rules = DEFAULT_RULES,
+    return_hidden: bool = False,
+):
+    """Logits ``[B, T, V]`` (float32) and the updated cache (None without a cache).
+
+    Without a cache: ``segment_ids`` [B, T] (default all ones; 0 marks padding) and ``positions``
+    (default 0..T-1; restart per packed segment). With a cache: ``cache_index`` is the slot of
+    ``tokens[:, 0]`` and ``kv_start`` [B] the first valid slot of each row.
+    """
+    B, T = tokens.shape
+    dtype = jnp.dtype(cfg.dtype)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if cache is None:
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
+        slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        # padding queries attend to themselves only (keeps softmax finite; their outputs are ignored)
+        mask = _attention_mask(slots, slots, segment_ids, segment_ids, segment_ids > 0, cfg.sliding_window)
+        mask |= jnp.eye(T, dtype=bool)[None]
+        cache_index = jnp.int32(0)
+    else:
+        S = cache["k"].shape[2]
+        cache_index = jnp.asarray(cache_index, jnp.int32)
+        if kv_start is None:
+            kv_start = jnp.zeros((B,), jnp.int32)
+        q_slots = cache_index + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        k_slots = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        ones_q, ones_k = jnp.ones((B, T), jnp.int32), jnp.ones((B, S), jnp.int32)
+        mask = _attention_mask(q_slots, k_slots, ones_q, ones_k, k_slots >= kv_start[:, None], cfg.sliding_window)
+
+    x = params["embed"].astype(dtype)[tokens]
+    if cfg.scale_embeddings:
+        x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype)
+    x = constrain(x, ("batch", "length", "embed"), mesh, rules)
+
+    body = partial(_layer, cfg, mesh, rules, lora_scale, lora_dropout)
+    policy = REMAT_POLICIES[cfg.remat]
+    if cfg.remat != "none":
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    lp = None if lora is None else lora["layers"]
+    ck = None if cache is None else cache["k"]
+    cv = None if cache is None else cache["v"]
+    xs = (params["layers"], lp, ck, cv, jnp.arange(cfg.n_layers))
+    (x, *_), (new_k, new_v) = jax.lax.scan(body, (x, mask, positions, cache_index, dropout_key), xs)
+
+    x = rms_norm(x, params["final_norm"], cfg.norm_eps, cfg.norm_plus_one)
+    if return_hidden:
+        return x
+    head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+    logits = constrain(logits, ("batch", "length", "vocab"), mesh, rules)
+    new_cache = None if cache is None else {"k": new_k, "v": new_v}
+    return logits, new_cache
