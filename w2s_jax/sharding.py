@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import jax
 import numpy as np
@@ -160,3 +161,23 @@ def replicated_fraction(shardings_tree, shapes_tree) -> float:
         if all(p is None for p in sh.spec):
             rep += n
     return rep / max(total, 1)
+
+
+@dataclass
+class MeshConfig:
+    """Mesh shape by axis (-1 = the rest of the devices) and an optional replacement rules table."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    sequence: int = 1
+    rules: dict[str, list[str]] | None = None
+
+    def shape(self) -> dict[str, int]:
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor, "sequence": self.sequence}
+
+    def build(self, devices=None) -> Mesh:
+        return make_mesh(self.shape(), devices)
+
+    def rules_table(self) -> Rules:
+        return rules_from_config(self.rules)
