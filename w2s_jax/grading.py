@@ -16,10 +16,11 @@ Two comparison modes:
 
 ``paper`` (the DEFAULT)
     exact string equality of the normalized strings. The official code *intends* a sympy comparison,
-    but in the authors' environment ``parse_latex`` always failed (its ANTLR runtime was missing, so
-    the bare ``except`` fell back to string equality): all 14,000 released GSM8K weak outputs are
-    labelled exactly as string equality (``0.50`` vs ``0.5`` is wrong there). This mode reproduces
-    the released ``pred``/``result`` labels, so it is what every figure of the paper was graded with.
+    but in the authors' environment ``parse_latex`` never succeeded (its bare ``except`` then falls
+    back to string equality; a missing or mismatched ANTLR runtime does exactly that): all 14,000
+    released GSM8K weak outputs are labelled as string equality (``0.50`` vs ``0.5`` is wrong there;
+    13 of the 7,000 Llama-2-7B outputs would flip under ``symbolic``). This mode reproduces the
+    released ``pred``/``result`` labels (7,000 of 7,000), i.e. how the paper's figures were graded.
 ``symbolic``
     the intended path: if the normalized strings are equal the answer is right (a shortcut the
     official code lacks: it would call an identical ``x<5`` wrong because relations cannot be
