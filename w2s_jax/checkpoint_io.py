@@ -565,11 +565,9 @@ def _load_native(path: Path, mesh, rules, dtype, tokenizer) -> LoadedModel:
     lora = lora_cfg = None
     if meta.get("lora"):
         lora_cfg = _lora_config_from_dict(meta["lora"], str(meta_path))
-        ldt = dtype if dtype is not None else jnp.float32
         with SafetensorsStore([path / LORA_FILE], what=str(path / LORA_FILE)) as store:
-            lora = load_tree_from_store(
-                store, lora_shapes(cfg, lora_cfg, ldt), lora_axes(cfg, lora_cfg), mesh, rules, str(path / LORA_FILE)
-            )
+            shapes = lora_shapes(cfg, lora_cfg, jnp.float32)
+            lora = load_tree_from_store(store, shapes, lora_axes(cfg, lora_cfg), mesh, rules, str(path / LORA_FILE))
     return LoadedModel(params, cfg, tok, lora, lora_cfg, str(path), "native")
 
 
@@ -584,8 +582,10 @@ def load_model(
     """Load any supported checkpoint (format auto-detected, see the module docstring).
 
     ``mesh``: place every parameter directly with its NamedSharding (``param_shardings``).
-    ``dtype``: parameter dtype (default: native = as saved; HF/GGUF = the stored float type,
-    GGUF quantized -> float32). ``base``: base model of a PEFT adapter dir (overrides
+    ``dtype``: parameter dtype (default: native = as saved in w2s_model.json; HF = the stored float
+    type of the embedding; GGUF = float32). For HF/GGUF the compute dtype (``cfg.dtype``) is float32
+    for float32 parameters and bfloat16 otherwise; change it with ``cfg.replace(dtype=...)``.
+    LoRA adapters are always loaded in float32. ``base``: base model of a PEFT adapter dir (overrides
     ``base_model_name_or_path``). ``tokenizer``: a spec/path overriding the model's own.
     """
     p = Path(path)
