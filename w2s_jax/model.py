@@ -30,6 +30,7 @@ with ``cache_index`` (the slot the first new token is written to, same for all r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -223,11 +224,17 @@ def param_shardings(cfg: ModelConfig, mesh, rules: Rules = DEFAULT_RULES):
     return tree_shardings(mesh, param_axes(cfg), param_shapes(cfg), rules)
 
 
-def init_params(cfg: ModelConfig, key: jax.Array, mesh=None, rules: Rules = DEFAULT_RULES) -> dict:
-    """Random parameters, created directly sharded on ``mesh`` (jit with out_shardings)."""
+@functools.lru_cache(maxsize=16)
+def _init_fn(cfg: ModelConfig, mesh, rules: Rules):
     if mesh is None:
-        return jax.jit(partial(_init_params, cfg))(key)
-    return jax.jit(partial(_init_params, cfg), out_shardings=param_shardings(cfg, mesh, rules))(key)
+        return jax.jit(partial(_init_params, cfg))
+    return jax.jit(partial(_init_params, cfg), out_shardings=param_shardings(cfg, mesh, rules))
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, mesh=None, rules: Rules = DEFAULT_RULES) -> dict:
+    """Random parameters, created directly sharded on ``mesh`` (jit with out_shardings; compiled once
+    per (config, mesh, rules))."""
+    return _init_fn(cfg, mesh, rules)(key)
 
 
 # ----------------------------------------------------------------------------- KV cache
