@@ -62,6 +62,11 @@ from w2s_jax.sharding import DEFAULT_RULES, Rules, named_sharding, tree_sharding
 log = logging.getLogger(__name__)
 
 
+# XLA options for every compile of the steps (tests lower the CPU backend's optimisation level,
+# which makes tiny models compile ~3x faster)
+COMPILER_OPTIONS: dict = {}
+
+
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
@@ -281,7 +286,7 @@ def _accumulate(micro_fn, trainable, batch, grad_sh):
 def _apply(state: TrainState, grads, tx, loss, aux):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -395,6 +400,12 @@ def reference_logps(params, batch, lora=None, *, spec: StepSpec):
 # ----------------------------------------------------------------------------- shardings
 
 
+def _single_mesh():
+    from w2s_jax.sharding import make_mesh
+
+    return make_mesh({"data": 1}, jax.devices()[:1])
+
+
 def _replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
@@ -489,17 +500,40 @@ def build_steps(kind: str, model_cfg: ModelConfig, cfg: TrainConfig, total_steps
     ev = sft_eval if kind == "sft" else dpo_eval
     bsh = batch_shardings(abstract_batch(kind, cfg, cfg.seq_len), mesh, rules)
     step_fn = jax.jit(partial(fn, spec=spec, tx=tx, grad_sh=t_sh), in_shardings=(state_sh, bsh, frozen_sh),
-                      out_shardings=(state_sh, None), donate_argnums=0)
-    eval_fn = jax.jit(partial(ev, spec=spec))  # arguments arrive placed
+                      out_shardings=(state_sh, None), donate_argnums=0,
+                      compiler_options=dict(COMPILER_OPTIONS) or None)
+    ekey = ("eval", kind, spec, tuple(sorted(COMPILER_OPTIONS.items())))
+    eval_fn = _cache_get(ekey)
+    if eval_fn is None:
+        eval_fn = _cache_put(ekey, jax.jit(partial(ev, spec=spec), compiler_options=dict(COMPILER_OPTIONS) or None))
     return StepBundle(spec, tx, sched, state_sh, frozen_sh, t_sh, abstract, step_fn, eval_fn)
+
+
+# compiled steps of this process, so that a run restarted in the same process (or an identical
+# second run) does not compile again; keyed by everything the executable depends on
+_CACHE: dict = {}
+_CACHE_MAX = 16
+
+
+def _cache_get(key):
+    return _CACHE.get(key)
+
+
+def _cache_put(key, value):
+    if len(_CACHE) >= _CACHE_MAX:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[key] = value
+    return value
 
 
 def _bytes(n) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def compile_steps(bundle: StepBundle, kind: str, cfg: TrainConfig, lengths: Sequence[int]) -> dict:
-    """Compile the step ahead of time for each row length; returns {T: {seconds, memory}}."""
+def compile_steps(bundle: StepBundle, kind: str, cfg: TrainConfig, lengths: Sequence[int],
+                  total_steps: int | None = None) -> dict:
+    """Compile the step ahead of time for each row length; returns {T: {seconds, memory}}.
+    With ``total_steps`` (which fixes the schedule) executables are reused within the process."""
     mesh, rules = bundle.spec.mesh, bundle.spec.rules
     frozen_abs = None
     if bundle.frozen_sh is not None:
@@ -507,6 +541,12 @@ def compile_steps(bundle: StepBundle, kind: str, cfg: TrainConfig, lengths: Sequ
                                   param_shapes(bundle.spec.model_cfg), bundle.frozen_sh)
     info = {}
     for T in lengths:
+        key = ("step", kind, bundle.spec, cfg, total_steps, T, tuple(sorted(COMPILER_OPTIONS.items())))
+        hit = _cache_get(key) if total_steps is not None else None
+        if hit is not None:
+            bundle.compiled[T] = hit[0]
+            info[T] = dict(hit[1], cached=True)
+            continue
         ab = abstract_batch(kind, cfg, T)
         bsh = batch_shardings(ab, mesh, rules)
         ab = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), ab, bsh)
@@ -515,11 +555,14 @@ def compile_steps(bundle: StepBundle, kind: str, cfg: TrainConfig, lengths: Sequ
                          in_shardings=(bundle.state_sh, bsh, bundle.frozen_sh),
                          out_shardings=(bundle.state_sh, None), donate_argnums=0)
         t0 = time.perf_counter()
-        compiled = jitted.lower(bundle.abstract_state, ab, frozen_abs).compile()
+        compiled = jitted.lower(bundle.abstract_state, ab, frozen_abs).compile(
+            compiler_options=dict(COMPILER_OPTIONS) or None)
         secs = time.perf_counter() - t0
         mem = memory_stats(compiled)
         bundle.compiled[T] = compiled
         info[T] = {"compile_seconds": secs, "memory": mem}
+        if total_steps is not None:
+            _cache_put(key, (compiled, info[T]))
         log.info("compiled %s step for [%d, %d, %d] in %.1fs; memory: %s", kind, cfg.grad_accum,
                  cfg.batch_size * (1 if kind == "sft" else 2), T, secs,
                  {k: _bytes(v) for k, v in mem.items()})
@@ -631,7 +674,7 @@ def precompute_reference(params, model_cfg: ModelConfig, pairs, cfg: TrainConfig
                                 bucket_lengths=cfg.bucket_lengths)
     p_sh = tree_shardings(mesh, param_axes(model_cfg), param_shapes(model_cfg), rules)
     params = jax.device_put(params, p_sh)
-    fn = jax.jit(partial(reference_logps, spec=spec))
+    fn = jax.jit(partial(reference_logps, spec=spec), compiler_options=dict(COMPILER_OPTIONS) or None)
     out = {}
     t0 = time.perf_counter()
     for T, rows in batcher.plan(0):
@@ -695,13 +738,12 @@ def run_training(kind: str, model, records, cfg: TrainConfig, out_dir, *, mesh=N
 
     from w2s_jax.checkpoint import Checkpointer
     from w2s_jax.metrics_log import MetricsLogger
-    from w2s_jax.sharding import make_mesh
 
     if kind not in ("sft", "dpo"):
         raise ValueError(kind)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    mesh = mesh if mesh is not None else make_mesh({"data": 1}, jax.devices()[:1])
+    mesh = mesh if mesh is not None else _single_mesh()
     mcfg: ModelConfig = model.cfg
     tok = model.tokenizer
     if tok is None:
@@ -771,7 +813,7 @@ def run_training(kind: str, model, records, cfg: TrainConfig, out_dir, *, mesh=N
     epoch, index = (int(x) for x in jax.device_get(state.data_pos))
     start_pos = pos = DataPosition(epoch, index)
 
-    compile_info = compile_steps(bundle, kind, cfg, batcher.shapes())
+    compile_info = compile_steps(bundle, kind, cfg, batcher.shapes(), total)
     (out / "compile.json").write_text(json.dumps({str(k): v for k, v in compile_info.items()}, indent=1))
 
     logger = MetricsLogger(out, tensorboard=cfg.tensorboard, resume_step=step if resumed_from is not None else 0)

@@ -1,0 +1,297 @@
+"""SFT/DPO steps: PyTorch parity, accumulation, LoRA, preference training, drivers."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from w2s_jax import train as T
+from w2s_jax.batching import PreferenceBatcher, SFTBatcher, tokenize_pairs, tokenize_sft
+from w2s_jax.lora import LoRAConfig
+from w2s_jax.model import ModelConfig, param_shapes
+from w2s_jax.tokenizer import ByteTokenizer
+
+torch = pytest.importorskip("torch")
+TOK = ByteTokenizer()
+CFG = ModelConfig("t", vocab_size=259, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
+                  rope_theta=10000.0, norm_eps=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def fast_compile(monkeypatch):
+    monkeypatch.setattr(T, "COMPILER_OPTIONS", {"xla_backend_optimization_level": 0})
+
+
+def init_params(cfg, seed):
+    """Random parameters made with numpy (model.init_params compiles for seconds on CPU)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, s: jnp.ones(s.shape, s.dtype) if "norm" in jax.tree_util.keystr(path)
+        else jnp.asarray(rng.normal(0, cfg.initializer_range, s.shape), s.dtype), param_shapes(cfg))
+
+
+def init_lora(cfg, lcfg, seed):
+    from w2s_jax.lora import lora_shapes
+
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, s: jnp.zeros(s.shape, s.dtype) if path[-1].key == "b"
+        else jnp.asarray(rng.uniform(-0.2, 0.2, s.shape), s.dtype), lora_shapes(cfg, lcfg))
+
+
+def sft_records(n=24):
+    return [{"id": f"s{i}", "prompt": f"{i}+{i % 5}=", "completion": str(i + i % 5)} for i in range(n)]
+
+
+def pref_records(n=16):
+    return [{"id": f"p{i}", "prompt": f"{i}*2=", "chosen": str(2 * i), "rejected": str(2 * i + 3)} for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- PyTorch parity
+
+
+def to_torch_llama(params, cfg: ModelConfig):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    hc = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=D, intermediate_size=cfg.d_ff,
+                     num_hidden_layers=cfg.n_layers, num_attention_heads=H, num_key_value_heads=K, head_dim=Dh,
+                     rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_seq_len,
+                     tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False)
+    hc._attn_implementation = "eager"
+    model = LlamaForCausalLM(hc).float()
+    p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    t = lambda a: torch.tensor(np.ascontiguousarray(a), dtype=torch.float32)
+    sd = {"model.embed_tokens.weight": t(p["embed"]), "model.norm.weight": t(p["final_norm"]),
+          "lm_head.weight": t(p["lm_head"].T)}
+    ly = p["layers"]
+    for i in range(cfg.n_layers):
+        pre = f"model.layers.{i}."
+        sd[pre + "input_layernorm.weight"] = t(ly["attn_norm"][i])
+        sd[pre + "post_attention_layernorm.weight"] = t(ly["mlp_norm"][i])
+        sd[pre + "self_attn.q_proj.weight"] = t(ly["wq"][i].reshape(D, H * Dh).T)
+        sd[pre + "self_attn.k_proj.weight"] = t(ly["wk"][i].reshape(D, K * Dh).T)
+        sd[pre + "self_attn.v_proj.weight"] = t(ly["wv"][i].reshape(D, K * Dh).T)
+        sd[pre + "self_attn.o_proj.weight"] = t(ly["wo"][i].reshape(H * Dh, D).T)
+        sd[pre + "mlp.gate_proj.weight"] = t(ly["w_gate"][i].T)
+        sd[pre + "mlp.up_proj.weight"] = t(ly["w_up"][i].T)
+        sd[pre + "mlp.down_proj.weight"] = t(ly["w_down"][i].T)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    return model
+
+
+def torch_grads_as_ours(model, cfg):
+    D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    g = {n: p.grad.detach().numpy() for n, p in model.named_parameters()}
+    st = lambda f: np.stack([f(i) for i in range(cfg.n_layers)])
+    pre = "model.layers.{}."
+    return {
+        "embed": g["model.embed_tokens.weight"],
+        "final_norm": g["model.norm.weight"],
+        "lm_head": g["lm_head.weight"].T,
+        "layers": {
+            "attn_norm": st(lambda i: g[pre.format(i) + "input_layernorm.weight"]),
+            "mlp_norm": st(lambda i: g[pre.format(i) + "post_attention_layernorm.weight"]),
+            "wq": st(lambda i: g[pre.format(i) + "self_attn.q_proj.weight"].T.reshape(D, H, Dh)),
+            "wk": st(lambda i: g[pre.format(i) + "self_attn.k_proj.weight"].T.reshape(D, K, Dh)),
+            "wv": st(lambda i: g[pre.format(i) + "self_attn.v_proj.weight"].T.reshape(D, K, Dh)),
+            "wo": st(lambda i: g[pre.format(i) + "self_attn.o_proj.weight"].T.reshape(H, Dh, D)),
+            "w_gate": st(lambda i: g[pre.format(i) + "mlp.gate_proj.weight"].T),
+            "w_up": st(lambda i: g[pre.format(i) + "mlp.up_proj.weight"].T),
+            "w_down": st(lambda i: g[pre.format(i) + "mlp.down_proj.weight"].T),
+        },
+    }
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_sft_loss_and_gradients_match_transformers(packing):
+    """Masked cross-entropy (completion tokens only, mean per token) of a tiny Llama: loss and every
+    parameter gradient equal transformers' LlamaForCausalLM with the same weights (fp32). The packed
+    JAX batch is compared with the same examples unpacked in PyTorch."""
+    cfg = CFG.replace(initializer_range=0.2)  # larger weights: gradients well above rounding noise
+    params = init_params(cfg, 1)
+    ex, _ = tokenize_sft(sft_records(6), TOK, 32)
+    padded = SFTBatcher(ex, rows=6, seq_len=16, packing=False, shuffle=False).all_batches()[0]
+    batch = SFTBatcher(ex, rows=2, seq_len=48, packing=True, shuffle=False).all_batches()[0] if packing else padded
+
+    spec = T.StepSpec(cfg, "sft")
+
+    def loss_fn(p, b):
+        b = jax.tree.map(lambda x: x[0], b)
+        lp = T.sequence_token_logps(p, None, b, spec)
+        return -jnp.sum(lp * b["loss_mask"]) / jnp.sum(b["loss_mask"])
+
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn), compiler_options=T.COMPILER_OPTIONS)(
+        params, jax.tree.map(jnp.asarray, batch))
+
+    model = to_torch_llama(params, cfg)
+    tokens = torch.tensor(padded["tokens"][0], dtype=torch.long)
+    attn = torch.tensor(padded["segment_ids"][0] > 0, dtype=torch.long)
+    # labels: the token itself where it is a completion token (HF shifts internally)
+    labels = np.full(tokens.shape, -100)
+    lm = padded["loss_mask"][0]
+    labels[:, 1:] = np.where(lm[:, :-1] > 0, padded["tokens"][0][:, 1:], -100)
+    out = model(input_ids=tokens, attention_mask=attn, labels=torch.tensor(labels))
+    out.loss.backward()
+    np.testing.assert_allclose(float(loss), out.loss.item(), rtol=1e-5)
+    want = torch_grads_as_ours(model, cfg)
+    flat_w = dict(jax.tree_util.tree_flatten_with_path(want)[0])
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        w = flat_w[path]
+        scale = np.abs(w).max()
+        assert scale > 1e-4, path
+        # 1e-5 relative to each tensor's largest gradient entry (elementwise relative error is
+        # meaningless for entries that are themselves rounding noise)
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _state_for(bundle, trainable):
+    return T.init_state(bundle, trainable, seed=0)
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    params = init_params(CFG, 2)
+    ex, _ = tokenize_sft(sft_records(8), TOK, 32)
+    # eps=1: Adam's first update is ~lr*g (not ~lr*sign(g), which amplifies rounding of tiny g)
+    cfg1 = T.TrainConfig(lr=1e-1, batch_size=4, grad_accum=1, seq_len=32, packing=False, max_steps=1, eps=1.0)
+    cfg2 = T.TrainConfig(lr=1e-1, batch_size=2, grad_accum=2, seq_len=32, packing=False, max_steps=1, eps=1.0)
+    out = []
+    for c in (cfg1, cfg2):
+        b = SFTBatcher(ex, rows=c.batch_size, seq_len=32, packing=False, grad_accum=c.grad_accum, shuffle=False)
+        batch = b.all_batches()[0]
+        bundle = T.build_steps("sft", CFG, c, 1, T._single_mesh())
+        st, m = bundle.step_fn(_state_for(bundle, jax.tree.map(jnp.copy, params)), batch, None)
+        out.append((float(m["loss"]), float(m["grad_norm"]), st.params))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-6)
+    assert out[0][1] == pytest.approx(out[1][1], rel=1e-5)
+    for a, b, p0 in zip(jax.tree.leaves(out[0][2]), jax.tree.leaves(out[1][2]), jax.tree.leaves(params)):
+        da, db = np.asarray(a) - np.asarray(p0), np.asarray(b) - np.asarray(p0)
+        assert np.abs(da).max() > 0
+        # tolerance: 1e-5 of the largest update, at least a few float32 ulps of the weights
+        np.testing.assert_allclose(da, db, rtol=1e-4, atol=max(1e-5 * np.abs(da).max(), 1e-8))
+
+
+def test_weight_decay_mask_skips_norms():
+    params = init_params(CFG, 0)
+    m = T.decay_mask(params)
+    assert m["embed"] and m["lm_head"] and m["layers"]["wq"] and m["layers"]["w_down"]
+    assert not m["final_norm"] and not m["layers"]["attn_norm"] and not m["layers"]["mlp_norm"]
+    lm = T.decay_mask(init_lora(CFG, LoRAConfig(rank=2), 0))
+    assert all(jax.tree.leaves(lm))
+
+
+def test_schedules():
+    c = T.TrainConfig(lr=1.0, warmup_steps=2, schedule="linear", min_lr_ratio=0.1)
+    s = T.make_schedule(c, 12)
+    assert [float(s(i)) for i in (0, 1, 2)] == pytest.approx([0.0, 0.5, 1.0])
+    assert float(s(12)) == pytest.approx(0.1)
+    s = T.make_schedule(T.TrainConfig(lr=1.0, schedule="cosine", min_lr_ratio=0.0), 10)
+    assert float(s(0)) == pytest.approx(1.0) and float(s(5)) == pytest.approx(0.5) and float(s(10)) == pytest.approx(0)
+    s = T.make_schedule(T.TrainConfig(lr=2.0, schedule="constant", warmup_ratio=0.5), 4)
+    assert [float(s(i)) for i in range(5)] == pytest.approx([0.0, 1.0, 2.0, 2.0, 2.0])
+
+
+def _dpo_batch(pairs, rows, seq_len=32):
+    return PreferenceBatcher(pairs, rows=rows, seq_len=seq_len, shuffle=False).all_batches()[0]
+
+
+@pytest.mark.parametrize("loss_type,reference", [("sigmoid", "lora_off"), ("sigmoid", "precompute"),
+                                                 ("ipo", "lora_off"), ("simpo", "lora_off"), ("orpo", "lora_off")])
+def test_dpo_steps_raise_margin_and_lora_keeps_base(loss_type, reference):
+    """A few steps on one batch raise the chosen-minus-rejected margin (summed log-probs), and the
+    base weights passed as the frozen argument stay bit-identical."""
+    params = init_params(CFG, 3)
+    base_copy = jax.tree.map(lambda x: np.array(x, copy=True), params)
+    pairs, _ = tokenize_pairs(pref_records(4), TOK, 32)
+    lcfg = LoRAConfig(rank=4, alpha=8.0)
+    c = T.TrainConfig(lr=5e-3, batch_size=4, seq_len=32, loss_type=loss_type, beta=0.5, lora=lcfg,
+                      reference=reference, max_steps=6, max_grad_norm=0)
+    mesh = T._single_mesh()
+    if reference == "precompute":
+        pairs = T.precompute_reference(params, CFG, pairs, c, mesh)
+        assert all(p.ref_chosen < 0 and p.ref_rejected < 0 for p in pairs)
+    batch = _dpo_batch(pairs, 4)
+    bundle = T.build_steps("dpo", CFG, c, 6, mesh)
+    frozen = jax.device_put(params, bundle.frozen_sh)
+    state = _state_for(bundle, init_lora(CFG, lcfg, 9))
+    margins, losses = [], []
+    for _ in range(6):  # metrics of step k are those of the parameters after k - 1 updates
+        state, m = bundle.step_fn(state, batch, frozen)
+        losses.append(float(m["loss"]))
+        margins.append(float(m["logps/chosen"] - m["logps/rejected"]))
+    if loss_type in ("sigmoid", "ipo"):
+        assert losses[0] == pytest.approx({"sigmoid": np.log(2), "ipo": 1.0}[loss_type], rel=1e-5)
+    assert margins[-1] > margins[0] + 0.05, margins
+    assert losses[-1] < losses[0], losses
+    for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(base_copy)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_lora_off_reference_equals_precomputed():
+    """The reference computed inside the step with the adapters off equals the scoring pass."""
+    params = init_params(CFG, 4)
+    pairs, _ = tokenize_pairs(pref_records(4), TOK, 32)
+    lcfg = LoRAConfig(rank=2)
+    mesh = T._single_mesh()
+    c1 = T.TrainConfig(batch_size=4, seq_len=32, lora=lcfg, reference="lora_off", max_steps=1)
+    c2 = T.TrainConfig(batch_size=4, seq_len=32, lora=lcfg, reference="precompute", max_steps=1)
+    ms = []
+    for c in (c1, c2):
+        ps = T.precompute_reference(params, CFG, pairs, c, mesh) if c.reference == "precompute" else pairs
+        bundle = T.build_steps("dpo", CFG, c, 1, mesh)
+        lora = init_lora(CFG, lcfg, 0)
+        lora["layers"]["wq"]["b"] = lora["layers"]["wq"]["b"] + 0.05  # a non-trivial policy
+        _, m = bundle.step_fn(_state_for(bundle, lora), _dpo_batch(ps, 4), jax.device_put(params, bundle.frozen_sh))
+        ms.append({k: float(v) for k, v in m.items()})
+    for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert ms[0][k] == pytest.approx(ms[1][k], rel=1e-5, abs=1e-7), k
+
+
+def test_lora_off_without_lora_is_an_error():
+    from w2s_jax.errors import UserError
+
+    with pytest.raises(UserError, match="lora_off"):
+        T.build_steps("dpo", CFG, T.TrainConfig(reference="lora_off"), 1, T._single_mesh())
+
+
+# ----------------------------------------------------------------------------- drivers
+
+
+def test_run_sft_and_dpo_drivers_write_outputs(tmp_path):
+    params = init_params(CFG, 5)
+    model = T.TrainModel(params, CFG, TOK)
+    c = T.TrainConfig(lr=3e-3, batch_size=4, seq_len=32, epochs=2, log_every=2, eval_fraction=0.2,
+                      eval_every=3, progress=False)
+    r = T.run_sft(model, sft_records(48), c, tmp_path / "sft")
+    assert r.step == len(r.history) and r.step > 3
+    assert r.history[-1]["loss"] < r.history[0]["loss"]
+    assert r.eval_history and r.eval_history[-1]["step"] == r.step
+    recs = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert {x["split"] for x in recs} == {"train", "eval"} and all("lr" in x for x in recs if x["split"] == "train")
+    assert any((tmp_path / "sft" / "tensorboard").iterdir())
+    assert (tmp_path / "sft" / "compile.json").is_file()
+    from w2s_jax.checkpoint_io import load_model
+
+    loaded = load_model(r.model_dir)
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(r.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    # DPO from the SFT model, LoRA with precomputed reference cached as JSONL
+    cache = tmp_path / "prefs.jsonl.ref.jsonl"
+    c2 = T.TrainConfig(lr=3e-3, batch_size=2, seq_len=32, epochs=1, log_every=2, progress=False,
+                       lora=LoRAConfig(rank=2), reference="precompute", beta=0.2)
+    r2 = T.run_dpo(T.TrainModel(loaded.params, CFG, TOK), pref_records(8), c2, tmp_path / "dpo", ref_cache=cache)
+    assert cache.is_file() and len(cache.read_text().splitlines()) == 8
+    m = r2.history[0]
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+              "logps/rejected", "loss"):
+        assert k in m
+    assert m["rewards/margins"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at step 0
+    lm = load_model(r2.model_dir)
+    assert lm.lora is not None and lm.lora_cfg.rank == 2
