@@ -1,0 +1,167 @@
+"""tpu_specs (slice names, topologies) and `w2s compile-check` (AOT fit check for a TPU topology)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import pytest
+
+from w2s_jax import compile_check as C
+from w2s_jax import tpu_specs as T
+from w2s_jax.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_libtpu = pytest.mark.skipif(not T.libtpu_available(), reason="libtpu not installed (pip install libtpu)")
+
+TINY = """
+model: tiny
+model_overrides: {n_layers: 2}
+seq_len: 64
+batch_size: 8
+dpo_batch_size: 4
+remat: full
+param_dtype: float32
+dtype: bfloat16
+mesh: {fsdp: -1}
+generation: {batch_size: 8, prompt_len: 16, max_new_tokens: 16}
+"""
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path) -> Path:
+    p = tmp_path / "tiny.yaml"
+    p.write_text(TINY)
+    return p
+
+
+# ----------------------------------------------------------------------------- tpu_specs
+
+
+@pytest.mark.parametrize(
+    "name, chips, topo, hosts, gcloud",
+    [
+        ("v5p-128", 64, "v5p:4x4x4", 16, "v5p-128"),
+        ("v5p-64", 32, "v5p:2x4x4", 8, "v5p-64"),
+        ("v5p-8", 4, "v5p:2x2x1", 1, "v5p-8"),
+        ("v5p-256", 128, "v5p:4x4x8", 32, "v5p-256"),
+        ("v4-32", 16, "v4:2x2x4", 4, "v4-32"),
+        ("v5litepod-16", 16, "v5e:4x4", 4, "v5litepod-16"),
+        ("v5e-16", 16, "v5e:4x4", 4, "v5litepod-16"),
+        ("v5litepod-8", 8, "v5e:2x4", 1, "v5litepod-8"),
+        ("v5litepod-1", 1, "v5e:1x1", 1, "v5litepod-1"),
+        ("v6e-8", 8, "v6e:2x4", 1, "v6e-8"),
+        ("v6e-256", 256, "v6e:16x16", 64, "v6e-256"),
+        ("v5e:2x2", 4, "v5e:2x2", 1, "v5litepod-4"),
+        ("v5p:4x4x8", 128, "v5p:4x4x8", 32, "v5p-256"),
+    ],
+)
+def test_parse_slice(name, chips, topo, hosts, gcloud):
+    sl = T.parse_slice(name)
+    assert (sl.num_chips, sl.topology_name, sl.num_hosts, sl.accelerator_type) == (chips, topo, hosts, gcloud)
+
+
+@pytest.mark.parametrize("bad", ["v5p-127", "v7-8", "v5p:4x4", "v5e-12", "tpu"])
+def test_parse_slice_rejects(bad):
+    with pytest.raises(UserError):
+        T.parse_slice(bad)
+
+
+def test_chip_table():
+    assert T.chip("v5p").hbm_gib == 95 and T.chip("v5p").peak_bf16_flops == 459e12
+    assert T.chip("v5litepod") is T.TPU_CHIPS["v5e"]
+    assert T.chip("h100").peak_bf16_flops == 989e12
+    for spec in [*T.TPU_CHIPS.values(), *T.GPUS.values()]:
+        assert spec.hbm_bytes > 0 and spec.peak_bf16_flops > 1e14 and spec.hbm_bandwidth > 5e11
+    assert T.chip_for_device("TPU v5 lite") is T.TPU_CHIPS["v5e"]
+    assert T.chip_for_device("NVIDIA H100 80GB HBM3") is T.GPUS["h100-sxm"]
+    assert T.chip_for_device("cpu") is None
+    with pytest.raises(UserError):
+        T.chip("v9")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_strict(tiny_cfg):
+    cfg = C.load_check_config(tiny_cfg, ["generation.batch_size=16", "lora=8"])
+    assert cfg.generation.batch_size == 16 and cfg.lora.rank == 8
+    with pytest.raises(UserError, match="did you mean `seq_len`"):
+        C.load_check_config(tiny_cfg, ["seq_lenn=3"])
+    with pytest.raises(UserError, match="generation.batchsize"):
+        C.load_check_config(tiny_cfg, ["generation.batchsize=3"])
+    with pytest.raises(UserError, match="stage"):
+        C.load_check_config(tiny_cfg, ["stages=[sft, rl]"])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "tpu").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = C.load_check_config(path)
+    assert cfg.model == "llama2-70b" and cfg.seq_len == 1024
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+def _check_report(rep: C.Report, n_chips: int):
+    assert [s.stage for s in rep.stages] == list(C.STAGES)
+    assert rep.num_chips == n_chips
+    for s in rep.stages:
+        assert s.ok, s.error
+        assert s.arguments > 0 and s.total >= s.arguments + s.temporaries - s.aliased
+        assert s.fits and s.total <= s.hbm
+        assert s.flops_analytic > 0 and s.time_50 == pytest.approx(s.flops_analytic / (0.5 * rep.peak_flops_per_chip))
+        assert s.tokens > 0
+    sft = rep.stages[0]
+    # the analytic estimate is per chip: 6N per token plus attention, over the chips
+    n = rep.num_params
+    assert sft.flops_analytic >= 6 * n * sft.tokens / n_chips
+
+
+def test_compile_on_cpu_devices(tiny_cfg):
+    """The same targets compile on the 8 simulated CPU devices (no libtpu needed)."""
+    cfg = C.load_check_config(tiny_cfg)
+    rep = C.check(cfg, "v5e:2x4", devices=jax.devices()[:8], xla_costs=False)
+    _check_report(rep, 8)
+    text = C.format_report(rep)
+    assert "| sft |" in text and "FITS" in text
+
+
+def test_lora_and_precomputed_reference(tiny_cfg):
+    cfg = C.load_check_config(tiny_cfg, ["lora={rank: 4}", "dpo_reference=precomputed", "stages=[sft, dpo]",
+                                         "param_dtype=bfloat16"])
+    rep = C.check(cfg, "v5e:2x2", devices=jax.devices()[:4], xla_costs=False)
+    assert all(s.ok and s.fits for s in rep.stages)
+
+
+@needs_libtpu
+def test_compile_for_tpu_topology(tiny_cfg, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    rc = C.main([str(tiny_cfg), "--topology", "v5e:2x2", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "v5litepod-4 = v5e:2x2: 4 chips" in text and "FITS" in text
+    data = json.loads(out.read_text())
+    assert data["fits"] and data["chip"] == "v5e" and data["hbm_per_chip"] == 16 * 2**30
+    rep = C.Report(**{**{k: v for k, v in data.items() if k != "fits"},
+                      "stages": [C.StageReport(**s) for s in data["stages"]]})
+    _check_report(rep, 4)
+    for s in rep.stages:  # per-layer extrapolated XLA costs are present and of the model estimate's order
+        assert s.flops_compiled and s.bytes_accessed and s.time_hbm
+        assert 0.3 < s.flops_compiled / s.flops_analytic < 5
+
+
+@needs_libtpu
+def test_does_not_fit_exits_nonzero(tmp_path, capsys):
+    p = tmp_path / "big.yaml"
+    # 13B parameters with fp32 Adam: ~200 GiB of state on 4 x 16 GiB chips
+    p.write_text("model: llama2-13b\nseq_len: 256\nbatch_size: 4\nstages: [sft]\nmesh: {fsdp: -1}\n")
+    rc = C.main([str(p), "--topology", "v5litepod-4", "--no-xla-costs"])
+    text = capsys.readouterr().out
+    assert rc == 1 and "DOES NOT FIT" in text and "| sft |" in text
+
+
+def test_bytes_math():
+    assert math.isclose(T.parse_slice("v5p-128").hbm_bytes_total / 2**30, 64 * 95)
