@@ -295,3 +295,32 @@ def test_run_sft_and_dpo_drivers_write_outputs(tmp_path):
     assert m["rewards/margins"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at step 0
     lm = load_model(r2.model_dir)
     assert lm.lora is not None and lm.lora_cfg.rank == 2
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_sft_then_dpo_and_unknown_keys(tmp_path, capsys):
+    from w2s_jax.cli import main
+    from w2s_jax.jsonl import write_jsonl_atomic
+
+    write_jsonl_atomic(tmp_path / "sft.jsonl", sft_records(16))
+    write_jsonl_atomic(tmp_path / "prefs.jsonl", pref_records(8))
+    (tmp_path / "c.yaml").write_text(
+        "model: {preset: tiny, overrides: {vocab_size: 264, n_layers: 1}}\n"
+        f"data: {{train: {tmp_path / 'sft.jsonl'}}}\n"
+        "train: {batch_size: 2, seq_len: 32, max_steps: 2, progress: false, tensorboard: false}\n"
+        f"mesh: {{data: 1}}\nout_dir: {tmp_path / 'sft'}\n"
+    )
+    assert main(["sft", "--config", str(tmp_path / "c.yaml"), "--log-level", "WARNING"]) == 0
+    assert "2 steps" in capsys.readouterr().out
+    assert (tmp_path / "sft" / "model").is_dir() and (tmp_path / "sft" / "config.yaml").is_file()
+    sets = ["--set", f"model={{path: {tmp_path / 'sft' / 'model'}}}", "--set", f"data.train={tmp_path / 'prefs.jsonl'}",
+            "--set", f"out_dir={tmp_path / 'dpo'}", "--set", "train.lora={rank: 2}",
+            "--set", "train.reference=lora_off", "--set", "train.loss_type=ipo", "--log-level", "WARNING"]
+    assert main(["dpo", "--config", str(tmp_path / "c.yaml"), *sets]) == 0
+    assert (tmp_path / "dpo" / "model").is_dir()
+    assert main(["sft", "--config", str(tmp_path / "c.yaml"), "--set", "train.lrr=1"]) == 2
+    assert "unknown key `train.lrr` (did you mean `train.lr`?)" in capsys.readouterr().err
+    assert main(["dpo", "--config", str(tmp_path / "c.yaml"), "--set", "train.loss_type=kto"]) == 2
+    assert "train.loss_type" in capsys.readouterr().err

@@ -915,27 +915,29 @@ def run_training(kind: str, model, records, cfg: TrainConfig, out_dir, *, mesh=N
 
     # --- final model
     params_out, lora_out = (frozen, state.params) if cfg.lora is not None else (state.params, None)
+    from w2s_jax.checkpoint_io import save_model
+
     model_dir = out / "model"
-    try:
-        from w2s_jax.checkpoint_io import save_model
-    except ImportError:  # pragma: no cover -- the model I/O module is not there
-        save_model = None
-    if save_model is not None:
-        save_model(model_dir, params_out, mcfg, tok, lora=lora_out, lora_cfg=cfg.lora)
-        if export_hf:
-            _export_hf(model_dir, out / "hf")
-    else:
-        model_dir = None
+    save_model(model_dir, params_out, mcfg, tok, lora=lora_out, lora_cfg=cfg.lora)
+    if export_hf:
+        hf_source = getattr(model, "source", None) if getattr(model, "format", "") == "hf" else None
+        _export_hf(out, params_out, lora_out, cfg.lora, mcfg, tok,
+                   base_changed=getattr(model, "lora", None) is not None, source=hf_source)
     return TrainResult(params_out, lora_out, cfg.lora, step, history, eval_history, model_dir, resumed_from,
                        compile_info)
 
 
-def _export_hf(model_dir: Path, dest: Path) -> None:
-    from w2s_jax import convert
+def _export_hf(out: Path, params, lora, lora_cfg, mcfg, tok, base_changed: bool, source) -> None:
+    """Full fine-tuning: a Hugging Face dir ``<out>/hf``. LoRA: a PEFT adapter dir ``<out>/peft``
+    whose base is the loaded Hugging Face checkpoint, or ``<out>/hf_base`` (written here) when the
+    model did not come from a Hugging Face dir or an earlier adapter was merged into it."""
+    from w2s_jax.convert import lora_to_peft, params_to_hf
 
-    for name in ("export_hf", "to_hf", "export"):
-        fn = getattr(convert, name, None)
-        if fn is not None:
-            fn(model_dir, dest)
-            return
-    raise UserError("this build has no Hugging Face export (w2s_jax.convert.export_hf)")
+    if lora is None:
+        params_to_hf(out / "hf", params, mcfg, tok)
+        return
+    base_ref = source
+    if base_changed or not source:
+        params_to_hf(out / "hf_base", params, mcfg, tok)
+        base_ref = str((out / "hf_base").resolve())
+    lora_to_peft(out / "peft", lora, lora_cfg, mcfg, base_model_name_or_path=base_ref, tokenizer=tok)
