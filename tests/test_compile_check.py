@@ -19,13 +19,12 @@ needs_libtpu = pytest.mark.skipif(not T.libtpu_available(), reason="libtpu not i
 TINY = """
 model: tiny
 model_overrides: {n_layers: 2}
-seq_len: 64
-batch_size: 8
-dpo_batch_size: 4
 remat: full
 param_dtype: float32
 dtype: bfloat16
-mesh: {fsdp: -1}
+mesh: {data: 1, fsdp: -1}
+sft: {batch_size: 8, seq_len: 64}
+dpo: {batch_size: 4, seq_len: 64, reference: precompute}
 generation: {batch_size: 8, prompt_len: 16, max_new_tokens: 16}
 """
 
@@ -86,10 +85,10 @@ def test_chip_table():
 
 
 def test_config_strict(tiny_cfg):
-    cfg = C.load_check_config(tiny_cfg, ["generation.batch_size=16", "lora=8"])
-    assert cfg.generation.batch_size == 16 and cfg.lora.rank == 8
-    with pytest.raises(UserError, match="did you mean `seq_len`"):
-        C.load_check_config(tiny_cfg, ["seq_lenn=3"])
+    cfg = C.load_check_config(tiny_cfg, ["generation.batch_size=16", "sft.lora={rank: 8}"])
+    assert cfg.generation.batch_size == 16 and cfg.sft.lora.rank == 8 and cfg.dpo.lora is None
+    with pytest.raises(UserError, match="did you mean `sft.seq_len`"):
+        C.load_check_config(tiny_cfg, ["sft.seq_lenn=3"])
     with pytest.raises(UserError, match="generation.batchsize"):
         C.load_check_config(tiny_cfg, ["generation.batchsize=3"])
     with pytest.raises(UserError, match="stage"):
@@ -99,7 +98,7 @@ def test_config_strict(tiny_cfg):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "tpu").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     cfg = C.load_check_config(path)
-    assert cfg.model == "llama2-70b" and cfg.seq_len == 1024
+    assert cfg.model == "llama2-70b" and cfg.sft.seq_len == 1024 and cfg.dpo.seq_len == 1024
 
 
 # ----------------------------------------------------------------------------- compile
@@ -130,8 +129,8 @@ def test_compile_on_cpu_devices(tiny_cfg):
 
 
 def test_lora_and_precomputed_reference(tiny_cfg):
-    cfg = C.load_check_config(tiny_cfg, ["lora={rank: 4}", "dpo_reference=precomputed", "stages=[sft, dpo]",
-                                         "param_dtype=bfloat16"])
+    cfg = C.load_check_config(tiny_cfg, ["sft.lora={rank: 4}", "dpo.lora={rank: 4}", "dpo.reference=lora_off",
+                                         "stages=[sft, dpo]", "param_dtype=bfloat16", "sft.grad_accum=2"])
     rep = C.check(cfg, "v5e:2x2", devices=jax.devices()[:4], xla_costs=False)
     assert all(s.ok and s.fits for s in rep.stages)
 
@@ -157,7 +156,7 @@ def test_compile_for_tpu_topology(tiny_cfg, tmp_path, capsys):
 def test_does_not_fit_exits_nonzero(tmp_path, capsys):
     p = tmp_path / "big.yaml"
     # 13B parameters with fp32 Adam: ~200 GiB of state on 4 x 16 GiB chips
-    p.write_text("model: llama2-13b\nseq_len: 256\nbatch_size: 4\nstages: [sft]\nmesh: {fsdp: -1}\n")
+    p.write_text("model: llama2-13b\nsft: {seq_len: 256, batch_size: 4}\nstages: [sft]\nmesh: {fsdp: -1}\n")
     rc = C.main([str(p), "--topology", "v5litepod-4", "--no-xla-costs"])
     text = capsys.readouterr().out
     assert rc == 1 and "DOES NOT FIT" in text and "| sft |" in text

@@ -1,40 +1,37 @@
 """`w2s compile-check CONFIG --topology v5p-128`: will this config fit on that TPU slice, and how fast?
 
-Compiles the config's SFT step, DPO step and the generation steps (prefill and one decode step of
+Compiles the config's SFT step, DPO step and the generation steps (prefill, and one decode step of
 the KV-cache loop) ahead of time for a TPU topology on a CPU-only machine: libtpu describes the
-slice's devices, the config's mesh is laid over them, and each step is ``jax.jit(...).lower(abstract
-arguments with NamedShardings).compile()``. Nothing is allocated. For each stage it prints per-chip
-memory (``compiled.memory_analysis()``: arguments, outputs, temporaries, total) against the chip's
-HBM, FLOPs per step (``compiled.cost_analysis()`` and the analytic estimate) and the step time at
-50% of peak bf16 FLOP/s (and, for decoding, the time to stream the bytes it touches at HBM
-bandwidth). Exit status 1 when a stage does not fit.
+slice's devices, the config's mesh is laid over them, and each step -- the training steps are
+``train.py``'s own jitted ``sft_step``/``dpo_step`` with their shardings and donation -- is
+``.lower(abstract arguments with NamedShardings).compile()``d. Nothing is allocated. For each
+stage it prints per-chip memory (``compiled.memory_analysis()``: arguments, outputs, temporaries,
+total) against the chip's HBM, FLOPs per step (XLA's ``cost_analysis()`` extrapolated over the
+layers, and the analytic model FLOPs) and the step time at 50% of peak bf16 FLOP/s (and the time
+to stream the bytes the step touches at HBM bandwidth, the bound that matters when decoding).
+Exit status 1 when a stage does not fit.
 
-Config: a small YAML (see ``configs/tpu/*.yaml``)::
+Config (YAML, see ``configs/tpu/*.yaml``)::
 
     model: llama2-70b            # preset name (model.py PRESETS)
     model_overrides: {}          # ModelConfig fields, e.g. {n_layers: 2}
-    seq_len: 1024
-    batch_size: 64               # SFT: global sequences per step
-    dpo_batch_size: 32           # DPO: global preference pairs per step (2x sequences)
-    dpo_reference: model         # model (reference forward in the step) | precomputed | none (ORPO)
-    lora: null                   # or {rank: 64, alpha: 16, targets: [q, k, v, o, gate, up, down]}
     remat: full                  # none | full | dots | dots_no_batch
-    param_dtype: float32         # trained parameters (master copy); LoRA: the frozen base's dtype
+    param_dtype: float32         # stored parameters (and so Adam moments); LoRA: the frozen base
     dtype: bfloat16              # compute dtype
-    opt_dtype: float32           # Adam moments
-    mesh: {data: 1, fsdp: -1, tensor: 1, sequence: 1}
+    mesh: {data: 1, fsdp: -1, tensor: 1, sequence: 1}   # MeshConfig (rules: optional table)
+    sft: {batch_size: 64, seq_len: 1024, grad_accum: 1, lora: null}          # train.TrainConfig
+    dpo: {batch_size: 32, seq_len: 1024, reference: precompute, lora: null}  # (batch_size = pairs)
     generation: {batch_size: 256, prompt_len: 512, max_new_tokens: 1024, param_dtype: bfloat16,
-                 mesh: null}     # generation mesh; null = the training mesh
+                 mesh: null}     # generation mesh (MeshConfig); null = the training mesh
     stages: [sft, dpo, prefill, decode]
 
-``--set key=value`` overrides any key (dotted for nested ones: ``--set generation.batch_size=128``).
+``--set key=value`` overrides any key (dotted for nested ones: ``--set sft.batch_size=128``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import math
 import sys
@@ -44,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from w2s_jax.errors import UserError
+from w2s_jax.sharding import MeshConfig
+from w2s_jax.train import TrainConfig
 
 STAGES = ("sft", "dpo", "prefill", "decode")
 
@@ -52,97 +51,45 @@ STAGES = ("sft", "dpo", "prefill", "decode")
 
 
 @dataclass
-class LoraSection:
-    rank: int = 64
-    alpha: float = 16.0
-    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
-
-
-@dataclass
 class GenerationSection:
     batch_size: int = 256
     prompt_len: int = 512
     max_new_tokens: int = 1024
     param_dtype: str = "bfloat16"
-    cache_dtype: str | None = None  # default: compute dtype
-    mesh: dict | None = None  # None: the training mesh
+    cache_dtype: str | None = None  # default: the compute dtype
+    mesh: MeshConfig | None = None  # None: the training mesh
 
 
 @dataclass
 class CheckConfig:
     model: str = "tiny"
-    model_overrides: dict = field(default_factory=dict)
-    seq_len: int = 1024
-    batch_size: int = 64
-    dpo_batch_size: int | None = None  # default batch_size // 2
-    dpo_reference: str = "model"  # model | precomputed | none
-    lora: LoraSection | None = None
+    model_overrides: dict[str, Any] = field(default_factory=dict)
     remat: str = "full"
     param_dtype: str = "float32"
     dtype: str = "bfloat16"
-    opt_dtype: str = "float32"
-    mesh: dict = field(default_factory=lambda: {"fsdp": -1})
-    rules: dict | None = None
+    mesh: MeshConfig = field(default_factory=lambda: MeshConfig(data=1, fsdp=-1))
+    sft: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=64, seq_len=1024))
+    dpo: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=32, seq_len=1024, loss_type="sigmoid"))
     generation: GenerationSection = field(default_factory=GenerationSection)
     stages: list[str] = field(default_factory=lambda: list(STAGES))
 
+    def model_config(self, **extra):
+        from w2s_jax.model import get_preset
 
-def _build(cls, data: Any, where: str):
-    if not isinstance(data, dict):
-        raise UserError(f"config `{where or '<root>'}` must be a mapping, got {type(data).__name__}")
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    kw = {}
-    for key, value in data.items():
-        dotted = f"{where}.{key}" if where else key
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean `{close[0]}`?)" if close else ""
-            raise UserError(f"unknown config key `{dotted}`{hint}")
-        sub = {"lora": LoraSection, "generation": GenerationSection}.get(key) if cls is CheckConfig else None
-        if sub is not None and value is not None:
-            if key == "lora" and isinstance(value, int) and not isinstance(value, bool):
-                value = {"rank": value}
-            value = _build(sub, value, dotted)
-        kw[key] = value
-    cfg = cls(**kw)
-    return cfg
-
-
-def _apply_set(data: dict, overrides: list[str]) -> dict:
-    import yaml
-
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"--set expects key=value, got `{item}`")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
-        parts = key.strip().split(".")
-        cur = data
-        for p in parts[:-1]:
-            if not isinstance(cur.get(p), dict):
-                cur[p] = {}
-            cur = cur[p]
-        cur[parts[-1]] = value
-    return data
+        return get_preset(self.model, **{"remat": self.remat, "param_dtype": self.param_dtype, "dtype": self.dtype,
+                                         **self.model_overrides, **extra})
 
 
 def load_check_config(path: str | Path, overrides: list[str] = ()) -> CheckConfig:
-    import yaml
+    from w2s_jax.config import load_config
 
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{p}: invalid YAML: {e}") from None
-    data = _apply_set(dict(data), list(overrides))
-    cfg = _build(CheckConfig, data, "")
+    if not Path(path).is_file():
+        raise UserError(f"config file {path} does not exist")
+    cfg = load_config(CheckConfig, str(path), list(overrides))
     bad = [s for s in cfg.stages if s not in STAGES]
     if bad:
         raise UserError(f"config key `stages`: unknown stage(s) {bad}; valid: {list(STAGES)}")
-    if cfg.dpo_reference not in ("model", "precomputed", "none"):
-        raise UserError("config key `dpo_reference` must be model, precomputed or none")
+    cfg.model_config()  # unknown preset / bad override -> UserError now
     return cfg
 
 
@@ -264,192 +211,56 @@ def _sds(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def _opt_shardings(opt_shapes, params_abs, params_shard, mesh):
-    """Optimizer-state shardings: every params-shaped subtree (Adam's mu, nu) like the params, the rest
-    (step counts) replicated."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    p_struct = jax.tree.structure(params_abs)
-    rep = NamedSharding(mesh, PartitionSpec())
-
-    def is_params_like(x):
-        return jax.tree.structure(x) == p_struct and jax.tree.leaves(x) != [x]
-
-    return jax.tree.map(lambda x: params_shard if is_params_like(x) else rep, opt_shapes, is_leaf=is_params_like)
-
-
-def _next_token_logp(logits, tokens):
-    """Log-probabilities of tokens[:, 1:] under logits[:, :-1] -> [B, T-1] (float32)."""
-    import jax
-    import jax.numpy as jnp
-
-    lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
-
-
 def build_targets(cfg: CheckConfig, mesh, gen_mesh) -> list[Target]:
-    """SFT / DPO / prefill / decode targets for ``cfg`` on ``mesh`` (the swap point for train.py's steps)."""
+    """SFT / DPO (train.py's steps) and prefill / decode targets for ``cfg`` on ``mesh``."""
     import jax
     import jax.numpy as jnp
-    import optax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from w2s_jax import lora as lora_mod
     from w2s_jax import model as M
-    from w2s_jax.sharding import logical_to_spec, rules_from_config, tree_shardings
+    from w2s_jax import train
+    from w2s_jax.sharding import logical_to_spec, tree_shardings
 
-    rules = rules_from_config(cfg.rules)
-    mcfg = M.get_preset(cfg.model, **cfg.model_overrides).replace(
-        remat=cfg.remat, param_dtype=cfg.param_dtype, dtype=cfg.dtype
-    )
-    T = cfg.seq_len
-    if T > mcfg.max_seq_len:
-        raise UserError(f"seq_len {T} exceeds the model's max_seq_len {mcfg.max_seq_len}")
-    lcfg = None
-    if cfg.lora is not None:
-        lcfg = lora_mod.LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=tuple(cfg.lora.targets))
+    rules = cfg.mesh.rules_table()
+    mcfg = cfg.model_config()
     N = mcfg.num_params
-    attn_per_token = 12 * mcfg.n_layers * mcfg.n_heads * mcfg.head_dim * T / 2
-
-    def batch_sharding(m, shape):
-        return NamedSharding(m, logical_to_spec(("batch", "length"), shape, m, rules))
-
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt = optax.adamw(1e-5, mu_dtype=jnp.dtype(cfg.opt_dtype))
-    opt_dtype = jnp.dtype(cfg.opt_dtype)
-
-    # trainable / frozen trees
-    p_shapes = M.param_shapes(mcfg)
-    p_shard = tree_shardings(mesh, M.param_axes(mcfg), p_shapes, rules)
-    params_abs = _sds(p_shapes, p_shard)
-    if lcfg is None:
-        train_abs = params_abs
-        train_shard = p_shard
-        frozen_abs = None
-        frozen_shard = None
-    else:
-        l_shapes = lora_mod.lora_shapes(mcfg, lcfg, jnp.float32)
-        train_shard = tree_shardings(mesh, lora_mod.lora_axes(mcfg, lcfg), l_shapes, rules)
-        train_abs = _sds(l_shapes, train_shard)
-        frozen_abs, frozen_shard = params_abs, p_shard
-
-    # Adam moments in opt_dtype (nu follows the parameter dtype in optax: cast the init)
-    def opt_init(p):
-        st = opt.init(p)
-        return jax.tree.map(lambda x: x.astype(opt_dtype) if x.ndim > 0 else x, st)
-
-    opt_shapes = jax.eval_shape(opt_init, train_abs)
-    opt_shard = _opt_shardings(opt_shapes, train_abs, train_shard, mesh)
-    opt_abs = _sds(opt_shapes, opt_shard)
-    state_abs = {"params": train_abs, "opt": opt_abs}
-    state_shard = {"params": train_shard, "opt": opt_shard}
-
-    def split(trainable, frozen):
-        return (trainable, None) if lcfg is None else (frozen, trainable)
-
-    def fwd(params, lora, tokens, segs):
-        logits, _ = M.forward(
-            params, tokens, mcfg, segment_ids=segs, lora=lora, lora_scale=lcfg.scale if lcfg else 1.0,
-            mesh=mesh, rules=rules,
-        )
-        return logits
-
-    def apply_update(state, grads):
-        updates, new_opt = opt.update(grads, state["opt"], state["params"])
-        new_opt = jax.tree.map(lambda n, o: n.astype(o.dtype), new_opt, state["opt"])
-        new_params = jax.tree.map(lambda p, u: (p.astype(jnp.float32) + u).astype(p.dtype), state["params"], updates)
-        return {"params": new_params, "opt": new_opt}
-
     targets: list[Target] = []
-    # model FLOPs per trained token: full 6N; LoRA ~4N (no weight gradients of the frozen base)
-    train_mult = 6.0 if lcfg is None else 4.0
-    train_flops_tok = train_mult * N + (attn_per_token if lcfg is None else attn_per_token * 2 / 3)
-    frozen_in = () if lcfg is None else (frozen_abs,)
-    frozen_sh = () if lcfg is None else (frozen_shard,)
 
-    if "sft" in cfg.stages:
-        B = cfg.batch_size
+    def attn_flops(T):  # per token, forward+backward, causal (model.flops_per_token's term)
+        return 12 * mcfg.n_layers * mcfg.n_heads * mcfg.head_dim * T / 2
 
-        def sft_loss(trainable, frozen, batch):
-            params, lora = split(trainable, frozen)
-            logits = fwd(params, lora, batch["tokens"], batch["segment_ids"])
-            lp = _next_token_logp(logits, batch["tokens"])
-            mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
-            return -(lp * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-
-        def sft_step(state, *rest):
-            frozen = rest[0] if lcfg is not None else None
-            batch = rest[-1]
-            loss, grads = jax.value_and_grad(sft_loss)(state["params"], frozen, batch)
-            return apply_update(state, grads), {"loss": loss}
-
-        bsh = batch_sharding(mesh, (B, T))
-        batch_abs = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=bsh)
-                     for k in ("tokens", "segment_ids", "loss_mask")}
-        fn = jax.jit(sft_step, in_shardings=(state_shard, *frozen_sh, {k: bsh for k in batch_abs}),
-                     out_shardings=(state_shard, {"loss": replicated}), donate_argnums=0)
-        targets.append(Target("sft", fn, (state_abs, *frozen_in, batch_abs), train_flops_tok * B * T, B * T,
-                              f"{B} x {T} tokens"))
-
-    if "dpo" in cfg.stages:
-        P = cfg.dpo_batch_size or max(1, cfg.batch_size // 2)
-        ref_mode = cfg.dpo_reference
-        ref_in: tuple = ()
-        ref_sh: tuple = ()
-        if ref_mode == "model" and lcfg is None:  # full fine-tuning: a frozen copy in the generation dtype
-            ref_cfg = mcfg.replace(param_dtype=cfg.generation.param_dtype)
-            r_shapes = M.param_shapes(ref_cfg)
-            r_shard = tree_shardings(mesh, M.param_axes(ref_cfg), r_shapes, rules)
-            ref_in, ref_sh = (_sds(r_shapes, r_shard),), (r_shard,)
-
-        def seq_logps(params, lora, batch):
-            logits = fwd(params, lora, batch["tokens"], batch["segment_ids"])
-            lp = _next_token_logp(logits, batch["tokens"])
-            return (lp * batch["loss_mask"][:, 1:]).sum(-1)
-
-        def dpo_loss(trainable, frozen, ref, batch):
-            params, lora = split(trainable, frozen)
-            logps = seq_logps(params, lora, batch)
-            if ref_mode == "model":
-                if lcfg is None:
-                    ref_lp = seq_logps(ref, None, batch)
-                else:  # LoRA: the reference is the base model without adapters
-                    ref_lp = seq_logps(frozen, None, batch)
-                ref_lp = jax.lax.stop_gradient(ref_lp)
-            elif ref_mode == "precomputed":
-                ref_lp = batch["ref_logps"]
-            else:
-                ref_lp = jnp.zeros_like(logps)
-            margin = (logps[:P] - ref_lp[:P]) - (logps[P:] - ref_lp[P:])
-            return -jax.nn.log_sigmoid(0.1 * margin).mean()
-
-        def dpo_step(state, *rest):
-            frozen = rest[0] if lcfg is not None else None
-            ref = rest[len(frozen_in)] if ref_in else None
-            batch = rest[-1]
-            loss, grads = jax.value_and_grad(dpo_loss)(state["params"], frozen, ref, batch)
-            return apply_update(state, grads), {"loss": loss}
-
-        bsh = batch_sharding(mesh, (2 * P, T))
-        batch_abs = {k: jax.ShapeDtypeStruct((2 * P, T), jnp.int32, sharding=bsh)
-                     for k in ("tokens", "segment_ids", "loss_mask")}
-        batch_shard = {k: bsh for k in batch_abs}
-        if ref_mode == "precomputed":
-            vsh = NamedSharding(mesh, logical_to_spec(("batch",), (2 * P,), mesh, rules))
-            batch_abs["ref_logps"] = jax.ShapeDtypeStruct((2 * P,), jnp.float32, sharding=vsh)
-            batch_shard["ref_logps"] = vsh
-        fn = jax.jit(dpo_step, in_shardings=(state_shard, *frozen_sh, *ref_sh, batch_shard),
-                     out_shardings=(state_shard, {"loss": replicated}), donate_argnums=0)
-        ref_flops = 2 * N + attn_per_token / 3 if ref_mode == "model" else 0.0
-        targets.append(Target("dpo", fn, (state_abs, *frozen_in, *ref_in, batch_abs),
-                              (train_flops_tok + ref_flops) * 2 * P * T, 2 * P * T,
-                              f"{P} pairs x {T} tokens, reference: {ref_mode}"))
+    for kind in ("sft", "dpo"):
+        if kind not in cfg.stages:
+            continue
+        tc: TrainConfig = getattr(cfg, kind)
+        T = tc.seq_len
+        if T > mcfg.max_seq_len:
+            raise UserError(f"{kind}.seq_len {T} exceeds the model's max_seq_len {mcfg.max_seq_len}")
+        bundle = train.build_steps(kind, mcfg, tc, 1000, mesh, rules)
+        ab = train.abstract_batch(kind, tc, T)
+        bsh = train.batch_shardings(ab, mesh, rules)
+        ab = _sds(ab, bsh)
+        frozen = None
+        if bundle.frozen_sh is not None:
+            frozen = _sds(M.param_shapes(mcfg), bundle.frozen_sh)
+        rows = tc.grad_accum * tc.batch_size * (1 if kind == "sft" else 2)
+        # model FLOPs per token: full fine-tuning 6N; LoRA ~4N (no weight gradients for the frozen base)
+        lora = tc.lora is not None
+        per_tok = (4.0 if lora else 6.0) * N + attn_flops(T) * (2 / 3 if lora else 1.0)
+        detail = f"{tc.grad_accum} x {tc.batch_size} {'rows' if kind == 'sft' else 'pairs'} x {T} tokens"
+        if lora:
+            detail += f", LoRA r={tc.lora.rank}"
+        if kind == "dpo" and bundle.spec.needs_reference:
+            detail += f", reference: {tc.reference}"
+            if tc.reference == "lora_off":
+                per_tok += 2.0 * N + attn_flops(T) / 3
+        targets.append(Target(kind, bundle.step_fn, (bundle.abstract_state, ab, frozen), per_tok * rows * T,
+                              rows * T, detail))
 
     g = cfg.generation
     if "prefill" in cfg.stages or "decode" in cfg.stages:
-        gcfg = mcfg.replace(param_dtype=g.param_dtype, remat="none")
         S = g.prompt_len + g.max_new_tokens
+        gcfg = cfg.model_config(param_dtype=g.param_dtype, remat="none")
         gcfg = gcfg.replace(max_seq_len=max(gcfg.max_seq_len, S))
         GB = g.batch_size
         cache_dtype = jnp.dtype(g.cache_dtype or cfg.dtype)
@@ -466,13 +277,17 @@ def build_targets(cfg: CheckConfig, mesh, gen_mesh) -> list[Target]:
         key_abs = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=g_rep)
         gen_param_bytes = N * jnp.dtype(g.param_dtype).itemsize
         cache_bytes = 2 * math.prod(cshape) * cache_dtype.itemsize
+        attn = 4 * gcfg.n_layers * gcfg.n_heads * gcfg.head_dim * S  # per token: the whole cache (masked)
+
+        def rows_sharding(shape):
+            return NamedSharding(gen_mesh, logical_to_spec(("batch", "length"), shape, gen_mesh, rules))
 
         def sample(logits, key):
             return jax.random.categorical(key, logits[:, -1].astype(jnp.float32)).astype(jnp.int32)
 
         if "prefill" in cfg.stages:
             Pn = g.prompt_len
-            psh = batch_sharding(gen_mesh, (GB, Pn))
+            psh = rows_sharding((GB, Pn))
             prompt_abs = jax.ShapeDtypeStruct((GB, Pn), jnp.int32, sharding=psh)
 
             def prefill(params, cache, prompts, kv_start, key):
@@ -483,13 +298,12 @@ def build_targets(cfg: CheckConfig, mesh, gen_mesh) -> list[Target]:
 
             fn = jax.jit(prefill, in_shardings=(gp_shard, c_shard, psh, vsh, g_rep), out_shardings=(vsh, c_shard),
                          donate_argnums=1)
-            attn = 4 * gcfg.n_layers * gcfg.n_heads * gcfg.head_dim * S  # full cache is attended (masked)
             targets.append(Target("prefill", fn, (gparams_abs, cache_abs, prompt_abs, kv_start_abs, key_abs),
                                   (2 * N + attn) * GB * Pn, GB * Pn,
-                                  f"{GB} prompts x {Pn} tokens; KV cache {cache_bytes / 2**30:.1f} GiB global"))
+                                  f"{GB} prompts x {Pn} tokens; KV cache {cache_bytes / 2**30:.1f} GiB in all"))
 
         if "decode" in cfg.stages:
-            tsh = batch_sharding(gen_mesh, (GB, 1))
+            tsh = rows_sharding((GB, 1))
             tok_abs = jax.ShapeDtypeStruct((GB, 1), jnp.int32, sharding=tsh)
             idx_abs = jax.ShapeDtypeStruct((), jnp.int32, sharding=g_rep)
 
@@ -501,12 +315,11 @@ def build_targets(cfg: CheckConfig, mesh, gen_mesh) -> list[Target]:
 
             fn = jax.jit(decode, in_shardings=(gp_shard, c_shard, tsh, g_rep, vsh, g_rep),
                          out_shardings=(vsh, c_shard), donate_argnums=1)
-            attn = 4 * gcfg.n_layers * gcfg.n_heads * gcfg.head_dim * S
             targets.append(Target("decode", fn, (gparams_abs, cache_abs, tok_abs, idx_abs, kv_start_abs, key_abs),
                                   (2 * N + attn) * GB, GB,
-                                  f"one token for {GB} rows, cache {S}; x{g.max_new_tokens} new tokens; "
-                                  f"weights {gen_param_bytes / 2**30:.0f} GiB + cache "
-                                  f"{cache_bytes / 2**30:.0f} GiB global"))
+                                  f"one token for {GB} rows over a {S}-slot cache (x{g.max_new_tokens} per batch); "
+                                  f"weights {gen_param_bytes / 2**30:.0f} GiB + cache {cache_bytes / 2**30:.0f} GiB "
+                                  "in all"))
     return targets
 
 
@@ -596,14 +409,13 @@ def _layer_costs(cfg: CheckConfig, mesh, gen_mesh) -> dict[str, tuple[float, flo
 
 def check(cfg: CheckConfig, topology: str, devices: list | None = None, xla_costs: bool = True) -> Report:
     """Compile every stage of ``cfg`` for ``topology`` (a gcloud name or libtpu topology)."""
-    from w2s_jax import model as M
     from w2s_jax.tpu_specs import parse_slice, topology_devices
 
     sl = parse_slice(topology)
     devs = topology_devices(sl) if devices is None else list(devices)
-    mesh = device_mesh(cfg.mesh, devs)
-    gen_mesh = device_mesh(cfg.generation.mesh, devs) if cfg.generation.mesh else mesh
-    mcfg = M.get_preset(cfg.model, **cfg.model_overrides)
+    mesh = device_mesh(cfg.mesh.shape(), devs)
+    gen_mesh = device_mesh(cfg.generation.mesh.shape(), devs) if cfg.generation.mesh else mesh
+    mcfg = cfg.model_config()
     targets = build_targets(cfg, mesh, gen_mesh)
     chip = sl.chip
     costs = _layer_costs(cfg, mesh, gen_mesh) if xla_costs else {}
@@ -637,12 +449,10 @@ def main(argv: list[str] | None = None, prog: str = "w2s compile-check", command
     ap.add_argument("--json", dest="json_out", default=None, help="also write the report as JSON here")
     args = ap.parse_args(argv)
 
-    cfg = load_check_config(args.config, args.overrides)
+    overrides = list(args.overrides)
     if args.stages:
-        cfg.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-        bad = [s for s in cfg.stages if s not in STAGES]
-        if bad:
-            raise UserError(f"--stages: unknown stage(s) {bad}; valid: {list(STAGES)}")
+        overrides.append(f"stages=[{args.stages}]")
+    cfg = load_check_config(args.config, overrides)
     report = check(cfg, args.topology, xla_costs=not args.no_xla_costs)
     print(format_report(report))
     if args.json_out:

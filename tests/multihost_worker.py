@@ -1,0 +1,151 @@
+"""One process of the multi-host test (tests/test_multihost.py); also runs alone as the 1-process reference.
+
+    python tests/multihost_worker.py OUT.json [--coordinator 127.0.0.1:PORT --num-processes 2 --process-id I]
+
+Joins the JAX distributed runtime (``w2s_jax.distributed.initialize``), lays one mesh over all
+devices of all processes, runs a few SFT steps of a tiny model with ``train.py``'s compiled step (each
+process feeding only its part of every global batch), greedily generates continuations of a batch
+of prompts, splits and gathers records, and writes what it saw to OUT.json (one file per process).
+The device count per process comes from XLA_FLAGS, set by the parent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+STEPS = 3
+ROWS, SEQ = 8, 32
+GEN_ROWS, PROMPT, NEW = 8, 8, 12
+
+
+def global_batch(step: int):
+    """The same global SFT batch on every host ([grad_accum=1, rows, seq]), from a seeded generator."""
+    import numpy as np
+
+    rng = np.random.default_rng(1000 + step)
+    tokens = rng.integers(3, 256, size=(1, ROWS, SEQ + 1), dtype=np.int32)
+    loss_mask = np.ones((1, ROWS, SEQ), np.float32)
+    loss_mask[:, :, : SEQ // 4] = 0.0  # prompt tokens
+    return {
+        "tokens": tokens[:, :, :-1],
+        "targets": tokens[:, :, 1:],
+        "loss_mask": loss_mask,
+        "segment_ids": np.ones((1, ROWS, SEQ), np.int32),
+        "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (1, ROWS, SEQ)).copy(),
+    }
+
+
+def greedy_generate(params, cfg, prompts_global, mesh):
+    """Prefill + greedy decode with the KV cache (the package's Sampler does the same, batched)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+
+    from w2s_jax import model as M
+    from w2s_jax.sharding import logical_to_spec
+
+    B, P = prompts_global.shape
+    S = P + NEW
+    c_sh = NamedSharding(mesh, logical_to_spec(M.cache_axes()["k"], (cfg.n_layers, B, S, cfg.n_kv_heads,
+                                                                     cfg.head_dim), mesh))
+
+    @jax.jit
+    def run(params, prompts):
+        cache = jax.lax.with_sharding_constraint(M.init_cache(cfg, B, S), {"k": c_sh, "v": c_sh})
+        logits, cache = M.forward(params, prompts, cfg, cache=cache, cache_index=0, mesh=mesh)
+        tok = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+
+        def body(i, carry):
+            cache, tok, out = carry
+            out = out.at[:, i].set(tok)
+            pos = jnp.full((B, 1), P + i, jnp.int32)
+            logits, cache = M.forward(params, tok[:, None], cfg, positions=pos, cache=cache, cache_index=P + i,
+                                      mesh=mesh)
+            return cache, jnp.argmax(logits[:, -1], -1).astype(jnp.int32), out
+
+        out = jnp.zeros((B, NEW), jnp.int32)
+        _, _, out = jax.lax.fori_loop(0, NEW, body, (cache, tok, out))
+        return out
+
+    return run(params, prompts_global)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--coordinator")
+    ap.add_argument("--num-processes", type=int)
+    ap.add_argument("--process-id", type=int)
+    args = ap.parse_args()
+
+    from w2s_jax import distributed as D
+
+    multi = D.initialize(args.coordinator, args.num_processes, args.process_id)
+
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding
+
+    from w2s_jax import model as M
+    from w2s_jax import train
+    from w2s_jax.sharding import MeshConfig, logical_to_spec
+
+    mesh = MeshConfig(data=2, fsdp=2, tensor=2).build()
+    cfg = M.get_preset("tiny")
+    params = M.init_params(cfg, jax.random.PRNGKey(0), mesh)
+    tc = train.TrainConfig(batch_size=ROWS, seq_len=SEQ, lr=1e-2, max_steps=STEPS, schedule="constant",
+                           max_grad_norm=1.0, tensorboard=False, progress=False)
+    bundle = train.build_steps("sft", cfg, tc, STEPS, mesh)
+    state = train.init_state(bundle, params, seed=0)
+    bsh = train.batch_shardings(train.abstract_batch("sft", tc, SEQ), mesh)
+
+    losses = []
+    local_rows = []
+    for step in range(STEPS):
+        gb = global_batch(step)
+        batch = D.process_local_batch(gb, bsh)  # only this process's rows go to its devices
+        local_rows.append([int(s.index[1].start or 0) for s in batch["tokens"].addressable_shards])
+        state, metrics = bundle.step_fn(state, batch, None)
+        losses.append(float(np.asarray(metrics["loss"])))
+
+    # generation: every host holds the records; each feeds its block of the prompt batch
+    records = [{"id": i, "prompt": [int(t) for t in np.random.default_rng(7 + i).integers(3, 256, PROMPT)]}
+               for i in range(GEN_ROWS)]
+    prompts = np.asarray([r["prompt"] for r in records], np.int32)
+    psh = NamedSharding(mesh, logical_to_spec(("batch", "length"), prompts.shape, mesh))
+    out = greedy_generate(state.params, cfg, D.process_local_batch(prompts, psh), mesh)
+    tokens = D.to_host(out)
+    texts = [bytes(int(t) for t in row).decode("latin-1") for row in tokens]
+
+    # records split across hosts (as evaluation does) and gathered back in order
+    mine = D.shard_records(records)
+    graded = [{"id": r["id"], "text": texts[r["id"]], "by": D.process_index()} for r in mine]
+    gathered = D.gather_records(graded)
+    D.sync("worker-done")
+
+    result = {
+        "process_index": D.process_index(),
+        "process_count": D.process_count(),
+        "multi": multi,
+        "device_count": jax.device_count(),
+        "local_device_count": jax.local_device_count(),
+        "main": D.is_main_process(),
+        "losses": losses,
+        "texts": texts,
+        "local_rows": local_rows,
+        "mine": [r["id"] for r in mine],
+        "gathered": gathered,
+    }
+    Path(args.out).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
