@@ -245,7 +245,7 @@ def test_stop_strings_end_generation():
     tok = ByteTokenizer()
     sampler = Sampler(sharp_params(cfg, seed=3), cfg, tok, eos_ids=[])
     prompts = ["Question: what is 2+2?\nAnswer:", "hi", "Question: x"]
-    base = sampler.generate(prompts, SampleConfig(max_new_tokens=40), progress=False)
+    base = sampler.generate(prompts, SampleConfig(max_new_tokens=40, stop=()), progress=False)
     checked = 0
     for r, p in enumerate(prompts):
         ids = base[r][0].token_ids

@@ -86,6 +86,7 @@ import numpy as np
 
 from w2s_jax.errors import UserError
 from w2s_jax.model import ModelConfig, _dense, rms_norm, rope_frequencies
+from w2s_jax.prompts import STOP_STRINGS
 from w2s_jax.sharding import DEFAULT_RULES, Rules, constrain, named_sharding
 
 __all__ = [
@@ -105,6 +106,10 @@ log = logging.getLogger(__name__)
 RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
 FINISH_NAMES = {EOS: "eos", STOP: "stop", LENGTH: "length"}
 CPU_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+# compiled programs shared by all Samplers (weights are arguments, so a program only depends on
+# shapes, shardings and the static spec); keyed by everything that goes into compilation
+_COMPILED: dict[tuple, Any] = {}
+_COMPILED_MAX = 64
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -113,7 +118,8 @@ CPU_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 @dataclass(frozen=True)
 class SampleConfig:
     """How to generate. ``temperature == 0`` is greedy (``top_k``/``top_p`` ignored); ``top_k == 0``
-    and ``top_p == 1`` are off. Buckets default to :func:`default_prompt_buckets` /
+    and ``top_p == 1`` are off. ``stop`` defaults to the paper's ``("Question", "Answer")`` (``()``:
+    none; ignored without a tokenizer, since there is no text then). Buckets default to :func:`default_prompt_buckets` /
     :func:`default_batch_buckets`; ``max_prompt_len`` defaults to ``max_seq_len - max_new_tokens``.
     A longer prompt is an error unless ``truncate_prompts`` (then its left part is dropped, keeping
     a leading BOS)."""
@@ -124,7 +130,7 @@ class SampleConfig:
     top_p: float = 1.0
     n: int = 1
     seed: int = 0
-    stop: tuple[str, ...] = ()
+    stop: tuple[str, ...] = STOP_STRINGS
     batch_size: int = 16
     prompt_buckets: tuple[int, ...] | None = None
     batch_buckets: tuple[int, ...] | None = None
@@ -700,8 +706,12 @@ class Sampler:
     # -- compilation
 
     def _program_for(self, spec: _Spec, args: tuple):
-        key = (spec, tuple((a.shape, str(a.dtype)) if hasattr(a, "shape") else None for a in args[3:]))
+        leaves, treedef = jax.tree.flatten(args)
+        key = (spec, self.mesh, self.rules, tuple(sorted(self.compiler_options.items())), treedef,
+               tuple((a.shape, str(a.dtype), a.sharding) for a in leaves))
         prog = self._programs.get(key)
+        if prog is None and key in _COMPILED:
+            prog = self._programs[key] = _COMPILED[key]
         if prog is None:
             t0 = time.perf_counter()
             fn = jax.jit(partial(_program, spec, self.mesh, self.rules))
@@ -717,6 +727,9 @@ class Sampler:
             dt = time.perf_counter() - t0
             self.compile_seconds += dt
             self._programs[key] = prog
+            if len(_COMPILED) >= _COMPILED_MAX:
+                _COMPILED.pop(next(iter(_COMPILED)))
+            _COMPILED[key] = prog
             log.info(
                 "compiled generation program #%d (batch %d, prompt %d, new %d, %s) in %.1fs",
                 len(self._programs), spec.batch, spec.prompt_len, spec.max_new,
@@ -750,7 +763,8 @@ class Sampler:
         spec = _Spec(
             cfg=self.cfg, batch=B, prompt_len=P, max_new=sc.max_new_tokens, greedy=sc.greedy,
             top_k=0 if sc.greedy else min(sc.top_k, self.cfg.vocab_size),
-            use_top_p=(not sc.greedy) and sc.top_p < 1.0, has_stop=bool(sc.stop), eos_ids=self.eos_ids,
+            use_top_p=(not sc.greedy) and sc.top_p < 1.0, has_stop=bool(sc.stop) and self.tokenizer is not None,
+            eos_ids=self.eos_ids,
             scan_layers=self.layer_loop == "scan", has_lora=self.lora is not None, return_logits=return_logits,
         )
         b = ("batch",)
@@ -758,7 +772,7 @@ class Sampler:
             self.weights, self.lora, jnp.float32(self.lora_scale),
             self._place(tokens, ("batch", "length")), self._place(kv_start, b), self._place(seeds, b),
             self._place(hashes, b), self._place(active, b),
-            self._stop_table(sc.stop) if sc.stop else None,
+            self._stop_table(sc.stop) if spec.has_stop else None,
             jnp.float32(max(sc.temperature, 1e-6)), jnp.float32(sc.top_p),
         )
         prog = self._program_for(spec, args)
@@ -789,6 +803,7 @@ class Sampler:
         sample_cfg: SampleConfig | None = None,
         progress: bool = True,
         skip: set[tuple[int, int]] | None = None,
+        desc: str = "generate",
     ) -> Iterator[tuple[int, int, Completion]]:
         """Yield ``(prompt_index, sample_index, Completion)`` as each batch finishes (rows sorted by
         prompt length, longest first; order within a prompt is not guaranteed). ``skip``: (prompt,
@@ -812,7 +827,7 @@ class Sampler:
         if progress and rows:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(rows), unit="seq", desc="generate", dynamic_ncols=True)
+            bar = tqdm(total=len(rows), unit="seq", desc=desc, dynamic_ncols=True)
         t0 = time.perf_counter()
         c0 = self.compile_seconds
         tokens = 0
