@@ -7,7 +7,9 @@ imported only when its command runs, so `w2s grade` never pays for importing JAX
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from pathlib import Path
 
 from w2s_jax.errors import UserError
 
@@ -24,6 +26,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compile-check": ("w2s_jax.compile_check", "ahead-of-time fit check for a TPU topology"),
     "bench": ("w2s_jax.bench", "benchmarks against PyTorch baselines"),
 }
+
+
+def _compile_cache_defaults() -> None:
+    """Persist XLA compilations across processes and stages (``W2S_COMPILE_CACHE=off`` disables).
+
+    Every stage of `w2s run` compiles the same programs for models of the same shape; the cache turns
+    those into lookups. Set before JAX is imported, through JAX's own environment variables.
+    """
+    where = os.environ.get("W2S_COMPILE_CACHE", str(Path.home() / ".cache" / "w2s" / "xla"))
+    if where.lower() in ("off", "0", "none", ""):
+        return
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", where)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 def _usage() -> str:
@@ -54,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (did you mean `{close[0]}`?)" if close else ""
         print(f"w2s: unknown command `{name}`{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
+    _compile_cache_defaults()
     module = importlib.import_module(COMMANDS[name][0])
     try:
         return int(module.main(argv[1:], prog=f"w2s {name}", command=name) or 0)

@@ -1,0 +1,760 @@
+"""`w2s run`: the whole weak-to-strong experiment from one config, resumable stage by stage.
+
+Stages (each writes its artifacts plus ``stages/<name>.json``: fingerprint, inputs, counts, timings)::
+
+    data          load or generate the task; train_1 / train_2 / test
+    weak_model    fine-tune the weak model on train_1 gold (or load a given checkpoint)
+    strong_model  load the strong base model (or build it: the demo "pretrains" it on a disjoint pool)
+    weak_labels   weak model answers train_2 zero-shot (greedy)
+    strong_icl    strong model answers train_2 with 4 few-shot demonstrations (seed 42)
+    stage1        consistency filter, SFT of the strong model (optional second round)
+    full_weak     baseline: the strong model fine-tuned on all weak labels
+    gold          ceiling: the strong model fine-tuned on train_2 gold (when enabled)
+    sampling      n samples per train_2 question from the Stage I model, votes, contrastive pairs
+    stage2        DPO / ORPO (etc.) from the Stage I model
+    eval          every model on test (greedy); results.json, results.md, results.png
+
+A stage's fingerprint hashes the config sections it reads plus its inputs' fingerprints, so a
+changed config re-runs exactly the stages it affects and everything downstream. A finished stage
+with the same fingerprint is skipped; an interrupted one continues (training resumes from its
+last checkpoint, generation skips ids already written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from w2s_jax.config import DataConfig, SyntheticConfig, config_hash, dump_yaml, from_dict, load_config, to_dict
+from w2s_jax.errors import UserError
+from w2s_jax.jsonl import read_jsonl, write_json_atomic, write_jsonl_atomic
+from w2s_jax.sampler import SampleConfig
+from w2s_jax.sharding import MeshConfig
+from w2s_jax.train import TrainConfig
+
+PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class PretrainConfig:
+    """Demo only: give a from-scratch strong model latent skill by training it on a generated pool
+    disjoint from train_1/train_2/test (standing in for pretraining). Off when ``examples == 0``."""
+
+    examples: int = 0
+    seed: int = 1234
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class ModelSpec:
+    """Where a model comes from: a checkpoint ``path`` (native dir, Hugging Face dir, .gguf, PEFT
+    adapter dir) or a ``preset`` initialised at random (tiny demo/test models)."""
+
+    path: str | None = None
+    preset: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields (n_layers, dtype, ...)
+    tokenizer: str | None = None  # "byte" or a tokenizer dir; default: the checkpoint's own
+    base: str | None = None  # base model for a PEFT adapter path
+    seed: int = 0
+    trained: bool = False  # weak model only: `path` is already fine-tuned on train_1 (skip weak SFT)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+
+@dataclass
+class Stage1Config:
+    train_set: str = "hybrid"  # hybrid | weak | icl
+    rounds: int = 1  # 2 = the paper's second iteration (GSM8K, OlympicArena)
+    n_demos: int = 4
+    demo_seed: int = 42
+
+
+@dataclass
+class Stage2Config:
+    n_samples: int = 10
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0  # sample j uses seed + j (the paper: seeds 0..9)
+    max_new_tokens: int | None = None  # default: generation.max_new_tokens
+    pair_seed: int = 42
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(loss_type="sigmoid"))
+
+
+@dataclass
+class BaselinesConfig:
+    full_weak: bool = True
+    gold: bool = True  # strong model fine-tuned on train_2 gold: the PGR ceiling
+    strong_zero_shot: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = "w2s"
+    data: DataConfig = field(default_factory=DataConfig)
+    weak: ModelSpec = field(default_factory=ModelSpec)
+    strong: ModelSpec = field(default_factory=ModelSpec)
+    weak_train: TrainConfig = field(default_factory=TrainConfig)  # weak model SFT on train_1 gold
+    strong_train: TrainConfig = field(default_factory=TrainConfig)  # Stage I, full weak FT, gold ceiling
+    generation: SampleConfig = field(default_factory=SampleConfig)  # greedy labels and evaluation
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    grading: str = "paper"  # paper | symbolic
+    pass_k: list[int] = field(default_factory=lambda: [1, 5, 10])
+
+
+def default_config_path() -> Path:
+    return PACKAGE_CONFIGS / "demo.yaml"
+
+
+def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
+    cfg = load_config(RunConfig, str(path or default_config_path()), list(overrides))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that fail fast, before any long work."""
+    from w2s_jax.grading import MODES
+    from w2s_jax.tasks import get_task
+
+    get_task(cfg.data.task)
+    if cfg.grading not in MODES:
+        raise UserError(f"config key `grading`: unknown mode `{cfg.grading}` (choose from {', '.join(MODES)})")
+    if cfg.stage1.train_set not in ("hybrid", "weak", "icl"):
+        raise UserError(f"config key `stage1.train_set`: `{cfg.stage1.train_set}` is not hybrid, weak or icl")
+    if cfg.stage1.rounds not in (1, 2):
+        raise UserError(f"config key `stage1.rounds` must be 1 or 2 (got {cfg.stage1.rounds})")
+    for role in ("weak", "strong"):
+        spec: ModelSpec = getattr(cfg, role)
+        if (spec.path is None) == (spec.preset is None):
+            raise UserError(f"config key `{role}`: give exactly one of `{role}.path` or `{role}.preset`")
+        if spec.path is not None and "://" not in spec.path and not Path(spec.path).exists():
+            raise UserError(f"config key `{role}.path`: model path {spec.path} does not exist")
+        if spec.preset is not None:
+            from w2s_jax.model import get_preset
+
+            get_preset(spec.preset, **spec.overrides)
+    d = cfg.data
+    for key in ("train", "train_1", "train_2", "test"):
+        p = getattr(d, key)
+        if d.source == "local" and p is not None and "://" not in p and not Path(p).exists():
+            raise UserError(f"config key `data.{key}`: file {p} does not exist")
+    if cfg.weak.trained and cfg.weak.path is None:
+        raise UserError("config key `weak.trained` needs `weak.path`")
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    deps: tuple[str, ...]
+    keys: tuple[str, ...]  # config sections (dotted) the stage reads
+    fn: str  # method name on Pipeline
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("data", (), ("data",), "stage_data"),
+    Stage("weak_model", ("data",), ("weak", "weak_train", "mesh"), "stage_weak_model"),
+    Stage("strong_model", ("data",), ("strong", "mesh"), "stage_strong_model"),
+    Stage("weak_labels", ("data", "weak_model"), ("generation", "grading"), "stage_weak_labels"),
+    Stage("strong_icl", ("weak_labels", "strong_model"), ("generation", "grading", "stage1"), "stage_strong_icl"),
+    Stage("stage1", ("weak_labels", "strong_icl"), ("stage1", "strong_train", "weak_train", "generation"),
+          "stage_stage1"),
+    Stage("full_weak", ("weak_labels", "strong_model"), ("strong_train", "baselines.full_weak"),
+          "stage_full_weak"),
+    Stage("gold", ("data", "strong_model"), ("strong_train", "baselines.gold"), "stage_gold"),
+    Stage("sampling", ("stage1", "weak_labels"), ("stage2.n_samples", "stage2.temperature", "stage2.top_p",
+                                                  "stage2.seed", "stage2.max_new_tokens", "stage2.pair_seed",
+                                                  "generation", "grading"), "stage_sampling"),
+    Stage("stage2", ("sampling", "stage1"), ("stage2.train",), "stage_stage2"),
+    Stage("eval", ("weak_model", "strong_icl", "stage1", "full_weak", "gold", "stage2"),
+          ("generation", "grading", "baselines", "pass_k"), "stage_eval"),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def _get(cfg_dict: dict, dotted: str) -> Any:
+    cur: Any = cfg_dict
+    for part in dotted.split("."):
+        cur = cur[part]
+    return cur
+
+
+def stage_fingerprints(cfg: RunConfig) -> dict[str, str]:
+    d = to_dict(cfg)
+    fps: dict[str, str] = {}
+    for st in STAGES:
+        payload = {
+            "stage": st.name,
+            "keys": {k: _get(d, k) for k in st.keys},
+            "deps": {dep: fps[dep] for dep in st.deps},
+        }
+        fps[st.name] = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fps
+
+
+class Pipeline:
+    """Runs the stages of one config in one run directory (also the Python API: ``Pipeline(cfg, out).run()``)."""
+
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, *, log: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.log = log or (lambda msg: print(msg, flush=True))
+        self.fps = stage_fingerprints(cfg)
+        self._mesh = None
+        self._models: dict[str, Any] = {}
+
+    # --------------------------------------------------------------- bookkeeping
+
+    def path(self, *parts: str) -> Path:
+        return self.out.joinpath(*parts)
+
+    def manifest_path(self, stage: str) -> Path:
+        return self.path("stages", f"{stage}.json")
+
+    def manifest(self, stage: str) -> dict | None:
+        p = self.manifest_path(stage)
+        if not p.exists():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"stage manifest {p} is corrupt ({e}); delete it to re-run stage `{stage}`") from e
+
+    def is_done(self, stage: str) -> bool:
+        m = self.manifest(stage)
+        return bool(m and m.get("status") == "done" and m.get("fingerprint") == self.fps[stage])
+
+    def check_run_dir(self) -> None:
+        """A run directory made by a different experiment is an error (stage changes are fine)."""
+        prev = self.path("config.yaml")
+        if not prev.exists():
+            return
+        import yaml
+
+        old = yaml.safe_load(prev.read_text()) or {}
+        for key in ("name", "data.task"):
+            a = _get(old, key) if _has(old, key) else None
+            b = _get(to_dict(self.cfg), key)
+            if a != b:
+                raise UserError(
+                    f"run directory {self.out} was made by a different config ({key}: {a!r} != {b!r}); "
+                    "choose another --out or delete it"
+                )
+
+    @property
+    def mesh(self):
+        if self._mesh is None:
+            self._mesh = self.cfg.mesh.build()
+        return self._mesh
+
+    def run(self, from_stage: str | None = None, until: str | None = None) -> dict | None:
+        for s in (from_stage, until):
+            if s is not None and s not in STAGE_NAMES:
+                import difflib
+
+                close = difflib.get_close_matches(s, STAGE_NAMES, n=1)
+                hint = f" (did you mean `{close[0]}`?)" if close else ""
+                raise UserError(f"unknown stage `{s}`{hint}; stages: {', '.join(STAGE_NAMES)}")
+        self.check_run_dir()
+        self.out.mkdir(parents=True, exist_ok=True)
+        dump_yaml(self.cfg, self.path("config.yaml"))
+        write_json_atomic(self.path("fingerprints.json"), {"config_hash": config_hash(self.cfg), **self.fps})
+        start = STAGE_NAMES.index(from_stage) if from_stage else 0
+        stop = STAGE_NAMES.index(until) if until else len(STAGES) - 1
+        # a stage re-runs when forced (--from) or when any dependency re-ran
+        rerun: set[str] = set()
+        for i, st in enumerate(STAGES):
+            if i > stop:
+                break
+            forced = i >= start and from_stage is not None
+            stale = forced or not self.is_done(st.name) or any(d in rerun for d in st.deps)
+            if not stale:
+                self.log(f"[w2s] stage {st.name}: done (fingerprint {self.fps[st.name]}), skipping")
+                continue
+            rerun.add(st.name)
+            self._run_stage(st, fresh=forced)
+        if "eval" in rerun or self.is_done("eval"):
+            return json.loads(self.path("results.json").read_text()) if self.path("results.json").exists() else None
+        return None
+
+    def _run_stage(self, st: Stage, fresh: bool) -> None:
+        m = self.manifest(st.name)
+        stage_dir = self.path(st.name)
+        if m is not None and (fresh or m.get("fingerprint") != self.fps[st.name]):
+            # config changed (or forced): outputs of the old run must not be mixed with the new ones
+            if stage_dir.exists():
+                shutil.rmtree(stage_dir)
+            self.manifest_path(st.name).unlink()
+            m = None
+        resumed = m is not None and m.get("status") == "running"
+        self.log(f"[w2s] stage {st.name}: {'resuming' if resumed else 'running'} (fingerprint {self.fps[st.name]})")
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        record = {"stage": st.name, "fingerprint": self.fps[st.name], "status": "running", "started": t0,
+                  "deps": {d: self.fps[d] for d in st.deps}}
+        write_json_atomic(self.manifest_path(st.name), record)
+        info = getattr(self, st.fn)(stage_dir) or {}
+        record.update(status="done", finished=time.time(), seconds=round(time.time() - t0, 2), **info)
+        write_json_atomic(self.manifest_path(st.name), record)
+        self.log(f"[w2s] stage {st.name}: done in {record['seconds']:.1f}s")
+
+    # --------------------------------------------------------------- helpers
+
+    def _data(self, split: str) -> list[dict]:
+        return read_jsonl(self.path("data", f"{split}.jsonl"))
+
+    def _model_dir(self, name: str) -> Path:
+        return self.path("models", name)
+
+    def load_model(self, name_or_spec):
+        from w2s_jax.checkpoint_io import load_model
+
+        for spec in (self.cfg.weak, self.cfg.strong):  # a user-given checkpoint: honour its spec
+            if spec.path is not None and str(name_or_spec) == spec.path:
+                name_or_spec = spec
+        if isinstance(name_or_spec, ModelSpec):
+            spec = name_or_spec
+            model = load_model(spec.path, mesh=self.mesh, rules=self.cfg.mesh.rules_table(), base=spec.base,
+                               tokenizer=spec.tokenizer)
+            if spec.overrides:  # runtime fields only (dtype, remat, ...); shapes come from the checkpoint
+                model.cfg = model.cfg.replace(**spec.overrides)
+            return model
+        return load_model(str(name_or_spec), mesh=self.mesh, rules=self.cfg.mesh.rules_table())
+
+    def _sft(self, base_dir: Path, records: list[dict], tcfg: TrainConfig, out_dir: Path, label: str) -> dict:
+        from w2s_jax.train import run_sft
+
+        model = self.load_model(base_dir)
+        self.log(f"[w2s] {label}: SFT on {len(records)} examples")
+        res = run_sft(model, records, tcfg, out_dir, mesh=self.mesh, rules=self.cfg.mesh.rules_table())
+        return {"examples": len(records), **_summary(res)}
+
+    def _generate(self, model_dir: Path, records: list[dict], out_path: Path, label: str, *,
+                  demos: list[dict] | None = None, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+                  seed: int = 0, max_new_tokens: int | None = None) -> list[dict]:
+        """Answers for ``records`` (canonical task records), graded against gold; resumable."""
+        from w2s_jax.generate_cli import generate_records
+
+        scfg = dataclasses.replace(self.cfg.generation, n=n, temperature=temperature, top_p=top_p, seed=seed)
+        if max_new_tokens is not None:
+            scfg = dataclasses.replace(scfg, max_new_tokens=max_new_tokens)
+        model = self.load_model(model_dir)
+        inputs = [{"id": r["id"], "question": r["question"], "gold": r["answer"]} for r in records]
+        self.log(f"[w2s] {label}: generating {len(inputs)} x {n}")
+        return generate_records(model, inputs, scfg, out_path, demos=demos, grade_task=self.cfg.data.task,
+                                grade_mode=self.cfg.grading, mesh=self.mesh, rules=self.cfg.mesh.rules_table(),
+                                desc=label)
+
+    # --------------------------------------------------------------- stages
+
+    def stage_data(self, d: Path) -> dict:
+        from w2s_jax.tasks import load_splits
+
+        splits = load_splits(self.cfg.data)
+        out = {}
+        for name, recs in splits.items():
+            if not recs:
+                raise UserError(f"data split `{name}` is empty; check the config's data section")
+            write_jsonl_atomic(d / f"{name}.jsonl", recs)
+            out[name] = len(recs)
+        return {"counts": out}
+
+    def _build_from_preset(self, spec: ModelSpec, out_dir: Path) -> None:
+        import jax
+
+        from w2s_jax.checkpoint_io import save_model
+        from w2s_jax.model import get_preset, init_params
+        from w2s_jax.tokenizer import ByteTokenizer, load_tokenizer
+
+        tok = ByteTokenizer() if spec.tokenizer in (None, "byte") else load_tokenizer(spec.tokenizer)
+        mcfg = get_preset(spec.preset, **spec.overrides)
+        if tok.vocab_size > mcfg.vocab_size:
+            mcfg = mcfg.replace(vocab_size=tok.vocab_size)
+        mcfg = mcfg.replace(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+        params = init_params(mcfg, jax.random.key(spec.seed), self.mesh, self.cfg.mesh.rules_table())
+        save_model(out_dir, params, mcfg, tok)
+
+    def _base_model(self, role: str, d: Path) -> Path:
+        """The directory of a role's starting model (built from a preset or the given path)."""
+        spec: ModelSpec = getattr(self.cfg, role)
+        if spec.path is not None:
+            return Path(spec.path)
+        init = d / "init"
+        if not (init / "w2s_model.json").exists():
+            self._build_from_preset(spec, init)
+        return init
+
+    def stage_weak_model(self, d: Path) -> dict:
+        spec = self.cfg.weak
+        if spec.trained:
+            self.log(f"[w2s] weak model: using the fine-tuned checkpoint {spec.path}")
+            return {"model": spec.path, "trained_here": False}
+        from w2s_jax.tasks import get_task
+
+        base = self._base_model("weak", d)
+        task = get_task(self.cfg.data.task)
+        recs = [_sft_record(r, task.gold_completion(r)) for r in self._data("train_1")]
+        info = self._sft(base, recs, self.cfg.weak_train, d / "sft", "weak SFT on train_1 gold")
+        return {"model": str(d / "sft" / "model"), "trained_here": True, **info}
+
+    def stage_strong_model(self, d: Path) -> dict:
+        spec = self.cfg.strong
+        base = self._base_model("strong", d)
+        pre = spec.pretrain
+        if pre.examples <= 0:
+            return {"model": str(base)}
+        from w2s_jax.synth import make_arith, make_synthetic
+        from w2s_jax.tasks import get_task, to_records
+
+        seen = {r["question"] for s in ("train_1", "train_2", "test") for r in self._data(s)}
+        s = pre.synthetic
+        want = pre.examples + len(seen)  # generate extra, then drop anything in the task's splits
+        raw = (make_arith(want, pre.seed, s.min_steps, s.max_steps, s.max_value, id_prefix="pretrain")
+               if s.kind == "arith" else make_synthetic(s.kind, want, pre.seed))
+        pool = [r for r in to_records(self.cfg.data.task, raw, "pretrain") if r["question"] not in seen]
+        pool = pool[: pre.examples]
+        task = get_task(self.cfg.data.task)
+        recs = [_sft_record(r, task.gold_completion(r)) for r in pool]
+        info = self._sft(base, recs, pre.train, d / "pretrain", "strong 'pretraining' on a disjoint pool")
+        return {"model": str(d / "pretrain" / "model"), "pretrain_examples": len(recs), **info}
+
+    def _strong_base(self) -> Path:
+        return Path(self.manifest("strong_model")["model"])
+
+    def _weak_dir(self) -> Path:
+        return Path(self.manifest("weak_model")["model"])
+
+    def stage_weak_labels(self, d: Path) -> dict:
+        recs = self._generate(self._weak_dir(), self._data("train_2"), d / "train_2.jsonl", "weak labels (train_2)")
+        return {"counts": _label_stats(recs)}
+
+    def _demos(self) -> list[dict]:
+        from w2s_jax.prompts import choose_demonstrations
+
+        weak = read_jsonl(self.path("weak_labels", "train_2.jsonl"))
+        return choose_demonstrations(weak, k=self.cfg.stage1.n_demos, seed=self.cfg.stage1.demo_seed)
+
+    def stage_strong_icl(self, d: Path) -> dict:
+        demos = self._demos()
+        write_jsonl_atomic(d / "demos.jsonl", demos)
+        recs = self._generate(self._strong_base(), self._data("train_2"), d / "train_2.jsonl",
+                              "strong ICL labels (train_2)", demos=demos)
+        return {"counts": _label_stats(recs), "demos": [r["id"] for r in demos]}
+
+    def stage_stage1(self, d: Path) -> dict:
+        from w2s_jax.datasets import consistency_sets
+
+        weak = read_jsonl(self.path("weak_labels", "train_2.jsonl"))
+        icl = read_jsonl(self.path("strong_icl", "train_2.jsonl"))
+        sets, stats = consistency_sets(weak, icl)
+        write_json_atomic(d / "round1_stats.json", stats)
+        chosen = sets[self.cfg.stage1.train_set]
+        write_jsonl_atomic(d / "round1_train.jsonl", chosen)
+        info: dict[str, Any] = {"round1": {**stats, "label_accuracy": _kept_accuracy(sets, weak)}}
+        info["round1"].update(self._sft(self._strong_base(), chosen, self.cfg.strong_train, d / "round1",
+                                        "Stage I SFT (round 1)"))
+        models = {"stage1_round1": str(d / "round1" / "model")}
+        if self.cfg.stage1.rounds == 2:
+            # iteration 2: fine-tune weak and strong on the round-1 set, relabel train_2, filter again,
+            # and fine-tune the ORIGINAL strong model on the new set
+            self._sft(self._weak_dir(), chosen, self.cfg.weak_train, d / "round2_weak", "Stage I round 2: weak SFT")
+            train2 = self._data("train_2")
+            weak2 = self._generate(d / "round2_weak" / "model", train2, d / "round2_weak_labels.jsonl",
+                                   "round 2 weak labels")
+            icl2 = self._generate(d / "round1" / "model", train2, d / "round2_strong_labels.jsonl",
+                                  "round 2 strong labels")
+            sets2, stats2 = consistency_sets(weak2, icl2)
+            chosen2 = sets2[self.cfg.stage1.train_set]
+            write_jsonl_atomic(d / "round2_train.jsonl", chosen2)
+            info["round2"] = {**stats2, "label_accuracy": _kept_accuracy(sets2, weak2)}
+            info["round2"].update(self._sft(self._strong_base(), chosen2, self.cfg.strong_train, d / "round2",
+                                            "Stage I SFT (round 2)"))
+            models["stage1_round2"] = str(d / "round2" / "model")
+        info["models"] = models
+        info["final"] = models["stage1_round2" if self.cfg.stage1.rounds == 2 else "stage1_round1"]
+        return info
+
+    def stage_full_weak(self, d: Path) -> dict:
+        if not self.cfg.baselines.full_weak:
+            return {"skipped": True}
+        from w2s_jax.datasets import full_weak_sft
+
+        recs = full_weak_sft(read_jsonl(self.path("weak_labels", "train_2.jsonl")))
+        return {"model": str(d / "sft" / "model"),
+                **self._sft(self._strong_base(), recs, self.cfg.strong_train, d / "sft", "full weak FT baseline")}
+
+    def stage_gold(self, d: Path) -> dict:
+        if not self.cfg.baselines.gold:
+            return {"skipped": True}
+        from w2s_jax.prompts import zero_shot_prompt
+        from w2s_jax.tasks import get_task
+
+        task = get_task(self.cfg.data.task)
+        recs = [{"id": r["id"], "prompt": zero_shot_prompt(r["question"]), "completion": task.gold_completion(r)}
+                for r in self._data("train_2")]
+        return {"model": str(d / "sft" / "model"),
+                **self._sft(self._strong_base(), recs, self.cfg.strong_train, d / "sft", "gold SFT ceiling")}
+
+    def stage_sampling(self, d: Path) -> dict:
+        from w2s_jax.datasets import contrastive_pairs, vote
+
+        s2 = self.cfg.stage2
+        model = Path(self.manifest("stage1")["final"])
+        samples = self._generate(model, self._data("train_2"), d / "samples.jsonl", "Stage I model sampling",
+                                 n=s2.n_samples, temperature=s2.temperature, top_p=s2.top_p, seed=s2.seed,
+                                 max_new_tokens=s2.max_new_tokens)
+        per_sample: list[list[dict]] = [[] for _ in range(s2.n_samples)]
+        for r in samples:
+            per_sample[r["sample"]].append(r)
+        votes = vote(per_sample)
+        write_jsonl_atomic(d / "votes.jsonl", votes)
+        weak = read_jsonl(self.path("weak_labels", "train_2.jsonl"))
+        pairs, counts = contrastive_pairs(self.cfg.data.task, weak, votes, seed=s2.pair_seed)
+        write_jsonl_atomic(d / "pairs.jsonl", pairs)
+        write_json_atomic(d / "pairs.stats.json", counts)
+        return {"samples": len(samples), "pairs": len(pairs), "pair_counts": counts,
+                "pass_at_k": _pass_at_k(samples, self.cfg.pass_k)}
+
+    def stage_stage2(self, d: Path) -> dict:
+        from w2s_jax.train import run_dpo
+
+        pairs = read_jsonl(self.path("sampling", "pairs.jsonl"), allow_empty=True)
+        if not pairs:
+            raise UserError("Stage II has no contrastive pairs (see sampling/pairs.stats.json); "
+                            "more train_2 questions or samples are needed")
+        model = self.load_model(Path(self.manifest("stage1")["final"]))
+        self.log(f"[w2s] Stage II {self.cfg.stage2.train.loss_type}: {len(pairs)} pairs")
+        res = run_dpo(model, pairs, self.cfg.stage2.train, d / "train", mesh=self.mesh,
+                      rules=self.cfg.mesh.rules_table(), ref_cache=d / "reference_logps.jsonl")
+        return {"model": str(d / "train" / "model"), "pairs": len(pairs), **_summary(res)}
+
+    def stage_eval(self, d: Path) -> dict:
+        test = self._data("test")
+        b = self.cfg.baselines
+        entries: list[tuple[str, Path, list[dict] | None]] = [("weak", self._weak_dir(), None)]
+        if b.strong_zero_shot:
+            entries.append(("strong (zero-shot)", self._strong_base(), None))
+        entries.append(("strong (ICL)", self._strong_base(), read_jsonl(self.path("strong_icl", "demos.jsonl"))))
+        if b.full_weak:
+            entries.append(("full weak FT", Path(self.manifest("full_weak")["model"]), None))
+        for key, path in self.manifest("stage1")["models"].items():
+            entries.append(("Stage I" + (" (round 2)" if key.endswith("2") else ""), Path(path), None))
+        entries.append((f"Stage II ({self.cfg.stage2.train.loss_type})", Path(self.manifest("stage2")["model"]), None))
+        if b.gold:
+            entries.append(("gold SFT (ceiling)", Path(self.manifest("gold")["model"]), None))
+        rows = []
+        for label, model_dir, demos in entries:
+            slug = _slug(label)
+            recs = self._generate(model_dir, test, d / f"{slug}.jsonl", f"eval {label}", demos=demos)
+            acc = sum(bool(r.get("result")) for r in recs) / len(recs)
+            rows.append({"model": label, "accuracy": acc, "n": len(recs), "outputs": f"eval/{slug}.jsonl"})
+        results = build_results(self, rows)
+        write_json_atomic(self.path("results.json"), results)
+        self.path("results.md").write_text(results_markdown(results))
+        try:
+            plot_results(results, self.path("results.png"))
+        except Exception as e:  # the chart is a convenience; never lose the results for it
+            self.log(f"[w2s] warning: could not draw results.png ({e})")
+        self.log(results_markdown(results))
+        return {"accuracy": {r["model"]: r["accuracy"] for r in rows}}
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def _has(d: dict, dotted: str) -> bool:
+    try:
+        _get(d, dotted)
+        return True
+    except (KeyError, TypeError):
+        return False
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_").replace("__", "_")
+
+
+def _sft_record(rec: dict, completion: str) -> dict:
+    from w2s_jax.prompts import zero_shot_prompt
+
+    return {"id": rec["id"], "prompt": zero_shot_prompt(rec["question"]), "completion": completion}
+
+
+def _summary(res: Any) -> dict:
+    if res is None:
+        return {}
+    if dataclasses.is_dataclass(res):
+        res = dataclasses.asdict(res)
+    return {k: v for k, v in dict(res).items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def _label_stats(recs: list[dict]) -> dict:
+    graded = [r for r in recs if "result" in r]
+    return {"total": len(recs), "with_answer": sum(bool(r.get("pred")) for r in recs),
+            "accuracy_vs_gold": (sum(bool(r["result"]) for r in graded) / len(graded)) if graded else None}
+
+
+def _kept_accuracy(sets: dict, weak: list[dict]) -> float | None:
+    """Label accuracy (against gold) of the questions the consistency filter kept."""
+    by_id = {r["id"]: r for r in weak}
+    kept = [by_id[r["id"]] for r in sets["weak"] if r["id"] in by_id and "result" in by_id[r["id"]]]
+    return sum(bool(r["result"]) for r in kept) / len(kept) if kept else None
+
+
+def _pass_at_k(samples: list[dict], ks: list[int]) -> dict:
+    from w2s_jax.grading import pass_at_k
+
+    by_id: dict[Any, list[bool]] = {}
+    for r in samples:
+        if "result" in r:
+            by_id.setdefault(r["id"], []).append(bool(r["result"]))
+    if not by_id:
+        return {}
+    out = {}
+    for k in ks:
+        vals = [pass_at_k(len(v), sum(v), k) for v in by_id.values() if len(v) >= k]
+        if vals:
+            out[f"pass@{k}"] = sum(vals) / len(vals)
+    return out
+
+
+def build_results(p: Pipeline, rows: list[dict]) -> dict:
+    acc = {r["model"]: r["accuracy"] for r in rows}
+    weak = acc.get("weak")
+    ceiling = acc.get("gold SFT (ceiling)")
+    for r in rows:
+        if weak is not None and ceiling is not None and ceiling != weak and r["model"] not in ("weak",):
+            r["pgr"] = (r["accuracy"] - weak) / (ceiling - weak)
+        else:
+            r["pgr"] = None
+    stage1 = p.manifest("stage1") or {}
+    sampling = p.manifest("sampling") or {}
+    data = p.manifest("data") or {}
+    return {
+        "name": p.cfg.name,
+        "task": p.cfg.data.task,
+        "config_hash": config_hash(p.cfg),
+        "models": rows,
+        "data": data.get("counts", {}),
+        "weak_labels": (p.manifest("weak_labels") or {}).get("counts"),
+        "strong_icl_labels": (p.manifest("strong_icl") or {}).get("counts"),
+        "stage1": {k: v for k, v in stage1.items() if k.startswith("round")},
+        "pairs": sampling.get("pair_counts"),
+        "pass_at_k": sampling.get("pass_at_k"),
+        "seconds": {s: (p.manifest(s) or {}).get("seconds") for s in STAGE_NAMES},
+    }
+
+
+def _fmt(x: Any, pct: bool = True) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{100 * x:.2f}" if pct else f"{x:.3f}"
+    return str(x)
+
+
+def results_markdown(res: dict) -> str:
+    lines = [f"# Results: {res['name']} ({res['task']})", "",
+             "| model | accuracy (%) | PGR | n |", "| --- | ---: | ---: | ---: |"]
+    for r in res["models"]:
+        lines.append(f"| {r['model']} | {_fmt(r['accuracy'])} | {_fmt(r.get('pgr'), pct=False)} | {r['n']} |")
+    lines += ["", "PGR = (acc - acc(weak)) / (acc(gold SFT ceiling) - acc(weak)).", "", "## Data", ""]
+    lines.append("| item | count |")
+    lines.append("| --- | ---: |")
+    for k, v in (res.get("data") or {}).items():
+        lines.append(f"| {k} | {v} |")
+    for key, title in (("weak_labels", "weak labels on train_2"), ("strong_icl_labels", "strong ICL labels")):
+        c = res.get(key) or {}
+        if c:
+            lines.append(f"| {title}: answered / total | {c.get('with_answer')} / {c.get('total')} |")
+            lines.append(f"| {title}: accuracy vs gold (%) | {_fmt(c.get('accuracy_vs_gold'))} |")
+    for rnd, st in (res.get("stage1") or {}).items():
+        lines.append(f"| Stage I {rnd}: kept / total | {st.get('kept')} / {st.get('total')} |")
+        lines.append(f"| Stage I {rnd}: kept label accuracy vs gold (%) | {_fmt(st.get('label_accuracy'))} |")
+    for k, v in (res.get("pairs") or {}).items():
+        lines.append(f"| pairs: {k} | {v} |")
+    for k, v in (res.get("pass_at_k") or {}).items():
+        lines.append(f"| Stage I sampling {k} on train_2 (%) | {_fmt(v)} |")
+    secs = {k: v for k, v in (res.get("seconds") or {}).items() if v is not None}
+    if secs:
+        lines += ["", "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items())]
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["model"] for r in res["models"]]
+    vals = [100 * r["accuracy"] for r in res["models"]]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
+    bars = ax.bar(range(len(names)), vals, color="#4477aa")
+    for bar, v in zip(bars, vals):
+        ax.text(bar.get_x() + bar.get_width() / 2, v + 0.5, f"{v:.1f}", ha="center", fontsize=8)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{res['name']} ({res['task']})")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def run_pipeline(config: str | RunConfig | None = None, overrides: list[str] = (), out: str | Path | None = None,
+                 from_stage: str | None = None, until: str | None = None) -> dict | None:
+    """Python API: run (or resume) the pipeline; returns results.json's content when eval ran."""
+    cfg = config if isinstance(config, RunConfig) else load_run_config(config, overrides)
+    if isinstance(config, RunConfig):
+        validate(cfg)
+    out = Path(out) if out is not None else Path("runs") / cfg.name
+    return Pipeline(cfg, out).run(from_stage=from_stage, until=until)
+
+
+def main(argv: list[str], prog: str = "w2s run", command: str = "run") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    ap.add_argument("config", nargs="?", help="YAML config (default: the embedded demo config)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value (dotted key), repeatable")
+    ap.add_argument("--out", help="run directory (default: runs/<name>)")
+    ap.add_argument("--from", dest="from_stage", help=f"re-run from this stage ({', '.join(STAGE_NAMES)})")
+    ap.add_argument("--until", help="stop after this stage")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = ap.parse_args(argv)
+    cfg = load_run_config(args.config, args.overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    out = Path(args.out) if args.out else Path("runs") / cfg.name
+    res = Pipeline(cfg, out).run(from_stage=args.from_stage, until=args.until)
+    if res is not None:
+        print(f"\n[w2s] results: {out / 'results.md'}", file=sys.stderr)
+    return 0
+
+
+__all__ = ["RunConfig", "ModelSpec", "Pipeline", "run_pipeline", "load_run_config", "STAGE_NAMES", "from_dict"]
