@@ -358,6 +358,7 @@ class SyntheticConfig:
     min_steps: int = 1  # arith: operations per problem
     max_steps: int = 2
     max_value: int = 20  # arith: operands drawn from 1..max_value
+    ops: tuple[str, ...] = ("add", "sub", "mul")  # arith: operations used
     difficulty: float = 1.0  # gsm_symbolic difficulty
 
 

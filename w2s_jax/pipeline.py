@@ -54,6 +54,9 @@ class PretrainConfig:
 
     examples: int = 0
     seed: int = 1234
+    # each pool example is prefixed by 0..few_shot_max solved pool examples (a document of several
+    # problems, like pretraining text), so that the model also reads few-shot prompts at their length
+    few_shot_max: int = 4
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -79,6 +82,9 @@ class Stage1Config:
     rounds: int = 1  # 2 = the paper's second iteration (GSM8K, OlympicArena)
     n_demos: int = 4
     demo_seed: int = 42
+    # where the ICL demonstrations come from: `weak` = correct weak outputs on train_2 (the paper);
+    # `train_1_gold` = gold solutions of train_1 (for weak models too poor to supply 4 correct answers)
+    demos_from: str = "weak"
 
 
 @dataclass
@@ -136,6 +142,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"config key `grading`: unknown mode `{cfg.grading}` (choose from {', '.join(MODES)})")
     if cfg.stage1.train_set not in ("hybrid", "weak", "icl"):
         raise UserError(f"config key `stage1.train_set`: `{cfg.stage1.train_set}` is not hybrid, weak or icl")
+    if cfg.stage1.demos_from not in ("weak", "train_1_gold"):
+        raise UserError(f"config key `stage1.demos_from`: `{cfg.stage1.demos_from}` is not weak or train_1_gold")
     if cfg.stage1.rounds not in (1, 2):
         raise UserError(f"config key `stage1.rounds` must be 1 or 2 (got {cfg.stage1.rounds})")
     for role in ("weak", "strong"):
@@ -173,7 +181,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("weak_model", ("data",), ("weak", "weak_train", "mesh"), "stage_weak_model"),
     Stage("strong_model", ("data",), ("strong", "mesh"), "stage_strong_model"),
     Stage("weak_labels", ("data", "weak_model"), ("generation", "grading"), "stage_weak_labels"),
-    Stage("strong_icl", ("weak_labels", "strong_model"), ("generation", "grading", "stage1"), "stage_strong_icl"),
+    Stage("strong_icl", ("weak_labels", "strong_model"),
+          ("generation", "grading", "stage1.n_demos", "stage1.demo_seed", "stage1.demos_from"), "stage_strong_icl"),
     Stage("stage1", ("weak_labels", "strong_icl"), ("stage1", "strong_train", "weak_train", "generation"),
           "stage_stage1"),
     Stage("full_weak", ("weak_labels", "strong_model"), ("strong_train", "baselines.full_weak"),
@@ -426,12 +435,23 @@ class Pipeline:
         seen = {r["question"] for s in ("train_1", "train_2", "test") for r in self._data(s)}
         s = pre.synthetic
         want = pre.examples + len(seen)  # generate extra, then drop anything in the task's splits
-        raw = (make_arith(want, pre.seed, s.min_steps, s.max_steps, s.max_value, id_prefix="pretrain")
+        raw = (make_arith(want, pre.seed, s.min_steps, s.max_steps, s.max_value, tuple(s.ops), id_prefix="pretrain")
                if s.kind == "arith" else make_synthetic(s.kind, want, pre.seed))
         pool = [r for r in to_records(self.cfg.data.task, raw, "pretrain") if r["question"] not in seen]
         pool = pool[: pre.examples]
         task = get_task(self.cfg.data.task)
         recs = [_sft_record(r, task.gold_completion(r)) for r in pool]
+        if pre.few_shot_max > 0:
+            import random
+
+            from w2s_jax.prompts import few_shot_prompt
+
+            rng = random.Random(pre.seed)
+            zero_shot = [dict(r) for r in recs]
+            for i, rec in enumerate(recs):
+                others = [zero_shot[j] for j in rng.sample(range(len(recs)), min(len(recs), pre.few_shot_max + 1))
+                          if j != i][: rng.randint(0, pre.few_shot_max)]
+                rec["prompt"] = few_shot_prompt(pool[i]["question"], others)
         info = self._sft(base, recs, pre.train, d / "pretrain", "strong 'pretraining' on a disjoint pool")
         return {"model": str(d / "pretrain" / "model"), "pretrain_examples": len(recs), **info}
 
@@ -446,10 +466,23 @@ class Pipeline:
         return {"counts": _label_stats(recs)}
 
     def _demos(self) -> list[dict]:
-        from w2s_jax.prompts import choose_demonstrations
+        from w2s_jax.prompts import choose_demonstrations, zero_shot_prompt
 
+        s1 = self.cfg.stage1
+        if s1.demos_from == "train_1_gold":
+            from w2s_jax.tasks import get_task
+
+            task = get_task(self.cfg.data.task)
+            pool = [{"id": r["id"], "prompt": zero_shot_prompt(r["question"]), "response": task.gold_completion(r),
+                     "result": True} for r in self._data("train_1")]
+            return choose_demonstrations(pool, k=s1.n_demos, seed=s1.demo_seed)
         weak = read_jsonl(self.path("weak_labels", "train_2.jsonl"))
-        return choose_demonstrations(weak, k=self.cfg.stage1.n_demos, seed=self.cfg.stage1.demo_seed)
+        n_ok = sum(r.get("result") is True for r in weak)
+        if n_ok < s1.n_demos:
+            raise UserError(f"stage strong_icl: only {n_ok} of {len(weak)} weak outputs on train_2 are correct, "
+                            f"{s1.n_demos} are needed as demonstrations; train the weak model longer or set "
+                            "stage1.demos_from=train_1_gold")
+        return choose_demonstrations(weak, k=s1.n_demos, seed=s1.demo_seed)
 
     def stage_strong_icl(self, d: Path) -> dict:
         demos = self._demos()
@@ -466,6 +499,9 @@ class Pipeline:
         sets, stats = consistency_sets(weak, icl)
         write_json_atomic(d / "round1_stats.json", stats)
         chosen = sets[self.cfg.stage1.train_set]
+        if not chosen:
+            raise UserError(f"stage stage1: the consistency filter kept 0 of {len(weak)} questions (weak and strong "
+                            "ICL answers never agree); the models are too weak for this task or config")
         write_jsonl_atomic(d / "round1_train.jsonl", chosen)
         info: dict[str, Any] = {"round1": {**stats, "label_accuracy": _kept_accuracy(sets, weak)}}
         info["round1"].update(self._sft(self._strong_base(), chosen, self.cfg.strong_train, d / "round1",

@@ -181,7 +181,7 @@ def make_synthetic_splits(cfg) -> dict[str, list[dict]]:
     nt = 200 if cfg.n_test is None else cfg.n_test
     total = n1 + n2 + nt
     if s.kind == "arith":
-        raw = make_arith(total, cfg.seed, s.min_steps, s.max_steps, s.max_value)
+        raw = make_arith(total, cfg.seed, s.min_steps, s.max_steps, s.max_value, tuple(s.ops))
     elif s.kind == "gsm_symbolic":
         raw = make_gsm_symbolic(total, cfg.seed, s.difficulty)
     else:
