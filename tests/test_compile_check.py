@@ -114,31 +114,54 @@ def _check_report(rep: C.Report, n_chips: int):
         assert s.flops_analytic > 0 and s.time_50 == pytest.approx(s.flops_analytic / (0.5 * rep.peak_flops_per_chip))
         assert s.tokens > 0
     sft = rep.stages[0]
-    # the analytic estimate is per chip: 6N per token plus attention, over the chips
+    # the analytic estimate is per chip: 6N per token (full fine-tuning) plus attention, over the chips
     n = rep.num_params
     assert sft.flops_analytic >= 6 * n * sft.tokens / n_chips
 
 
+def _devices_for(topology: str):
+    """Compile-only TPU devices when libtpu is installed, else as many simulated CPU devices."""
+    if T.libtpu_available():
+        return None
+    return jax.devices()[: T.parse_slice(topology).num_chips]
+
+
+@pytest.mark.skipif(T.libtpu_available(), reason="covered by the TPU-topology test")
 def test_compile_on_cpu_devices(tiny_cfg):
-    """The same targets compile on the 8 simulated CPU devices (no libtpu needed)."""
+    """Without libtpu the same targets compile on simulated CPU devices."""
     cfg = C.load_check_config(tiny_cfg)
-    rep = C.check(cfg, "v5e:2x4", devices=jax.devices()[:8], xla_costs=False)
-    _check_report(rep, 8)
-    text = C.format_report(rep)
-    assert "| sft |" in text and "FITS" in text
-
-
-def test_lora_and_precomputed_reference(tiny_cfg):
-    cfg = C.load_check_config(tiny_cfg, ["sft.lora={rank: 4}", "dpo.lora={rank: 4}", "dpo.reference=lora_off",
-                                         "stages=[sft, dpo]", "param_dtype=bfloat16", "sft.grad_accum=2"])
     rep = C.check(cfg, "v5e:2x2", devices=jax.devices()[:4], xla_costs=False)
-    assert all(s.ok and s.fits for s in rep.stages)
+    _check_report(rep, 4)
+    text = C.format_report(rep)
+    assert "| sft |" in text and "| generate |" in text and text.endswith("FITS")
+
+
+def test_lora_accumulation_and_reference(tiny_cfg):
+    """LoRA SFT with gradient accumulation and LoRA DPO with the adapters-off reference."""
+    cfg = C.load_check_config(tiny_cfg, ["sft.lora={rank: 4}", "dpo.lora={rank: 4}", "dpo.reference=lora_off",
+                                         "param_dtype=bfloat16", "sft.grad_accum=2", "stages=[sft, dpo]"])
+    rep = C.check(cfg, "v5e:2x2", devices=_devices_for("v5e:2x2"), xla_costs=False)
+    assert [s.stage for s in rep.stages] == ["sft", "dpo"] and all(s.ok and s.fits for s in rep.stages)
+    assert "2 x 8 rows" in rep.stages[0].detail and "LoRA r=4" in rep.stages[0].detail
+    assert "reference: lora_off" in rep.stages[1].detail
+    n = rep.num_params
+    assert rep.stages[0].flops_analytic >= 4 * n * rep.stages[0].tokens / 4  # LoRA: ~4N per token
+
+
+def test_run_config_is_accepted():
+    """A `w2s run` config: strong model, strong_train (SFT), stage2.train (DPO), generation, mesh."""
+    cfg = C.load_check_config(ROOT / "w2s_jax" / "configs" / "demo.yaml",
+                              ["strong_train.batch_size=32", "generation.max_prompt_len=200"])
+    assert cfg.model == "tiny" and cfg.model_overrides["d_model"] == 128
+    assert cfg.sft.batch_size == 32 and cfg.sft.seq_len == 256 and cfg.dpo.loss_type == "sigmoid"
+    assert cfg.generation.batch_size == 64 and cfg.generation.prompt_len == 200
+    assert cfg.generation.max_new_tokens == 48 and cfg.mesh.data == -1
 
 
 @needs_libtpu
 def test_compile_for_tpu_topology(tiny_cfg, tmp_path, capsys):
     out = tmp_path / "report.json"
-    rc = C.main([str(tiny_cfg), "--topology", "v5e:2x2", "--json", str(out)])
+    rc = C.main([str(tiny_cfg), "--topology", "v5litepod-4", "--json", str(out)])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "v5litepod-4 = v5e:2x2: 4 chips" in text and "FITS" in text
@@ -149,7 +172,8 @@ def test_compile_for_tpu_topology(tiny_cfg, tmp_path, capsys):
     _check_report(rep, 4)
     for s in rep.stages:  # per-layer extrapolated XLA costs are present and of the model estimate's order
         assert s.flops_compiled and s.bytes_accessed and s.time_hbm
-        assert 0.3 < s.flops_compiled / s.flops_analytic < 5
+        assert 0.3 < s.flops_compiled / s.flops_analytic < 5, s
+    assert "new tokens/s" in rep.stages[-1].detail
 
 
 @needs_libtpu

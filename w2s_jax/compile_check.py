@@ -44,7 +44,7 @@ from w2s_jax.errors import UserError
 from w2s_jax.sharding import MeshConfig
 from w2s_jax.train import TrainConfig
 
-STAGES = ("sft", "dpo", "prefill", "decode")
+STAGES = ("sft", "dpo", "prefill", "decode", "generate")
 
 
 # ----------------------------------------------------------------------------- config
@@ -80,17 +80,74 @@ class CheckConfig:
                                          **self.model_overrides, **extra})
 
 
+RUN_CONFIG_KEYS = {"strong", "weak", "strong_train", "weak_train", "stage1", "stage2", "data", "baselines",
+                   "grading", "pass_k", "name"}
+
+
 def load_check_config(path: str | Path, overrides: list[str] = ()) -> CheckConfig:
-    from w2s_jax.config import load_config
+    """A compile-check YAML, or a `w2s run` config (``RunConfig``: its strong model, ``strong_train``
+    for SFT, ``stage2.train`` for DPO, ``generation`` and ``mesh``); ``overrides`` address the file's
+    own keys (``strong_train.batch_size=64`` for a run config)."""
+    from w2s_jax.config import load_config, load_yaml_file
 
     if not Path(path).is_file():
         raise UserError(f"config file {path} does not exist")
-    cfg = load_config(CheckConfig, str(path), list(overrides))
+    raw = load_yaml_file(path)
+    if RUN_CONFIG_KEYS & set(raw):
+        cfg = _from_run_config(path, overrides)
+    else:
+        cfg = load_config(CheckConfig, str(path), list(overrides))
     bad = [s for s in cfg.stages if s not in STAGES]
     if bad:
         raise UserError(f"config key `stages`: unknown stage(s) {bad}; valid: {list(STAGES)}")
     cfg.model_config()  # unknown preset / bad override -> UserError now
     return cfg
+
+
+def _strong_model(spec) -> tuple[str, dict]:
+    """(preset name, ModelConfig overrides) of a run config's strong model."""
+    if spec.preset is not None:
+        return spec.preset, dict(spec.overrides)
+    p = Path(spec.path or "")
+    cfg_json = p / "config.json"
+    if spec.path and cfg_json.is_file():
+        from w2s_jax.convert import hf_config_to_model
+        from w2s_jax.model import PRESETS
+
+        mc = hf_config_to_model(json.loads(cfg_json.read_text()), where=str(cfg_json))
+        base = PRESETS["tiny"]
+        fields = {f.name: getattr(mc, f.name) for f in dataclasses.fields(mc)
+                  if f.name != "name" and getattr(mc, f.name) != getattr(base, f.name)}
+        return "tiny", {**fields, "name": mc.name, **spec.overrides}
+    raise UserError(
+        f"compile-check needs the strong model's shape: `strong.preset` (e.g. llama2-70b) or a local Hugging Face "
+        f"checkpoint directory with config.json (got strong.path={spec.path!r}); "
+        "add `--set strong.preset=llama2-70b --set strong.path=null`"
+    )
+
+
+def _from_run_config(path, overrides) -> CheckConfig:
+    from w2s_jax.config import load_config
+    from w2s_jax.pipeline import RunConfig
+
+    rc = load_config(RunConfig, str(path), list(overrides))
+    preset, ov = _strong_model(rc.strong)
+    from w2s_jax.model import get_preset
+
+    base = get_preset(preset)
+    ov = dict(ov)
+    remat = ov.pop("remat", base.remat)
+    param_dtype = ov.pop("param_dtype", base.param_dtype)
+    dtype = ov.pop("dtype", base.dtype)
+    g = rc.generation
+    new = max(g.max_new_tokens, rc.stage2.max_new_tokens or 0)
+    prompt = g.max_prompt_len or min(1024, max(1, base.replace(**ov).max_seq_len - new))
+    return CheckConfig(
+        model=preset, model_overrides=ov, remat=remat, param_dtype=param_dtype, dtype=dtype, mesh=rc.mesh,
+        sft=rc.strong_train, dpo=rc.stage2.train,
+        generation=GenerationSection(batch_size=g.batch_size, prompt_len=prompt, max_new_tokens=new,
+                                     param_dtype=param_dtype),
+    )
 
 
 # ----------------------------------------------------------------------------- report
@@ -258,7 +315,7 @@ def build_targets(cfg: CheckConfig, mesh, gen_mesh) -> list[Target]:
                               rows * T, detail))
 
     g = cfg.generation
-    if "prefill" in cfg.stages or "decode" in cfg.stages:
+    if any(st in cfg.stages for st in ("prefill", "decode", "generate")):
         S = g.prompt_len + g.max_new_tokens
         gcfg = cfg.model_config(param_dtype=g.param_dtype, remat="none")
         gcfg = gcfg.replace(max_seq_len=max(gcfg.max_seq_len, S))
@@ -320,7 +377,41 @@ def build_targets(cfg: CheckConfig, mesh, gen_mesh) -> list[Target]:
                                   f"one token for {GB} rows over a {S}-slot cache (x{g.max_new_tokens} per batch); "
                                   f"weights {gen_param_bytes / 2**30:.0f} GiB + cache {cache_bytes / 2**30:.0f} GiB "
                                   "in all"))
+        if "generate" in cfg.stages:
+            t = _generate_target(cfg, gcfg, gparams_abs, gen_mesh, rules, rows_sharding, vsh, g_rep)
+            if t is not None:
+                t.flops = (2 * N + attn) * GB * (g.prompt_len + g.max_new_tokens)
+                t.tokens = GB * g.max_new_tokens
+                targets.append(t)
     return targets
+
+
+def _generate_target(cfg: CheckConfig, gcfg, gparams_abs, mesh, rules, rows_sharding, vsh, rep) -> Target | None:
+    """The Sampler's own compiled program (prefill + while_loop decode, KV cache created inside),
+    sampling with temperature, for ``generation.batch_size`` prompts of ``prompt_len`` tokens."""
+    import jax
+    import jax.numpy as jnp
+
+    try:
+        from w2s_jax import sampler as S
+    except ImportError:
+        return None
+    g = cfg.generation
+    GB, Pn = g.batch_size, g.prompt_len
+    spec = S._Spec(cfg=gcfg, batch=GB, prompt_len=Pn, max_new=g.max_new_tokens, greedy=False, top_k=0,
+                   use_top_p=False, has_stop=False, eos_ids=tuple(i for i in (gcfg.eos_token_id,) if i is not None),
+                   scan_layers=True, has_lora=False)
+    fn = jax.jit(lambda *a: S._program(spec, mesh, rules, *a))
+    i32 = lambda shape, sh: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh)  # noqa: E731
+    args = (
+        gparams_abs, None, jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
+        i32((GB, Pn), rows_sharding((GB, Pn))), i32((GB,), vsh),
+        jax.ShapeDtypeStruct((GB,), jnp.uint32, sharding=vsh), jax.ShapeDtypeStruct((GB,), jnp.uint32, sharding=vsh),
+        jax.ShapeDtypeStruct((GB,), jnp.bool_, sharding=vsh), None,
+        jax.ShapeDtypeStruct((), jnp.float32, sharding=rep), jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
+    )
+    return Target("generate", fn, args, 0.0, 0,
+                  f"Sampler program: {GB} prompts x {Pn} tokens + {g.max_new_tokens} new tokens (sampling)")
 
 
 # ----------------------------------------------------------------------------- run
@@ -384,16 +475,17 @@ def device_mesh(mesh_shape: dict, devices: list):
         return probe
 
 
-def _layer_costs(cfg: CheckConfig, mesh, gen_mesh) -> dict[str, tuple[float, float]]:
-    """XLA cost of each stage at 0 and 1 layers -> {stage: (flops per layer, bytes per layer, flops at 0, bytes at 0)}.
+def _layer_costs(cfg: CheckConfig, mesh, gen_mesh) -> dict[str, tuple[float, float, float, float]]:
+    """XLA's cost of each stage extrapolated to all layers -> {stage: (flops/layer, bytes/layer, flops@0, bytes@0)}.
 
     XLA's cost analysis counts a loop body once, whatever its trip count, so the full (scanned) model's
-    figures miss L-1 layers. Compiling the same step with 0 and 1 layers gives the outside-the-loop cost
-    and one layer's cost (remat recomputation and collectives included); the total is f0 + L * (f1 - f0).
+    figures miss L-1 layers. Compiling the same step with 0 layers (the cost outside the layer loops)
+    and with 2 layers (still a loop, counted once: one layer's cost, rematerialisation and collectives
+    included; a 1-layer scan is inlined and loses its recomputation to CSE) gives f0 + L * (f2 - f0).
     """
     out: dict = {}
-    per = {}
-    for n in (0, 1):
+    per: dict = {}
+    for n in (0, 2):
         c = dataclasses.replace(cfg, model_overrides={**cfg.model_overrides, "n_layers": n})
         for t in build_targets(c, mesh, gen_mesh):
             try:
@@ -402,15 +494,38 @@ def _layer_costs(cfg: CheckConfig, mesh, gen_mesh) -> dict[str, tuple[float, flo
                 continue
             per.setdefault(t.name, {})[n] = (float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)))
     for name, d in per.items():
-        if 0 in d and 1 in d:
-            out[name] = (d[1][0] - d[0][0], d[1][1] - d[0][1], d[0][0], d[0][1])
+        if 0 in d and 2 in d:
+            out[name] = (d[2][0] - d[0][0], d[2][1] - d[0][1], d[0][0], d[0][1])
     return out
+
+
+def _generation_estimate(stages: list[StageReport], new_tokens: int, bandwidth: float) -> None:
+    """The generate row's XLA figures count its decode loop once: replace them by prefill + N decode
+    steps (from the prefill/decode rows) and note the expected wall time (prefill at 50% of peak,
+    each decode step at the slower of 50% peak and HBM bandwidth)."""
+    by = {s.stage: s for s in stages if s.ok}
+    gen, pre, dec = by.get("generate"), by.get("prefill"), by.get("decode")
+    if gen is None or pre is None or dec is None:
+        return
+    if pre.flops_compiled is not None and dec.flops_compiled is not None:
+        gen.flops_compiled = pre.flops_compiled + new_tokens * dec.flops_compiled
+    if pre.bytes_accessed is not None and dec.bytes_accessed is not None:
+        gen.bytes_accessed = pre.bytes_accessed + new_tokens * dec.bytes_accessed
+        gen.time_hbm = gen.bytes_accessed / bandwidth
+        step = max(dec.time_50, dec.time_hbm or 0.0)
+        est = pre.time_50 + new_tokens * step
+        gen.detail += f"; est. {est:.1f} s per batch ({gen.tokens / est:.0f} new tokens/s)"
 
 
 def check(cfg: CheckConfig, topology: str, devices: list | None = None, xla_costs: bool = True) -> Report:
     """Compile every stage of ``cfg`` for ``topology`` (a gcloud name or libtpu topology)."""
+    import jax
+
     from w2s_jax.tpu_specs import parse_slice, topology_devices
 
+    # executables for a compile-only topology can be neither loaded from nor usefully stored in the
+    # persistent compilation cache (which `w2s` turns on by default)
+    jax.config.update("jax_enable_compilation_cache", False)
     sl = parse_slice(topology)
     devs = topology_devices(sl) if devices is None else list(devices)
     mesh = device_mesh(cfg.mesh.shape(), devs)
@@ -428,6 +543,7 @@ def check(cfg: CheckConfig, topology: str, devices: list | None = None, xla_cost
             rep.bytes_accessed = b0 + mcfg.n_layers * by
             rep.time_hbm = rep.bytes_accessed / chip.hbm_bandwidth
         stages.append(rep)
+    _generation_estimate(stages, cfg.generation.max_new_tokens, chip.hbm_bandwidth)
     return Report(
         topology=sl.topology_name, accelerator_type=sl.accelerator_type, chip=chip.name, num_chips=sl.num_chips,
         num_hosts=sl.num_hosts, hbm_per_chip=chip.hbm_bytes, peak_flops_per_chip=chip.peak_bf16_flops,
@@ -445,7 +561,7 @@ def main(argv: list[str] | None = None, prog: str = "w2s compile-check", command
                     help="override a config key (dotted for nested keys); repeatable")
     ap.add_argument("--stages", default=None, help="comma-separated subset of " + ",".join(STAGES))
     ap.add_argument("--no-xla-costs", action="store_true",
-                    help="skip the 0- and 1-layer compiles that extrapolate XLA's FLOPs/bytes to all layers")
+                    help="skip the 0- and 2-layer compiles that extrapolate XLA's FLOPs/bytes to all layers")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the report as JSON here")
     args = ap.parse_args(argv)
 
