@@ -120,8 +120,19 @@ def main() -> int:
                for i in range(GEN_ROWS)]
     prompts = np.asarray([r["prompt"] for r in records], np.int32)
     psh = NamedSharding(mesh, logical_to_spec(("batch", "length"), prompts.shape, mesh))
-    out = greedy_generate(state.params, cfg, D.process_local_batch(prompts, psh), mesh)
-    tokens = D.to_host(out)
+    tokens = D.to_host(greedy_generate(state.params, cfg, D.process_local_batch(prompts, psh), mesh))
+    # the same with the package's Sampler (one compiled prefill + while_loop program)
+    try:
+        from w2s_jax.sampler import SampleConfig, Sampler
+
+        sampler = Sampler(state.params, cfg, None, mesh=mesh, layer_loop="scan", eos_ids=())
+        outs = sampler.generate([r["prompt"] for r in records],
+                                SampleConfig(max_new_tokens=NEW, temperature=0.0, stop=(), batch_size=GEN_ROWS),
+                                progress=False)
+        sampler_texts = [bytes(o[0].token_ids).decode("latin-1") for o in outs]
+        sampler_error = None
+    except Exception as e:  # reported to the test, which decides
+        sampler_texts, sampler_error = None, f"{type(e).__name__}: {e}"
     texts = [bytes(int(t) for t in row).decode("latin-1") for row in tokens]
 
     # records split across hosts (as evaluation does) and gathered back in order
@@ -139,6 +150,8 @@ def main() -> int:
         "main": D.is_main_process(),
         "losses": losses,
         "texts": texts,
+        "sampler_texts": sampler_texts,
+        "sampler_error": sampler_error,
         "local_rows": local_rows,
         "mine": [r["id"] for r in mine],
         "gathered": gathered,
