@@ -128,8 +128,24 @@ def default_config_path() -> Path:
 
 def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     cfg = load_config(RunConfig, str(path or default_config_path()), list(overrides))
+    _expand_paths(cfg)
     validate(cfg)
     return cfg
+
+
+def _expand_paths(cfg: RunConfig) -> None:
+    """``~`` in model and data paths means the user's home, as in a shell."""
+    import os
+
+    for spec in (cfg.weak, cfg.strong):
+        for key in ("path", "base", "tokenizer"):
+            v = getattr(spec, key)
+            if isinstance(v, str) and v.startswith("~"):
+                setattr(spec, key, os.path.expanduser(v))
+    for key in ("train", "train_1", "train_2", "test"):
+        v = getattr(cfg.data, key)
+        if isinstance(v, str) and v.startswith("~"):
+            cfg.data = dataclasses.replace(cfg.data, **{key: os.path.expanduser(v)})
 
 
 def validate(cfg: RunConfig) -> None:
