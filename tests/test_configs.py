@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from w2s_jax.config import load_config
+from w2s_jax.jsonl import read_jsonl
 from w2s_jax.pipeline import Pipeline, RunConfig, default_config_path, load_run_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("**/*.yaml"))
@@ -34,5 +35,5 @@ def test_paper_gsm8k_data_stage(shared_dir: Path, tmp_path: Path):
                        f"data.test={data / 'test.jsonl'}", "weak.preset=tiny"])
     Pipeline(cfg, tmp_path, log=lambda m: None).run(until="data")
     splits = ("train_1", "train_2", "test")
-    counts = {s: len((tmp_path / "data" / f"{s}.jsonl").read_text().splitlines()) for s in splits}
+    counts = {s: len(read_jsonl(tmp_path / "data" / f"{s}.jsonl")) for s in splits}
     assert counts == {"train_1": 7000, "train_2": 7000, "test": 1319}
