@@ -69,5 +69,5 @@ on_workers all "set -e; $PY -m pip install --upgrade --quiet pip; $PY -m pip ins
 
 if [[ "$VERIFY" == 1 ]]; then
   # all workers must start JAX together: each prints its process index and the slice's chip count
-  on_workers all "$PY -c 'import jax; print(\"worker\", jax.process_index(), \"of\", jax.process_count(), \"devices\", jax.device_count(), jax.devices()[0].device_kind)'"
+  on_workers all "W2S_DISTRIBUTED=1 $PY -c 'from w2s_jax import distributed; distributed.initialize(); import jax; print(\"worker\", jax.process_index(), \"of\", jax.process_count(), \"devices\", jax.device_count(), jax.devices()[0].device_kind)'"
 fi
