@@ -88,6 +88,7 @@ class Checkpointer:
             max_to_keep=keep if keep and keep > 0 else None,
             enable_async_checkpointing=async_save,
             create=True,
+            cleanup_tmp_directories=True,  # a save killed half-way leaves a tmp dir: remove it
         )
         self._ocp = ocp
         self.mngr = ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "meta"))
