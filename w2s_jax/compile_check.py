@@ -26,6 +26,11 @@ Config (YAML, see ``configs/tpu/*.yaml``)::
     stages: [sft, dpo, prefill, decode]
 
 ``--set key=value`` overrides any key (dotted for nested ones: ``--set sft.batch_size=128``).
+
+A ``w2s run`` config (``pipeline.RunConfig``) is accepted too: its strong model (``strong.preset``
+plus ``overrides``, or a local Hugging Face directory's config.json), ``strong_train`` as the SFT
+step, ``stage2.train`` as the DPO step, ``generation`` (batch size, max new tokens; prompts of
+``max_prompt_len`` or 1024 tokens) and ``mesh``; ``--set`` then addresses the run config's keys.
 """
 
 from __future__ import annotations
@@ -554,7 +559,7 @@ def check(cfg: CheckConfig, topology: str, devices: list | None = None, xla_cost
 
 def main(argv: list[str] | None = None, prog: str = "w2s compile-check", command: str = "compile-check") -> int:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    ap.add_argument("config", help="compile-check YAML (see configs/tpu/*.yaml)")
+    ap.add_argument("config", help="compile-check YAML (configs/tpu/*.yaml) or a `w2s run` config")
     ap.add_argument("--topology", required=True,
                     help="gcloud accelerator type (v5p-128, v5litepod-16, v6e-8, v4-32) or libtpu topology (v5p:4x4x4)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
