@@ -5,7 +5,10 @@ same weights copied into ``LlamaForCausalLM``), greedy, prompts of 32 tokens, 12
 disabled on both sides so every row generates exactly that many), batch 1 and 16, both in this one
 process. Each side gets a warm-up run; JAX compile time is excluded from its throughput and reported
 separately. Throughput = generated tokens / wall time of ``generate`` (prefill included), best of
-``--repeats`` runs per side, runs of the two sides interleaved.
+``--repeats`` runs per side, runs of the two sides interleaved. The share of the machine's CPU that
+other processes used during each timed run is recorded: on a shared machine the figures are only
+meaningful when it is near 0 (``--wait-quiet S`` waits for that before each run); PyTorch's OpenMP
+threads slow down far more than XLA's under oversubscription, which inflates the ratio.
 
     python benchmarks/bench_generate.py [--quick] [--out results.json]
 
@@ -35,6 +38,46 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _cpu_times() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot (Linux /proc/stat)."""
+    try:
+        f = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = f[3] + (f[4] if len(f) > 4 else 0.0)
+    return (sum(f) - idle) / hz, sum(f) / hz
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
+    """Wait (up to ``max_wait`` s) until other processes use < ``threshold`` of the machine over 2 s;
+    returns the last measured busy fraction."""
+    t_end = time.time() + max_wait
+    frac = 0.0
+    while True:
+        b0, t0 = _cpu_times()
+        time.sleep(2.0)
+        b1, t1 = _cpu_times()
+        frac = (b1 - b0) / max(t1 - t0, 1e-9)
+        if frac < threshold or time.time() >= t_end:
+            return frac
+
+
+def timed(fn, wait: float):
+    """(wall seconds, fraction of the machine's CPU used by OTHER processes meanwhile)."""
+    if wait > 0:
+        wait_quiet(wait)
+    b0, t0 = _cpu_times()
+    p0 = time.process_time()
+    w0 = time.perf_counter()
+    fn()
+    wall = time.perf_counter() - w0
+    b1, t1 = _cpu_times()
+    own = time.process_time() - p0
+    other = max(0.0, (b1 - b0) - own) / max(t1 - t0, 1e-9)
+    return wall, other
 
 
 def to_hf_state_dict(params, cfg):
@@ -93,6 +136,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per side (best is reported); default 2")
     ap.add_argument("--preset", default="smollm2-135m")
     ap.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                    help="before each timed run wait up to S seconds for other processes to go idle "
+                         "(shared machines); the CPU share other processes used during each run is recorded")
     args = ap.parse_args(argv)
     new = args.new_tokens or (32 if args.quick else 128)
     repeats = args.repeats or (1 if args.quick else 2)
@@ -139,14 +185,14 @@ def main(argv=None) -> int:
         jax_first = time.perf_counter() - t
         compile_s = sampler.compile_seconds - c0
         hf_tokens = run_hf()  # warm-up
-        hf_times, jax_times = [], []
+        hf_times, jax_times, hf_other, jax_other = [], [], [], []
         for _ in range(repeats):
-            t = time.perf_counter()
-            run_hf()
-            hf_times.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            run_jax()
-            jax_times.append(time.perf_counter() - t)
+            w, o = timed(run_hf, args.wait_quiet)
+            hf_times.append(w)
+            hf_other.append(o)
+            w, o = timed(run_jax, args.wait_quiet)
+            jax_times.append(w)
+            jax_other.append(o)
         n_tok = B * new
         agree = float(np.mean([a == b for a, b in zip(jax_tokens, hf_tokens)]))
         row = {
@@ -154,13 +200,15 @@ def main(argv=None) -> int:
             "hf_tok_s": n_tok / min(hf_times), "jax_tok_s": n_tok / min(jax_times),
             "ratio": min(hf_times) / min(jax_times),
             "hf_seconds": hf_times, "jax_seconds": jax_times,
+            "other_cpu_share_hf": hf_other, "other_cpu_share_jax": jax_other,
             "jax_compile_s": compile_s, "jax_first_call_s": jax_first,
             "jax_ms_per_step": min(jax_times) / new * 1e3, "hf_ms_per_step": min(hf_times) / new * 1e3,
             "greedy_rows_identical": agree,
         }
         rows.append(row)
         print(f"batch {B:3d}: transformers {row['hf_tok_s']:8.1f} tok/s | w2s-jax {row['jax_tok_s']:8.1f} tok/s |"
-              f" ratio {row['ratio']:.2f}x | jax compile {compile_s:.1f}s | rows identical {agree:.2f}", flush=True)
+              f" ratio {row['ratio']:.2f}x | jax compile {compile_s:.1f}s | rows identical {agree:.2f} |"
+              f" other processes' CPU share hf {max(hf_other):.0%} jax {max(jax_other):.0%}", flush=True)
 
     print()
     print("| batch | transformers tok/s | w2s-jax tok/s | ratio | jax ms/step | jax compile s |")
