@@ -182,7 +182,7 @@ def torch_peak_memory(device: str, rss_peak: int) -> tuple[int, str]:
         import torch
 
         return int(torch.cuda.max_memory_allocated()), "torch.cuda.max_memory_allocated"
-    return rss_peak, "process RSS"
+    return rss_peak, "process RSS peak"
 
 
 def interleave(kinds: dict, rounds: int, warmup: int = 1, profile: str | None = None) -> dict:
