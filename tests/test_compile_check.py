@@ -150,12 +150,17 @@ def test_lora_accumulation_and_reference(tiny_cfg):
 
 def test_run_config_is_accepted():
     """A `w2s run` config: strong model, strong_train (SFT), stage2.train (DPO), generation, mesh."""
-    cfg = C.load_check_config(ROOT / "w2s_jax" / "configs" / "demo.yaml",
-                              ["strong_train.batch_size=32", "generation.max_prompt_len=200"])
-    assert cfg.model == "tiny" and cfg.model_overrides["d_model"] == 128
-    assert cfg.sft.batch_size == 32 and cfg.sft.seq_len == 256 and cfg.dpo.loss_type == "sigmoid"
-    assert cfg.generation.batch_size == 64 and cfg.generation.prompt_len == 200
-    assert cfg.generation.max_new_tokens == 48 and cfg.mesh.data == -1
+    import yaml
+
+    path = ROOT / "w2s_jax" / "configs" / "demo.yaml"
+    run = yaml.safe_load(path.read_text())
+    cfg = C.load_check_config(path, ["strong_train.batch_size=32", "generation.max_prompt_len=200"])
+    assert cfg.model == run["strong"]["preset"]
+    assert cfg.model_overrides["d_model"] == run["strong"]["overrides"]["d_model"]
+    assert cfg.sft.batch_size == 32 and cfg.sft.seq_len == run["strong_train"]["seq_len"]
+    assert cfg.dpo.loss_type == run["stage2"]["train"]["loss_type"]
+    assert cfg.generation.batch_size == run["generation"]["batch_size"] and cfg.generation.prompt_len == 200
+    assert cfg.generation.max_new_tokens == run["generation"]["max_new_tokens"] and cfg.mesh.data == -1
 
 
 @needs_libtpu
