@@ -114,8 +114,9 @@ def plan(args) -> list[tuple[str, str, list[str]]]:
             out.append((w, "bench_lora.py", common + full_layers + shape + ["--rank", "0", "--only", w] + prof))
         elif w == "score":
             out.append((w, "bench_scoring.py", common + layers + shape + prof))
-        elif w == "lora":
-            out.append((w, "bench_lora.py", common + layers + shape + ["--rank", "8"] + prof))
+        elif w == "lora":  # gpu: the full 7B twice (JAX + torch copies) plus activations -> batch 2
+            lshape = shape + (["--batch", "2"] if gpu and not args.batch else [])
+            out.append((w, "bench_lora.py", common + layers + lshape + ["--rank", "8"] + prof))
         elif w == "generate":
             if gpu:
                 print("generate: skipped in --mode gpu (bench_generate.py runs transformers on the CPU)",
