@@ -129,6 +129,54 @@ def torch_step(model, opt, tokens, labels):
     return out.loss.item()
 
 
+def _stepper(fn, box, batch):
+    """A closure running one (donating) step on the state in ``box[0]`` and returning the loss. The
+    SFT and DPO steps of full fine-tuning have the same state layout, so they share one state (one
+    copy of parameters and AdamW moments in memory)."""
+
+    def run():
+        box[0], m = fn(box[0], batch, None)
+        return float(m["loss"])
+
+    return run
+
+
+def _cpu_times() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot (Linux /proc/stat)."""
+    try:
+        f = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = f[3] + (f[4] if len(f) > 4 else 0.0)
+    return (sum(f) - idle) / hz, sum(f) / hz
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.15) -> None:
+    """Wait (up to ``max_wait`` s) until other processes use < ``threshold`` of the machine."""
+    t_end = time.time() + max_wait
+    while time.time() < t_end:
+        b0, t0 = _cpu_times()
+        time.sleep(2.0)
+        b1, t1 = _cpu_times()
+        if (b1 - b0) / max(t1 - t0, 1e-9) < threshold:
+            return
+
+
+def timed(fn, wait: float):
+    """(wall seconds, fraction of the machine's CPU used by *other* processes meanwhile)."""
+    if wait > 0:
+        wait_quiet(wait)
+    b0, t0 = _cpu_times()
+    p0 = time.process_time()
+    w0 = time.perf_counter()
+    fn()
+    wall = time.perf_counter() - w0
+    b1, t1 = _cpu_times()
+    own = time.process_time() - p0
+    return wall, max(0.0, (b1 - b0) - own) / max(t1 - t0, 1e-9)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="4 layers, 2 timed rounds (smoke test)")
@@ -138,6 +186,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-dpo", action="store_true")
+    ap.add_argument("--dpo-accum", action="store_true",
+                    help="also time the DPO step as 2 micro-batches of B/2 pairs (SFT-sized activations)")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                    help="before each timed step wait up to S seconds for the machine to be quiet")
     ap.add_argument("--logits-chunks", type=int, default=1)
     ap.add_argument("--out", default="bench_train.json")
     args = ap.parse_args(argv)
@@ -155,7 +207,8 @@ def main(argv=None) -> int:
     cfg = get_preset("smollm2-135m", **over)
     B, S = args.batch, args.seq
     mesh = T._single_mesh()
-    params = random_params(cfg)
+    params_host = random_params(cfg)
+    params = jax.device_put(params_host)
     rng = np.random.default_rng(1)
     tokens = rng.integers(3, cfg.vocab_size, (B, S)).astype(np.int32)
     res: dict = {
@@ -172,7 +225,7 @@ def main(argv=None) -> int:
     info = T.compile_steps(sft, "sft", tc, [S])[S]
     res["jax_sft_compile_s"] = info["compile_seconds"]
     res["jax_sft_memory"] = info["memory"]
-    sft_state = T.init_state(sft, jax.tree.map(np.copy, params), 0)
+    box = [T.init_state(sft, params, 0)]  # shared by the SFT and DPO steps (same layout)
     targets = np.zeros_like(tokens)
     targets[:, :-1] = tokens[:, 1:]
     mask = np.ones((B, S), np.float32)
@@ -181,62 +234,59 @@ def main(argv=None) -> int:
                  "segment_ids": np.ones((1, B, S), np.int32),
                  "positions": np.broadcast_to(np.arange(S, dtype=np.int32), (1, B, S)).copy()}
     sft_batch = jax.device_put(sft_batch, T.batch_shardings(sft_batch, mesh))
-    sft_fn = sft.compiled[S]
-
-    def jax_sft():
-        nonlocal sft_state
-        sft_state, m = sft_fn(sft_state, sft_batch, None)
-        return float(m["loss"])
+    jax_sft = _stepper(sft.compiled[S], box, sft_batch)
 
     # ---------------------------------------------------------------- JAX DPO (same number of pairs)
+    # "jax_dpo": the B pairs in one micro-batch (2B rows); "jax_dpo_accum": B/2 pairs x 2 micro-batches
+    # (2 x B rows: the same activation memory as the SFT step), both with precomputed references
+    dpo_fns = {}
     if not args.no_dpo:
-        tcd = T.TrainConfig(lr=1e-4, weight_decay=0.01, max_grad_norm=1.0, batch_size=B, seq_len=S, max_steps=1000,
-                            loss_type="sigmoid", beta=0.1, reference="precompute",
-                            logits_chunks=args.logits_chunks)
-        dpo = T.build_steps("dpo", cfg, tcd, 1000, mesh)
-        dinfo = T.compile_steps(dpo, "dpo", tcd, [S])[S]
-        res["jax_dpo_compile_s"] = dinfo["compile_seconds"]
-        res["jax_dpo_memory"] = dinfo["memory"]
-        dpo_state = T.init_state(dpo, jax.tree.map(np.copy, params), 0)
-        rej = rng.integers(3, cfg.vocab_size, (B, S)).astype(np.int32)
-        prompt = S // 4
-        rej[:, :prompt] = tokens[:, :prompt]  # shared prompt, different completions
-        toks2 = np.concatenate([tokens, rej])
-        tg2 = np.zeros_like(toks2)
-        tg2[:, :-1] = toks2[:, 1:]
-        lm2 = np.zeros((2 * B, S), np.float32)
-        lm2[:, prompt - 1 : S - 1] = 1.0
-        nll2 = np.ones((2 * B, S), np.float32)
-        nll2[:, -1] = 0
-        dpo_batch = {"tokens": toks2[None], "targets": tg2[None], "loss_mask": lm2[None],
-                     "segment_ids": np.ones((1, 2 * B, S), np.int32),
-                     "positions": np.broadcast_to(np.arange(S, dtype=np.int32), (1, 2 * B, S)).copy(),
-                     "nll_mask": nll2[None], "ref_logps": rng.uniform(-2000, -1500, (1, 2 * B)).astype(np.float32),
-                     "pair_mask": np.ones((1, B), np.float32)}
-        dpo_batch = jax.device_put(dpo_batch, T.batch_shardings(dpo_batch, mesh))
-        dpo_fn = dpo.compiled[S]
+        variants = [("jax_dpo", B, 1)] + ([("jax_dpo_accum", B // 2, 2)] if B % 2 == 0 and args.dpo_accum else [])
+        for name, P, A in variants:
+            tcd = T.TrainConfig(lr=1e-4, weight_decay=0.01, max_grad_norm=1.0, batch_size=P, grad_accum=A, seq_len=S,
+                                max_steps=1000, loss_type="sigmoid", beta=0.1, reference="precompute",
+                                logits_chunks=args.logits_chunks)
+            dpo = T.build_steps("dpo", cfg, tcd, 1000, mesh)
+            dinfo = T.compile_steps(dpo, "dpo", tcd, [S])[S]
+            res[f"{name}_compile_s"] = dinfo["compile_seconds"]
+            res[f"{name}_memory"] = dinfo["memory"]
+            rej = rng.integers(3, cfg.vocab_size, (B, S)).astype(np.int32)
+            prompt = S // 4
+            rej[:, :prompt] = tokens[:, :prompt]  # shared prompt, different completions
+            # [A, 2P] rows per micro-batch: P chosen then P rejected
+            ch_m, rj_m = tokens.reshape(A, P, S), rej.reshape(A, P, S)
+            toks2 = np.concatenate([ch_m, rj_m], axis=1)
+            tg2 = np.zeros_like(toks2)
+            tg2[..., :-1] = toks2[..., 1:]
+            lm2 = np.zeros(toks2.shape, np.float32)
+            lm2[..., prompt - 1 : S - 1] = 1.0
+            nll2 = np.ones(toks2.shape, np.float32)
+            nll2[..., -1] = 0
+            dpo_batch = {"tokens": toks2, "targets": tg2, "loss_mask": lm2,
+                         "segment_ids": np.ones(toks2.shape, np.int32),
+                         "positions": np.broadcast_to(np.arange(S, dtype=np.int32), toks2.shape).copy(),
+                         "nll_mask": nll2, "ref_logps": rng.uniform(-2000, -1500, (A, 2 * P)).astype(np.float32),
+                         "pair_mask": np.ones((A, P), np.float32)}
+            dpo_batch = jax.device_put(dpo_batch, T.batch_shardings(dpo_batch, mesh))
 
-        def jax_dpo():
-            nonlocal dpo_state
-            dpo_state, m = dpo_fn(dpo_state, dpo_batch, None)
-            return float(m["loss"])
+            dpo_fns[name] = _stepper(dpo.compiled[S], box, dpo_batch)
 
     # ---------------------------------------------------------------- torch
     if not args.no_torch:
         import torch
 
-        tmodel, topt = make_torch(cfg, params, threads)
+        tmodel, topt = make_torch(cfg, params_host, threads)
         t_tokens = torch.from_numpy(tokens.astype(np.int64))
         t_labels = t_tokens.clone()  # HF shifts inside; all positions but the last carry loss (as JAX)
 
         def torch_sft():
             return torch_step(tmodel, topt, t_tokens, t_labels)
 
+    del params_host
     kinds = {"jax_sft": jax_sft}
     if not args.no_torch:
         kinds["torch_sft"] = torch_sft
-    if not args.no_dpo:
-        kinds["jax_dpo"] = jax_dpo
+    kinds.update(dpo_fns)
     times = {k: [] for k in kinds}
     peaks = {}
     losses = {k: [] for k in kinds}
@@ -245,48 +295,62 @@ def main(argv=None) -> int:
             with PeakRSS() as pr:
                 losses[k].append(fn())
             peaks[k] = max(peaks.get(k, 0), pr.growth)
+    others = {k: [] for k in kinds}
     for r in range(steps):
         for k, fn in kinds.items():
-            t0 = time.perf_counter()
-            losses[k].append(fn())
-            times[k].append(time.perf_counter() - t0)
-        print(f"round {r + 1}/{steps}: " + ", ".join(f"{k} {times[k][-1]:.2f}s" for k in kinds), flush=True)
+            box_loss = []
+            wall, other = timed(lambda fn=fn, box_loss=box_loss: box_loss.append(fn()), args.wait_quiet)
+            losses[k].append(box_loss[0])
+            times[k].append(wall)
+            others[k].append(other)
+        print(f"round {r + 1}/{steps}: " + ", ".join(f"{k} {times[k][-1]:.2f}s (others {others[k][-1]:.0%})"
+                                                     for k in kinds), flush=True)
 
     med = {k: statistics.median(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}
     tok_per_step = B * S
-    res["step_seconds"] = {k: {"median": med[k], "all": times[k]} for k in kinds}
+    res["step_seconds"] = {k: {"median": med[k], "min": best[k], "all": times[k]} for k in kinds}
+    res["other_processes_cpu_share"] = {k: statistics.median(v) for k, v in others.items()}
     res["tokens_per_second"] = {k: tok_per_step / med[k] for k in kinds if k.endswith("sft")}
     res["peak_rss_growth_bytes"] = peaks
     res["losses"] = losses
     if "torch_sft" in med:
         res["jax_vs_torch_sft_speed"] = med["torch_sft"] / med["jax_sft"]
-    if "jax_dpo" in med:
-        res["dpo_over_sft_cost"] = med["jax_dpo"] / med["jax_sft"]
+        res["jax_vs_torch_sft_speed_min"] = best["torch_sft"] / best["jax_sft"]
+    for k in dpo_fns:
+        res[f"{k}_over_sft_cost"] = med[k] / med["jax_sft"]
+        res[f"{k}_over_sft_cost_min"] = best[k] / best["jax_sft"]
     res["machine"]["load_avg_end"] = os.getloadavg()
 
     mb = lambda x: f"{x / 2**20:,.0f} MiB"
-    rows = [("JAX SFT step", f"{med['jax_sft']:.2f} s", f"{tok_per_step / med['jax_sft']:,.0f} tok/s")]
+    rows = [("", "median", "min", "")]
+    rows.append(("JAX SFT step", f"{med['jax_sft']:.2f} s", f"{best['jax_sft']:.2f} s",
+                 f"{tok_per_step / med['jax_sft']:,.0f} tok/s (median)"))
     if "torch_sft" in med:
-        rows.append(("PyTorch SFT step", f"{med['torch_sft']:.2f} s", f"{tok_per_step / med['torch_sft']:,.0f} tok/s"))
-        rows.append(("JAX / PyTorch speed", f"{res['jax_vs_torch_sft_speed']:.2f}x", "target >= 1.0x"))
-    if "jax_dpo" in med:
-        rows.append(("JAX DPO step (B pairs)", f"{med['jax_dpo']:.2f} s", f"{res['dpo_over_sft_cost']:.2f}x SFT"))
-    rows.append(("JAX SFT compile", f"{res['jax_sft_compile_s']:.1f} s", ""))
-    m = res["jax_sft_memory"]
-    if m:
-        rows.append(("JAX SFT memory_analysis", f"args {mb(m['argument_size_in_bytes'])}",
-                     f"temp {mb(m['temp_size_in_bytes'])}"))
-    if "jax_dpo_compile_s" in res:
-        rows.append(("JAX DPO compile", f"{res['jax_dpo_compile_s']:.1f} s",
-                     f"temp {mb(res['jax_dpo_memory'].get('temp_size_in_bytes', 0))}"))
+        rows.append(("PyTorch SFT step", f"{med['torch_sft']:.2f} s", f"{best['torch_sft']:.2f} s",
+                     f"{tok_per_step / med['torch_sft']:,.0f} tok/s (median)"))
+        rows.append(("JAX / PyTorch tokens/s", f"{res['jax_vs_torch_sft_speed']:.2f}x",
+                     f"{res['jax_vs_torch_sft_speed_min']:.2f}x", "target >= 1.0x"))
+    for k in dpo_fns:
+        label = f"JAX DPO step, {B} pairs" + (" (2 micro-batches)" if k.endswith("accum") else "")
+        rows.append((label, f"{med[k]:.2f} s", f"{best[k]:.2f} s", ""))
+        rows.append(("  cost / SFT step", f"{res[k + '_over_sft_cost']:.2f}x", f"{res[k + '_over_sft_cost_min']:.2f}x",
+                     "target <= 2.2x"))
+    for k in ["jax_sft", *dpo_fns]:
+        m = res.get(f"{k}_memory") or {}
+        rows.append((f"{k} compile / memory_analysis", f"{res[k + '_compile_s']:.1f} s",
+                     f"args {mb(m.get('argument_size_in_bytes', 0))}", f"temp {mb(m.get('temp_size_in_bytes', 0))}"))
     for k, v in peaks.items():
-        rows.append((f"peak RSS growth, {k} step", mb(v), ""))
+        rows.append((f"peak RSS growth, first {k} step", mb(v), "", ""))
     la = res["machine"]
-    rows.append(("load average start/end", f"{la['load_avg_start'][0]:.1f}", f"{la['load_avg_end'][0]:.1f}"))
+    rows.append(("load average (1 min) start/end", f"{la['load_avg_start'][0]:.1f}",
+                 f"{la['load_avg_end'][0]:.1f}", ""))
+    oth = res["other_processes_cpu_share"]
+    rows.append(("other processes' CPU share", "", "", ", ".join(f"{k} {v:.0%}" for k, v in oth.items())))
     w = max(len(r[0]) for r in rows)
     print(f"\n{cfg.name} ({cfg.n_layers} layers), batch {B}x{S}, float32, {threads} CPU threads, {steps} rounds")
-    for a, b, c in rows:
-        print(f"  {a.ljust(w)}  {b:>16}  {c}")
+    for a, b, c, d in rows:
+        print(f"  {a.ljust(w)}  {b:>14}  {c:>14}  {d}")
     Path(args.out).write_text(json.dumps(res, indent=1, default=float))
     print(f"wrote {args.out}")
     return 0

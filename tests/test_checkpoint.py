@@ -133,6 +133,32 @@ def test_truncated_file_is_detected(tmp_path):
     ck2.close()
 
 
+def test_partial_checkpoints_are_skipped(tmp_path):
+    """A save killed before finalising leaves a tmp dir (ignored and cleaned up); a step dir with
+    an item missing is skipped with a warning."""
+    import shutil
+
+    ck = Checkpointer(tmp_path / "c", keep=5, async_save=False)
+    state = {"w": jnp.ones((4, 4)), "n": jnp.int32(1)}
+    ck.save(1, state, {"data_pos": [0, 1]})
+    ck.save(2, state, {"data_pos": [0, 2]})
+    ck.close()
+    (tmp_path / "c" / "3.orbax-checkpoint-tmp").mkdir()
+    (tmp_path / "c" / "3.orbax-checkpoint-tmp" / "junk").write_text("x")
+    shutil.rmtree(tmp_path / "c" / "2" / "state")
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    ck2 = Checkpointer(tmp_path / "c")
+    assert not (tmp_path / "c" / "3.orbax-checkpoint-tmp").exists()
+    with pytest.warns(CheckpointWarning, match="step 2"):
+        r = ck2.restore_latest(abstract)
+    assert r.step == 1 and r.meta["data_pos"] == [0, 1]
+    ck2.save(2, state, {"data_pos": [0, 2]})  # the broken step number can be written again
+    ck2.close()
+    ck3 = Checkpointer(tmp_path / "c")
+    assert ck3.restore_latest(abstract).step == 2
+    ck3.close()
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(tmp_path):
     """A poisoned input: the embedding of one byte is inf, and only one record contains it, so the
     loss turns NaN exactly at the step that batch is used."""

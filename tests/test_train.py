@@ -177,6 +177,25 @@ def test_grad_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(da, db, rtol=1e-4, atol=max(1e-5 * np.abs(da).max(), 1e-8))
 
 
+def test_bf16_compute_with_fp32_params():
+    """bf16 compute (ModelConfig.dtype) with float32 parameters and optimizer state: the loss is close
+    to the float32 one and the updated parameters stay float32."""
+    params = init_params(CFG, 6)
+    ex, _ = tokenize_sft(sft_records(8), TOK, 32)
+    batch = SFTBatcher(ex, rows=4, seq_len=32, packing=False, shuffle=False).all_batches()[0]
+    c = T.TrainConfig(lr=1e-3, batch_size=4, seq_len=32, packing=False, max_steps=1)
+    losses = {}
+    for dt in ("float32", "bfloat16"):
+        mcfg = CFG.replace(dtype=dt)
+        bundle = T.build_steps("sft", mcfg, c, 1, T._single_mesh())
+        st, m = bundle.step_fn(_state_for(bundle, jax.tree.map(jnp.copy, params)), batch, None)
+        losses[dt] = float(m["loss"])
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(st.params))
+        assert np.isfinite(float(m["grad_norm"]))
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=2e-2)
+    assert losses["bfloat16"] != losses["float32"]
+
+
 def test_weight_decay_mask_skips_norms():
     params = init_params(CFG, 0)
     m = T.decay_mask(params)

@@ -9,9 +9,12 @@ writes/finalises in the background; a step directory appears only once finalised
 and ``gs://`` alike).
 
 Restoring walks the steps newest first. A step that fails to restore, or whose restored leaves do
-not match the recorded checksums (a truncated or garbled file), is reported with a warning, moved
-aside (``<dir>/../<name>.corrupt/<step>``; deleted on remote storage) and the previous step is
-tried.
+not match the recorded checksums (a truncated or garbled file, a missing item), is reported with a
+warning and the previous step is tried; when the run later saves that step number again, the broken
+directory is moved aside first (``<dir>.corrupt/<step>-<time>``; deleted on remote storage). A save
+killed before it was finalised leaves only a temporary directory, which is ignored and cleaned up.
+If every step fails (e.g. the config changed), restoring raises a ``UserError`` instead of starting
+over silently.
 """
 
 from __future__ import annotations

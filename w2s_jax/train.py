@@ -671,7 +671,8 @@ class TrainResult:
 
 
 def _start_model(model, cfg: TrainConfig):
-    """(base params, trainable-is-lora, existing adapter merged when training anew)."""
+    """The base parameters training starts from: an adapter the model already has is merged into
+    them (a LoRA run then trains a fresh adapter on top; the reference is the merged model)."""
     params = model.params
     if getattr(model, "lora", None) is not None:
         lcfg = model.lora_cfg
