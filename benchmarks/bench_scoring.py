@@ -133,7 +133,7 @@ def torch_model(cfg, params, device: str, dtype: str):
     hc._attn_implementation = "sdpa"
     dt = torch_dtype(dtype)
     with torch.device("meta"):
-        m = AutoModelForCausalLM.from_config(hc, torch_dtype=dt)
+        m = AutoModelForCausalLM.from_config(hc, dtype=dt)
     sd = {}
     for name, (hf, kind) in _hf_layout(cfg).items():
         if name.startswith("layers."):
