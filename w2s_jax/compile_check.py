@@ -526,7 +526,7 @@ def check(cfg: CheckConfig, topology: str, devices: list | None = None, xla_cost
     """Compile every stage of ``cfg`` for ``topology`` (a gcloud name or libtpu topology)."""
     import jax
 
-    from w2s_jax.tpu_specs import parse_slice, topology_devices
+    from w2s_jax.tpu_specs import GiB, parse_slice, topology_devices
 
     # executables for a compile-only topology can be neither loaded from nor usefully stored in the
     # persistent compilation cache (which `w2s` turns on by default)
@@ -542,6 +542,8 @@ def check(cfg: CheckConfig, topology: str, devices: list | None = None, xla_cost
     stages = []
     for t in targets:
         rep = compile_target(t, chip.hbm_bytes, len(devs), chip.peak_bf16_flops, chip.hbm_bandwidth)
+        print(f"[compile-check] {t.name}: {'%.2f GiB' % (rep.total / GiB) if rep.ok else 'error'} "
+              f"(compiled in {rep.compile_s:.0f} s)", file=sys.stderr, flush=True)
         if t.name in costs:  # replace the loop-counted-once figures by the per-layer extrapolation
             fl, by, f0, b0 = costs[t.name]
             rep.flops_compiled = f0 + mcfg.n_layers * fl
