@@ -277,11 +277,17 @@ def test_lora_unmerged_equals_merged():
     prompts = rand_prompts([6, 3, 10], seed=6)
     sc = SampleConfig(max_new_tokens=8)
     un = Sampler(params, cfg, lora=lora, lora_scale=lcfg.scale, eos_ids=[]).generate_with_logits(prompts, sc)
+    # the other weight layouts: separate q/k/v and gate/up, column-split matmuls; stacked (scan)
+    un2 = Sampler(params, cfg, lora=lora, lora_scale=lcfg.scale, eos_ids=[], fuse_projections=False,
+                  matmul_split=3).generate_with_logits(prompts, sc)
+    un3 = Sampler(params, cfg, lora=lora, lora_scale=lcfg.scale, eos_ids=[], layer_loop="scan"
+                  ).generate_with_logits(prompts, sc)
     me = Sampler(merge_lora(params, lora, cfg, lcfg.scale), cfg, eos_ids=[]).generate_with_logits(prompts, sc)
     base = Sampler(params, cfg, eos_ids=[]).generate_with_logits(prompts, sc)
-    for (cu, lu), (cm, lm), (_, lb) in zip(un, me, base):
-        assert cu.token_ids == cm.token_ids
-        np.testing.assert_allclose(lu, lm, rtol=1e-4, atol=1e-4 * np.abs(lm).max())
+    for (cu, lu), (cu2, lu2), (cu3, lu3), (cm, lm), (_, lb) in zip(un, un2, un3, me, base):
+        assert cu.token_ids == cm.token_ids == cu2.token_ids == cu3.token_ids
+        for got in (lu, lu2, lu3):
+            np.testing.assert_allclose(got, lm, rtol=1e-4, atol=1e-4 * np.abs(lm).max())
         assert not np.allclose(lu[0], lb[0], atol=1e-3)  # the adapter does change the model
 
 

@@ -348,15 +348,25 @@ def _lora_add(y, name, x, lp, lora_scale):
     return y + lora_scale * jnp.einsum(_EINSUM[name][2], h, lp[name]["b"].astype(x.dtype))
 
 
+def _mm(x, w, out_dtype=None):
+    """``x [..., in] @ w`` for a prepared weight: an ``[in, out]`` matrix or a list of column chunks
+    (separate matmuls XLA:CPU can run concurrently; see ``Sampler(matmul_split=)``)."""
+    if isinstance(w, (list, tuple)):
+        return jnp.concatenate([_mm(x, c, out_dtype) for c in w], axis=-1)
+    return jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=out_dtype)
+
+
 def _qkv(cfg, p, lp, lora_scale, x, cos, sin, mesh, rules):
     h = rms_norm(x, p["attn_norm"], cfg.norm_eps, cfg.norm_plus_one)
-    if "wqkv" in p:  # fused projection (one matmul instead of three; see Sampler)
+    H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    if "o" in p:  # prepared per-layer weights (unrolled layers, see _prepare_layer)
         B, T = h.shape[:2]
-        H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        y = jnp.einsum("btd,de->bte", h, p["wqkv"].astype(h.dtype))
-        q = y[..., : H * Dh].reshape(B, T, H, Dh)
-        k = y[..., H * Dh: (H + K) * Dh].reshape(B, T, K, Dh)
-        v = y[..., (H + K) * Dh:].reshape(B, T, K, Dh)
+        if "qkv" in p:
+            y = _mm(h, p["qkv"])
+            q, k, v = y[..., : H * Dh], y[..., H * Dh: (H + K) * Dh], y[..., (H + K) * Dh:]
+        else:
+            q, k, v = _mm(h, p["q"]), _mm(h, p["k"]), _mm(h, p["v"])
+        q, k, v = q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh), v.reshape(B, T, K, Dh)
         q, k, v = (_lora_add(t, n, h, lp, lora_scale) for t, n in ((q, "wq"), (k, "wk"), (v, "wv")))
     else:
         dense = lambda name, h: _dense(name, h, p, lp, lora_scale, None, 0.0)
@@ -369,28 +379,50 @@ def _qkv(cfg, p, lp, lora_scale, x, cos, sin, mesh, rules):
 
 def _out_mlp(cfg, p, lp, lora_scale, x, attn, mesh, rules):
     dense = lambda name, h: _dense(name, h, p, lp, lora_scale, None, 0.0)
-    x = x + dense("wo", attn)
-    x = constrain(x, ("batch", "length", "embed"), mesh, rules)
+    prepared = "o" in p
+    if prepared:
+        o = _lora_add(_mm(attn.reshape(*attn.shape[:2], -1), p["o"]), "wo", attn, lp, lora_scale)
+    else:
+        o = dense("wo", attn)
+    x = constrain(x + o, ("batch", "length", "embed"), mesh, rules)
     h = rms_norm(x, p["mlp_norm"], cfg.norm_eps, cfg.norm_plus_one)
-    if "w_gu" in p:
-        F = cfg.d_ff
-        gu = jnp.einsum("btd,df->btf", h, p["w_gu"].astype(h.dtype))
-        g = _lora_add(gu[..., :F], "w_gate", h, lp, lora_scale)
-        u = _lora_add(gu[..., F:], "w_up", h, lp, lora_scale)
+    if prepared:
+        if "gu" in p:
+            gu = _mm(h, p["gu"])
+            g, u = gu[..., : cfg.d_ff], gu[..., cfg.d_ff:]
+        else:
+            g, u = _mm(h, p["gate"]), _mm(h, p["up"])
+        g, u = _lora_add(g, "w_gate", h, lp, lora_scale), _lora_add(u, "w_up", h, lp, lora_scale)
     else:
         g, u = dense("w_gate", h), dense("w_up", h)
     g = jax.nn.silu(g) if cfg.activation == "silu" else jax.nn.gelu(g, approximate=True)
     gu = constrain(g * u, ("batch", "length", "mlp"), mesh, rules)
-    x = x + dense("w_down", gu)
-    return constrain(x, ("batch", "length", "embed"), mesh, rules)
+    down = _lora_add(_mm(gu, p["down"]), "w_down", gu, lp, lora_scale) if prepared else dense("w_down", gu)
+    return constrain(x + down, ("batch", "length", "embed"), mesh, rules)
 
 
-def _fuse_layer(cfg: ModelConfig, p: dict) -> dict:
-    """One layer's weights with q/k/v and gate/up concatenated along the output dimension."""
-    D = cfg.d_model
-    out = {k: v for k, v in p.items() if k not in ("wq", "wk", "wv", "w_gate", "w_up")}
-    out["wqkv"] = jnp.concatenate([p["wq"].reshape(D, -1), p["wk"].reshape(D, -1), p["wv"].reshape(D, -1)], 1)
-    out["w_gu"] = jnp.concatenate([p["w_gate"], p["w_up"]], 1)
+def _chunks(w, n: int):
+    """An [in, out] matrix as ``n`` column chunks (or itself for n == 1)."""
+    if n <= 1 or w.shape[1] < 2 * n:
+        return w
+    bounds = np.linspace(0, w.shape[1], n + 1).astype(int)
+    return [w[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _prepare_layer(cfg: ModelConfig, fuse: bool, split: int, p: dict) -> dict:
+    """One layer's weights as ``[in, out]`` matrices for the unrolled decoder: q/k/v and gate/up
+    concatenated when ``fuse``, each matrix cut into ``split`` column chunks."""
+    D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    q, k, v = p["wq"].reshape(D, H * Dh), p["wk"].reshape(D, K * Dh), p["wv"].reshape(D, K * Dh)
+    out = {"attn_norm": p["attn_norm"], "mlp_norm": p["mlp_norm"]}
+    if fuse:
+        out["qkv"] = _chunks(jnp.concatenate([q, k, v], 1), split)
+        out["gu"] = _chunks(jnp.concatenate([p["w_gate"], p["w_up"]], 1), split)
+    else:
+        out.update(q=_chunks(q, split), k=_chunks(k, split), v=_chunks(v, split),
+                   gate=_chunks(p["w_gate"], split), up=_chunks(p["w_up"], split))
+    out["o"] = _chunks(p["wo"].reshape(H * Dh, D), split)
+    out["down"] = _chunks(p["w_down"], split)
     return out
 
 
@@ -425,8 +457,8 @@ def _decode_layer(cfg, mesh, rules, lora_scale, x, cos, sin, valid, p, lp, ck, c
 
 def _logits(cfg, weights, h):
     """Float32 logits [B, V] for final hidden states h [B, D] (already normalized)."""
-    if "head" in weights:  # [D, V] copy of tied embeddings (see Sampler)
-        return jnp.einsum("bd,dv->bv", h, weights["head"].astype(h.dtype), preferred_element_type=jnp.float32)
+    if "head" in weights:  # prepared [D, V] output projection (see Sampler)
+        return _mm(h, weights["head"], jnp.float32)
     if cfg.tie_embeddings:
         return jnp.einsum("bd,vd->bv", h, weights["embed"].astype(h.dtype), preferred_element_type=jnp.float32)
     return jnp.einsum("bd,dv->bv", h, weights["lm_head"].astype(h.dtype), preferred_element_type=jnp.float32)
@@ -633,6 +665,7 @@ class Sampler:
         eos_ids: Sequence[int] | None = None,
         compiler_options: dict[str, Any] | None = None,
         fuse_projections: bool | None = None,
+        matmul_split: int = 1,
     ):
         if layer_loop not in ("auto", "unroll", "scan"):
             raise UserError(f"layer_loop must be auto, unroll or scan, got {layer_loop!r}")
@@ -653,19 +686,22 @@ class Sampler:
         self.eos_ids = tuple(sorted({int(i) for i in eos_ids}))
         top = {k: v for k, v in params.items() if k != "layers"}
         if fuse_projections is None:  # only where no mesh axis splits heads or mlp (the concat would mix them)
-            fuse_projections = layer_loop == "unroll" and (
-                mesh is None or all(named_sharding(mesh, (n,), None, rules).spec[0] is None
-                                    for n in ("heads", "kv_heads", "mlp"))
+            fuse_projections = mesh is None or all(
+                named_sharding(mesh, (n,), None, rules).spec[0] is None for n in ("heads", "kv_heads", "mlp")
             )
         self.fuse_projections = bool(fuse_projections) and layer_loop == "unroll"
+        self.matmul_split = max(1, int(matmul_split)) if mesh is None else 1
         if layer_loop == "unroll":
-            layers = _unstack(params["layers"], cfg.n_layers)
-            if self.fuse_projections:
-                fuse = jax.jit(partial(_fuse_layer, cfg))
-                layers = [fuse(p) for p in layers]
+            prep = jax.jit(partial(_prepare_layer, cfg, self.fuse_projections, self.matmul_split))
+            layers = [prep(p) for p in _unstack(params["layers"], cfg.n_layers)]
             self.weights = {**top, "layers": layers}
+            split = self.matmul_split
             if cfg.tie_embeddings:  # XLA:CPU's matrix-vector product is faster on [D, V] than on [V, D]^T
-                self.weights["head"] = jax.jit(jnp.transpose)(params["embed"])
+                head = jax.jit(lambda e: _chunks(e.T, split))(params["embed"])
+            else:
+                head = jax.jit(lambda w: _chunks(w, split))(params["lm_head"])
+            self.weights["head"] = head
+            self.weights.pop("lm_head", None)
             self.lora = None if lora is None else {"layers": _unstack(lora["layers"], cfg.n_layers)}
         else:
             self.weights = {**top, "layers": params["layers"]}
