@@ -265,6 +265,7 @@ class Target:
     flops: float  # analytic, global
     tokens: int
     detail: str = ""
+    hbm_bytes: float | None = None  # analytic bytes that must cross HBM per step (global), when known
 
 
 def _sds(tree, shardings):
@@ -362,7 +363,8 @@ def build_targets(cfg: CheckConfig, mesh, gen_mesh) -> list[Target]:
                          donate_argnums=1)
             targets.append(Target("prefill", fn, (gparams_abs, cache_abs, prompt_abs, kv_start_abs, key_abs),
                                   (2 * N + attn) * GB * Pn, GB * Pn,
-                                  f"{GB} prompts x {Pn} tokens; KV cache {cache_bytes / 2**30:.1f} GiB in all"))
+                                  f"{GB} prompts x {Pn} tokens; KV cache {cache_bytes / 2**30:.1f} GiB in all",
+                                  hbm_bytes=gen_param_bytes + cache_bytes * Pn / S))
 
         if "decode" in cfg.stages:
             tsh = rows_sharding((GB, 1))
@@ -381,7 +383,7 @@ def build_targets(cfg: CheckConfig, mesh, gen_mesh) -> list[Target]:
                                   (2 * N + attn) * GB, GB,
                                   f"one token for {GB} rows over a {S}-slot cache (x{g.max_new_tokens} per batch); "
                                   f"weights {gen_param_bytes / 2**30:.0f} GiB + cache {cache_bytes / 2**30:.0f} GiB "
-                                  "in all"))
+                                  "in all", hbm_bytes=gen_param_bytes + cache_bytes))
         if "generate" in cfg.stages:
             t = _generate_target(cfg, gcfg, gparams_abs, gen_mesh, rules, rows_sharding, vsh, g_rep)
             if t is not None:
@@ -436,6 +438,8 @@ def compile_target(t: Target, hbm: int, chips: int, peak: float, bandwidth: floa
     rep = StageReport(t.name, hbm=hbm, tokens=t.tokens, detail=t.detail)
     rep.flops_analytic = t.flops / chips
     rep.time_50 = rep.flops_analytic / (0.5 * peak)
+    if t.hbm_bytes is not None and bandwidth:
+        rep.time_hbm = t.hbm_bytes / chips / bandwidth
     t0 = time.time()
     try:
         compiled = t.fn.lower(*t.args).compile()
@@ -459,7 +463,8 @@ def compile_target(t: Target, hbm: int, chips: int, peak: float, bandwidth: floa
         rep.flops_compiled = float(cost["flops"])
     if "bytes accessed" in cost:
         rep.bytes_accessed = float(cost["bytes accessed"])
-        rep.time_hbm = rep.bytes_accessed / bandwidth if bandwidth else None
+        if t.hbm_bytes is None:
+            rep.time_hbm = rep.bytes_accessed / bandwidth if bandwidth else None
     return rep
 
 
@@ -516,8 +521,9 @@ def _generation_estimate(stages: list[StageReport], new_tokens: int, bandwidth: 
         gen.flops_compiled = pre.flops_compiled + new_tokens * dec.flops_compiled
     if pre.bytes_accessed is not None and dec.bytes_accessed is not None:
         gen.bytes_accessed = pre.bytes_accessed + new_tokens * dec.bytes_accessed
-        gen.time_hbm = gen.bytes_accessed / bandwidth
-        step = max(dec.time_50, dec.time_hbm or 0.0)
+    if pre.time_hbm is not None and dec.time_hbm is not None:
+        gen.time_hbm = pre.time_hbm + new_tokens * dec.time_hbm
+        step = max(dec.time_50, dec.time_hbm)
         est = pre.time_50 + new_tokens * step
         gen.detail += f"; est. {est:.1f} s per batch ({gen.tokens / est:.0f} new tokens/s)"
 
@@ -548,7 +554,8 @@ def check(cfg: CheckConfig, topology: str, devices: list | None = None, xla_cost
             fl, by, f0, b0 = costs[t.name]
             rep.flops_compiled = f0 + mcfg.n_layers * fl
             rep.bytes_accessed = b0 + mcfg.n_layers * by
-            rep.time_hbm = rep.bytes_accessed / chip.hbm_bandwidth
+            if t.hbm_bytes is None:
+                rep.time_hbm = rep.bytes_accessed / chip.hbm_bandwidth
         stages.append(rep)
     _generation_estimate(stages, cfg.generation.max_new_tokens, chip.hbm_bandwidth)
     return Report(
