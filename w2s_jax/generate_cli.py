@@ -196,23 +196,6 @@ def generate_records(
     return mine
 
 
-def _parse_mesh(s: str | None):
-    if not s:
-        return None
-    from w2s_jax.sharding import make_mesh
-
-    shape = {}
-    for part in s.split(","):
-        if "=" not in part:
-            raise UserError(f"--mesh: expected AXIS=SIZE[,AXIS=SIZE...], got {s!r}")
-        k, v = part.split("=", 1)
-        try:
-            shape[k.strip()] = int(v)
-        except ValueError:
-            raise UserError(f"--mesh: size of `{k}` must be an integer, got {v!r}") from None
-    return make_mesh(shape)
-
-
 def main(argv: list[str] | None = None, prog: str = "w2s generate", command: str = "generate") -> int:
     ap = argparse.ArgumentParser(
         prog=prog, description=__doc__.split("\n\n")[0], epilog="Output format and resuming: see "
@@ -270,7 +253,9 @@ def main(argv: list[str] | None = None, prog: str = "w2s generate", command: str
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("w2s_jax.sampler").setLevel(logging.INFO)
-    mesh = _parse_mesh(args.mesh)
+    from w2s_jax.sharding import parse_mesh_arg
+
+    mesh = parse_mesh_arg(args.mesh)
     model = load_model(args.model, mesh=mesh, dtype=args.dtype, base=args.base, tokenizer=args.tokenizer)
     if args.no_lora:
         model.lora, model.lora_cfg = None, None

@@ -264,23 +264,6 @@ def score_records(
 # ----------------------------------------------------------------------------- CLI
 
 
-def _parse_mesh(s: str | None):
-    if not s:
-        return None
-    from w2s_jax.sharding import make_mesh
-
-    shape = {}
-    for part in s.split(","):
-        if "=" not in part:
-            raise UserError(f"--mesh: expected AXIS=SIZE[,AXIS=SIZE...], got {s!r}")
-        k, v = part.split("=", 1)
-        try:
-            shape[k.strip()] = int(v)
-        except ValueError:
-            raise UserError(f"--mesh: size of `{k}` must be an integer, got {v!r}") from None
-    return make_mesh(shape)
-
-
 def main(argv: list[str] | None = None, prog: str = "w2s logprobs", command: str = "logprobs") -> int:
     ap = argparse.ArgumentParser(
         prog=prog,
@@ -305,7 +288,9 @@ def main(argv: list[str] | None = None, prog: str = "w2s logprobs", command: str
     from w2s_jax.jsonl import read_jsonl, write_jsonl_atomic
 
     records = read_jsonl(args.input, required=("prompt",))
-    mesh = _parse_mesh(args.mesh)
+    from w2s_jax.sharding import parse_mesh_arg
+
+    mesh = parse_mesh_arg(args.mesh)
     model = load_model(args.model, mesh=mesh, dtype=args.dtype, base=args.base, tokenizer=args.tokenizer)
     out, stats = score_records(
         model, records, batch_size=args.batch_size, max_length=args.max_length, truncate=args.truncate, mesh=mesh,

@@ -94,6 +94,24 @@ def make_mesh(shape: dict[str, int] | None = None, devices: Sequence | None = No
     return Mesh(arr, MESH_AXES)
 
 
+def parse_mesh_arg(s: str | None) -> Mesh | None:
+    """A mesh from a command-line ``--mesh data=-1,tensor=2`` (None when not given)."""
+    from w2s_jax.errors import UserError
+
+    if not s:
+        return None
+    shape = {}
+    for part in s.split(","):
+        if "=" not in part:
+            raise UserError(f"--mesh: expected AXIS=SIZE[,AXIS=SIZE...], got {s!r}")
+        k, v = part.split("=", 1)
+        try:
+            shape[k.strip()] = int(v)
+        except ValueError:
+            raise UserError(f"--mesh: size of `{k}` must be an integer, got {v!r}") from None
+    return make_mesh(shape)
+
+
 def logical_to_spec(
     names: Sequence[str | None],
     shape: Sequence[int] | None = None,
