@@ -18,6 +18,14 @@ from w2s_jax.tokenizer import ByteTokenizer
 BASE_FIELDS = {"id", "sample", "seed", "prompt", "response", "num_tokens", "finish_reason"}
 
 
+@pytest.fixture(autouse=True)
+def fast_compile(monkeypatch):
+    import w2s_jax.sampler as sampler_mod
+
+    opts = {**sampler_mod.CPU_COMPILER_OPTIONS, "xla_backend_optimization_level": 0}
+    monkeypatch.setattr(sampler_mod, "CPU_COMPILER_OPTIONS", opts)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     cfg = get_preset("tiny", vocab_size=259, bos_token_id=257, eos_token_id=258, pad_token_id=256, max_seq_len=160)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import w2s_jax.sampler as sampler_mod
 from w2s_jax.lora import LoRAConfig, init_lora, merge_lora
 from w2s_jax.model import ModelConfig, forward, get_preset, init_params
 from w2s_jax.sampler import (
@@ -24,6 +25,13 @@ from w2s_jax.sampler import (
 from w2s_jax.tokenizer import ByteTokenizer
 
 BYTE = dict(vocab_size=259, bos_token_id=257, eos_token_id=258, pad_token_id=256)
+REAL_OPTIONS = dict(sampler_mod.CPU_COMPILER_OPTIONS)
+
+
+@pytest.fixture(autouse=True)
+def fast_compile(monkeypatch):
+    """Tests compile with LLVM optimizations off (half the compile time; same programs otherwise)."""
+    monkeypatch.setattr(sampler_mod, "CPU_COMPILER_OPTIONS", {**REAL_OPTIONS, "xla_backend_optimization_level": 0})
 
 
 def tiny(name="tiny", **kw) -> ModelConfig:
@@ -318,7 +326,7 @@ def _while_bodies(hlo: str) -> list[str]:
 
 def test_decode_loop_does_not_copy_the_cache():
     cfg = tiny("tiny-gqa")
-    sampler = Sampler(init_params(cfg, jax.random.PRNGKey(0)), cfg, eos_ids=[])
+    sampler = Sampler(init_params(cfg, jax.random.PRNGKey(0)), cfg, eos_ids=[], compiler_options=REAL_OPTIONS)
     sampler.generate([[1, 2, 3]], SampleConfig(max_new_tokens=5, batch_size=2, prompt_buckets=(16,)), progress=False)
     (prog,) = sampler._programs.values()
     bodies = _while_bodies(prog.as_text())
