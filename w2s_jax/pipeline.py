@@ -515,11 +515,15 @@ class Pipeline:
         sets, stats = consistency_sets(weak, icl)
         write_json_atomic(d / "round1_stats.json", stats)
         chosen = sets[self.cfg.stage1.train_set]
-        if not chosen:
-            raise UserError(f"stage stage1: the consistency filter kept 0 of {len(weak)} questions (weak and strong "
-                            "ICL answers never agree); the models are too weak for this task or config")
         write_jsonl_atomic(d / "round1_train.jsonl", chosen)
         info: dict[str, Any] = {"round1": {**stats, "label_accuracy": _kept_accuracy(sets, weak)}}
+        if not chosen:
+            # nothing to train on: say so loudly and carry the strong base model forward unchanged
+            msg = (f"the consistency filter kept 0 of {len(weak)} questions (weak and strong ICL answers never "
+                   "agree); Stage I is the untrained strong model")
+            self.log(f"[w2s] WARNING stage stage1: {msg}")
+            base = str(self._strong_base())
+            return {**info, "skipped": msg, "models": {"stage1_round1": base}, "final": base}
         info["round1"].update(self._sft(self._strong_base(), chosen, self.cfg.strong_train, d / "round1",
                                         "Stage I SFT (round 1)"))
         models = {"stage1_round1": str(d / "round1" / "model")}
@@ -589,8 +593,9 @@ class Pipeline:
 
         pairs = read_jsonl(self.path("sampling", "pairs.jsonl"), allow_empty=True)
         if not pairs:
-            raise UserError("Stage II has no contrastive pairs (see sampling/pairs.stats.json); "
-                            "more train_2 questions or samples are needed")
+            msg = "no contrastive pairs (see sampling/pairs.stats.json); Stage II is the Stage I model"
+            self.log(f"[w2s] WARNING stage stage2: {msg}")
+            return {"model": self.manifest("stage1")["final"], "pairs": 0, "skipped": msg}
         model = self.load_model(Path(self.manifest("stage1")["final"]))
         self.log(f"[w2s] Stage II {self.cfg.stage2.train.loss_type}: {len(pairs)} pairs")
         res = run_dpo(model, pairs, self.cfg.stage2.train, d / "train", mesh=self.mesh,
@@ -606,9 +611,12 @@ class Pipeline:
         entries.append(("strong (ICL)", self._strong_base(), read_jsonl(self.path("strong_icl", "demos.jsonl"))))
         if b.full_weak:
             entries.append(("full weak FT", Path(self.manifest("full_weak")["model"]), None))
-        for key, path in self.manifest("stage1")["models"].items():
-            entries.append(("Stage I" + (" (round 2)" if key.endswith("2") else ""), Path(path), None))
-        entries.append((f"Stage II ({self.cfg.stage2.train.loss_type})", Path(self.manifest("stage2")["model"]), None))
+        s1, s2 = self.manifest("stage1"), self.manifest("stage2")
+        for key, path in s1["models"].items():
+            label = "Stage I" + (" (round 2)" if key.endswith("2") else "") + (" (skipped)" if "skipped" in s1 else "")
+            entries.append((label, Path(path), None))
+        label = f"Stage II ({self.cfg.stage2.train.loss_type})" + (" (skipped)" if "skipped" in s2 else "")
+        entries.append((label, Path(s2["model"]), None))
         if b.gold:
             entries.append(("gold SFT (ceiling)", Path(self.manifest("gold")["model"]), None))
         rows = []
