@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# commands that run one JAX program across all hosts of a multi-host slice
+MULTIHOST_COMMANDS = ("run", "generate", "logprobs", "sft", "dpo")
+
+
 def _compile_cache_defaults() -> None:
     """Persist XLA compilations across processes and stages (``W2S_COMPILE_CACHE=off`` disables).
 
@@ -71,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _compile_cache_defaults()
     module = importlib.import_module(COMMANDS[name][0])
+    if name in MULTIHOST_COMMANDS and not any(a in ("-h", "--help") for a in argv[1:]):
+        from w2s_jax import distributed
+
+        distributed.initialize()  # joins a multi-host run (TPU pod, W2S_COORDINATOR, ...); else does nothing
     try:
         return int(module.main(argv[1:], prog=f"w2s {name}", command=name) or 0)
     except UserError as e:
