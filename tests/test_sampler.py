@@ -216,6 +216,15 @@ def test_top_k_top_p():
             assert p[p > p[t]].sum() < 0.5 + 1e-5  # t is inside the nucleus
 
 
+def test_argmax_first_index_of_max():
+    from w2s_jax.sampler import _argmax
+
+    x = np.random.default_rng(0).normal(size=(5, 300)).astype(np.float32)
+    x[1, [7, 9, 250]] = 50.0  # ties: the first index wins, as in np.argmax
+    x[2, :] = 1.0
+    np.testing.assert_array_equal(np.asarray(jax.jit(_argmax)(x)), np.argmax(x, -1))
+
+
 # ----------------------------------------------------------------------------- stop strings
 
 
