@@ -191,6 +191,8 @@ def process_local_batch(batch, sharding, global_shape=None):
     """
     import jax
 
+    if global_shape is None and process_count() == 1:  # one process: exactly the single-host placement
+        return jax.device_put(batch, sharding)
     leaves, treedef = jax.tree.flatten(batch)
     if isinstance(sharding, jax.sharding.Sharding):
         shs = [sharding] * len(leaves)
@@ -205,15 +207,29 @@ def process_local_batch(batch, sharding, global_shape=None):
     return jax.tree.unflatten(treedef, [_one(x, s, g) for x, s, g in zip(leaves, shs, gss)])
 
 
-def to_host(x) -> np.ndarray:
-    """The full value of a (possibly multi-host) global array, as numpy, on every process."""
+def _array_to_host(x) -> np.ndarray:
     import jax
 
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(jax.device_get(x))
+    if x.is_fully_replicated:  # every process holds the whole value: no collective needed
+        return np.asarray(x.addressable_data(0))
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def to_host(x):
+    """The full value of a (possibly multi-host) global array, as numpy, on every process; a pytree
+    of arrays gives the same pytree of numpy arrays.
+
+    Call it on every process in the same order: an array sharded across processes is gathered with
+    a collective."""
+    import jax
+
+    if all(getattr(a, "is_fully_addressable", True) for a in jax.tree.leaves(x)):
+        return jax.tree.map(np.asarray, jax.device_get(x))  # one transfer for the whole tree
+    return jax.tree.map(_array_to_host, x)
 
 
 # ----------------------------------------------------------------------------- records
@@ -261,7 +277,47 @@ def gather_records(local_records: Sequence) -> list:
     return out
 
 
+def all_true(flag: bool) -> bool:
+    """True when ``flag`` is true on every process (a decision all processes must take alike)."""
+    if process_count() == 1:
+        return bool(flag)
+    return all(part == b"1" for part in allgather_bytes(b"1" if flag else b"0"))
+
+
+def check_shared_dir(path: str | os.PathLike, what: str = "the output directory") -> None:
+    """Raise a UserError on every process unless ``path`` is one directory that all processes see
+    (process 0 writes the outputs, the others read them back). A no-op in a single-process run."""
+    if process_count() == 1:
+        return
+    import uuid
+    from pathlib import Path
+
+    d = Path(path)
+    marker = d / ".w2s-shared-check"
+    token = b""
+    if is_main_process():
+        d.mkdir(parents=True, exist_ok=True)
+        token = uuid.uuid4().hex.encode()
+        marker.write_bytes(token)
+    token = allgather_bytes(token)[0]  # (a collective: process 0 has written the marker by now)
+    try:
+        seen = marker.read_bytes() == token
+    except OSError:
+        seen = False
+    ok = [part == b"1" for part in allgather_bytes(b"1" if seen else b"0")]  # everyone has read it
+    if is_main_process():
+        marker.unlink(missing_ok=True)
+    if not all(ok):
+        missing = [i for i, v in enumerate(ok) if not v]
+        raise UserError(
+            f"{what} {d} is not shared by all {len(ok)} processes (processes {missing} do not see process 0's "
+            "files there); in a multi-host run put it on a file system every host mounts (e.g. a GCS bucket "
+            "under /mnt/gcs)"
+        )
+
+
 __all__ = [
     "initialize", "detected_cluster", "is_main_process", "process_index", "process_count", "sync",
     "local_slices", "process_local_batch", "to_host", "shard_records", "gather_records", "allgather_bytes",
+    "all_true", "check_shared_dir",
 ]

@@ -881,7 +881,9 @@ class Sampler:
         return prog(*args)
 
     def _finish(self, rows, ids, outs, sc: SampleConfig) -> list[tuple[int, int, Completion]]:
-        toks, ntok, finish = (np.asarray(jax.device_get(o)) for o in outs[:3])
+        from w2s_jax.distributed import to_host  # (arrays may span processes: gathered to every host)
+
+        toks, ntok, finish = to_host(tuple(outs[:3]))
         results = []
         for r, (i, j) in enumerate(rows):
             k = int(ntok[r])
@@ -980,5 +982,7 @@ class Sampler:
         batch_buckets = sc.batch_buckets or default_batch_buckets(len(ids), self.data_parallel)
         outs = self._launch(rows, ids, sc, batch_buckets, prompt_buckets, return_logits=True)
         res = self._finish(rows, ids, outs, sc)
-        logits = np.asarray(jax.device_get(outs[3]))
+        from w2s_jax.distributed import to_host
+
+        logits = to_host(outs[3])
         return [(c, logits[r, : c.num_tokens]) for r, (_, _, c) in enumerate(res)]
