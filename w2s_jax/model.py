@@ -303,9 +303,24 @@ _EINSUM = {
 }
 
 
+def _flat_dots() -> bool:
+    """Whether projections run as 2-D matmuls ``[B*T, in] @ [in, out]``. On XLA:CPU the einsum form
+    makes the backward pass transpose 3-D activations for the weight gradients with a slow strided
+    copy; the 2-D form uses the fast transpose and made the SmolLM2-shape SFT step ~20% faster.
+    Elsewhere (GPU/TPU, sharded sequence axes) the einsum keeps every logical axis visible."""
+    return jax.default_backend() == "cpu"
+
+
+def _flat_dot(x, w, n_in: int, out_dtype=None):
+    """``x [..., *in] @ w [*in, *out]`` as one 2-D matmul (``n_in`` contracted trailing dims of x)."""
+    lead, k = x.shape[: x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
+    y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=out_dtype)
+    return y.reshape(*lead, *w.shape[n_in:])
+
+
 def _dense(name, x, p, lora_p, lora_scale, dropout_key, lora_dropout):
     w = p[name].astype(x.dtype)
-    y = jnp.einsum(_EINSUM[name][0], x, w)
+    y = _flat_dot(x, w, 2 if name == "wo" else 1) if _flat_dots() else jnp.einsum(_EINSUM[name][0], x, w)
     if lora_p is not None and name in lora_p:
         xin = x
         if dropout_key is not None and lora_dropout > 0:
@@ -429,7 +444,10 @@ def forward(
     if return_hidden:
         return x
     head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-    logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+    if _flat_dots():
+        logits = _flat_dot(x, head.astype(dtype), 1, jnp.float32)
+    else:
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
     logits = constrain(logits, ("batch", "length", "vocab"), mesh, rules)
     new_cache = None if cache is None else {"k": new_k, "v": new_v}
     return logits, new_cache

@@ -46,6 +46,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from w2s_jax import losses as L
+from w2s_jax import optim
 from w2s_jax.batching import (
     DataPosition,
     PreferenceBatcher,
@@ -170,13 +171,12 @@ def decay_mask(tree) -> Any:
 
 
 def make_optimizer(cfg: TrainConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Clipping + AdamW as one pass per parameter (``optim.adamw``; equal to optax's
+    ``chain(clip_by_global_norm, adamw(mask=decay_mask))``, tested)."""
     sched = make_schedule(cfg, total_steps)
-    parts = []
-    if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-        parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
-    parts.append(optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                             mask=decay_mask))
-    return optax.chain(*parts), sched
+    tx = optim.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask,
+                     max_grad_norm=cfg.max_grad_norm)
+    return tx, sched
 
 
 # ----------------------------------------------------------------------------- state

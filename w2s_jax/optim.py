@@ -1,0 +1,71 @@
+"""AdamW with global-norm clipping as one elementwise pass per parameter.
+
+Same update as ``optax.chain(optax.clip_by_global_norm(c), optax.adamw(lr, b1, b2, eps, weight_decay=wd,
+mask=mask))`` (tested against it), but written as a single ``tree.map`` that reads gradient, moments and
+parameter once and writes the update and the two moments. optax's chain materialises the clipped
+gradients as a separate parameter-sized buffer, which on XLA:CPU costs a fresh allocation (page
+faults) and an extra pass: 250 ms against 90 ms per step for the SmolLM2-135M shape. The state is
+``FusedAdamWState(count, mu, nu)``; ``mu``/``nu`` mirror the parameter tree (so they take the
+parameters' shardings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class FusedAdamWState(NamedTuple):
+    count: jax.Array  # int32 []: updates applied so far
+    mu: Any
+    nu: Any
+
+
+def adamw(
+    learning_rate: float | Callable[[jax.Array], jax.Array],
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    mask: Callable[[Any], Any] | None = None,
+    max_grad_norm: float | None = None,
+) -> optax.GradientTransformation:
+    """AdamW (decoupled weight decay on the leaves where ``mask(params)`` is True) after clipping the
+    gradients to global norm ``max_grad_norm`` (None or <= 0: no clipping). ``learning_rate`` is a
+    number or an optax schedule of the step count (0 for the first update)."""
+
+    def init(params):
+        zeros = lambda p: jnp.zeros_like(p)  # noqa: E731
+        return FusedAdamWState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params))
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("optim.adamw needs the params in update()")
+        scale = jnp.float32(1.0)
+        if max_grad_norm is not None and max_grad_norm > 0:
+            g_norm = optax.tree.norm(grads)  # optax.clip_by_global_norm: g / ||g|| * c when ||g|| >= c
+            scale = jnp.where(g_norm < max_grad_norm, 1.0, max_grad_norm / g_norm)
+        count = optax.safe_increment(state.count)
+        t = count.astype(jnp.float32)
+        bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        decay = mask(params) if mask is not None else jax.tree.map(lambda _: True, params)
+
+        def one(g, mu, nu, p, dec):
+            g = (g * scale).astype(mu.dtype)
+            mu = b1 * mu + (1.0 - b1) * g
+            nu = b2 * nu + (1.0 - b2) * (g * g)
+            u = (mu / bc1) / (jnp.sqrt(nu / bc2) + eps)
+            if weight_decay and dec:
+                u = u + weight_decay * p.astype(u.dtype)
+            return (-lr * u).astype(p.dtype), mu, nu
+
+        out = jax.tree.map(one, grads, state.mu, state.nu, params, decay)
+        pick = lambda i: jax.tree.map(lambda _, o: o[i], grads, out)  # noqa: E731
+        return pick(0), FusedAdamWState(count, pick(1), pick(2))
+
+    return optax.GradientTransformation(init, update)
