@@ -2,7 +2,8 @@
 
 One JSON object per line: ``{"step": 10, "split": "train", "loss": ..., "lr": ..., ...}``;
 TensorBoard tags are ``<split>/<name>`` (``train/rewards/chosen``). On resume the file keeps only
-the records up to the restored step, so the log reads as one uninterrupted run.
+the records up to the restored step, so the log reads as one uninterrupted run. In a multi-host run
+only process 0 writes (elsewhere the logger touches no file and ``log`` does nothing).
 """
 
 from __future__ import annotations
@@ -19,10 +20,22 @@ def _clean(v):
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: str | os.PathLike, *, tensorboard: bool = True, resume_step: int | None = None):
+    """``enabled``: write at all (default: on the main process only, see ``distributed.is_main_process``)."""
+
+    def __init__(self, out_dir: str | os.PathLike, *, tensorboard: bool = True, resume_step: int | None = None,
+                 enabled: bool | None = None):
         self.dir = Path(out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
+        if enabled is None:
+            from w2s_jax.distributed import is_main_process
+
+            enabled = is_main_process()
+        self.enabled = bool(enabled)
+        self._f = None
+        self._tb = None
+        if not self.enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             keep = []
             for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -34,7 +47,6 @@ class MetricsLogger:
                     keep.append(line)
             self.path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
         self._f = self.path.open("a", encoding="utf-8")
-        self._tb = None
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -45,6 +57,8 @@ class MetricsLogger:
                 self._tb = None
 
     def log(self, step: int, metrics: dict, split: str = "train") -> None:
+        if self._f is None:
+            return
         rec = {"step": int(step), "split": split, **{k: _clean(v) for k, v in metrics.items()}}
         self._f.write(json.dumps(rec) + "\n")
         self._f.flush()
@@ -57,9 +71,12 @@ class MetricsLogger:
             self._tb.add_text(tag, text, step)
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
+            self._f = None
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
 
     def __enter__(self):
         return self

@@ -21,6 +21,11 @@ checkpoint of that step is written (losses are checked one step behind the devic
 before a save), so the last good checkpoint stays intact. A run restarted with the same output
 directory resumes from the newest valid checkpoint (``checkpoint.py``) and the data position stored
 with it, and produces the same losses as an uninterrupted run.
+
+Multi-host (``distributed.py``): every process builds the same global batch from the seeded batcher and
+feeds only its own rows (:func:`distributed.process_local_batch`); results come to the host with
+:func:`distributed.to_host`. Only process 0 writes ``metrics.jsonl``, TensorBoard logs, ``compile.json``
+and the reference cache; Orbax checkpoints are written by all processes.
 """
 
 from __future__ import annotations
@@ -45,8 +50,8 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from w2s_jax import distributed, optim
 from w2s_jax import losses as L
-from w2s_jax import optim
 from w2s_jax.batching import (
     DataPosition,
     PreferenceBatcher,
@@ -661,16 +666,20 @@ def precompute_reference(params, model_cfg: ModelConfig, pairs, cfg: TrainConfig
 
     if not pairs:
         return []
+    table = None
     if cache_path is not None and Path(cache_path).is_file():
         try:
             rows = read_jsonl(cache_path, required=("id", "ref_chosen", "ref_rejected", "fingerprint"))
             table = {str(r["id"]): r for r in rows if r["fingerprint"] == fingerprint}
-            if all(p.id in table for p in pairs):
-                log.info("reference log-probs from cache %s", cache_path)
-                return [replace(p, ref_chosen=float(table[p.id]["ref_chosen"]),
-                                ref_rejected=float(table[p.id]["ref_rejected"])) for p in pairs]
+            if not all(p.id in table for p in pairs):
+                table = None
         except UserError as e:
             log.warning("ignoring unreadable reference cache %s: %s", cache_path, e)
+    # every process must take the same branch (the scoring pass is one SPMD program)
+    if distributed.all_true(table is not None):
+        log.info("reference log-probs from cache %s", cache_path)
+        return [replace(p, ref_chosen=float(table[p.id]["ref_chosen"]),
+                        ref_rejected=float(table[p.id]["ref_rejected"])) for p in pairs]
     spec = StepSpec(model_cfg, "dpo", mesh=mesh, rules=rules, logits_chunks=cfg.logits_chunks)
     batcher = PreferenceBatcher(pairs, cfg.batch_size, cfg.seq_len, grad_accum=1, shuffle=False, drop_last=False,
                                 bucket_lengths=cfg.bucket_lengths)
@@ -681,14 +690,14 @@ def precompute_reference(params, model_cfg: ModelConfig, pairs, cfg: TrainConfig
     t0 = time.perf_counter()
     for T, rows in batcher.plan(0):
         b = batcher.build(T, rows)
-        b = jax.device_put(b, batch_shardings(b, mesh, rules))
-        lp = np.asarray(jax.device_get(fn(params, b)))[0]
+        b = distributed.process_local_batch(b, batch_shardings(b, mesh, rules))
+        lp = distributed.to_host(fn(params, b))[0]
         B = len(rows)
         for r, idx in enumerate(rows):
             if idx:
                 out[pairs[idx[0]].id] = (float(lp[r]), float(lp[B + r]))
     log.info("reference log-probs of %d pairs in %.1fs", len(out), time.perf_counter() - t0)
-    if cache_path is not None:
+    if cache_path is not None and distributed.is_main_process():
         write_jsonl_atomic(cache_path, [{"id": k, "ref_chosen": v[0], "ref_rejected": v[1], "fingerprint": fingerprint}
                                         for k, v in out.items()])
     return [replace(p, ref_chosen=out[p.id][0], ref_rejected=out[p.id][1]) for p in pairs]
@@ -714,7 +723,7 @@ def run_dpo(model, records: Sequence[dict], cfg: TrainConfig, out_dir: str | os.
 
 
 def _finite_or_raise(step: int, metrics: dict, ckpt_dir: str, last_saved: int | None) -> dict:
-    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    host = {k: float(v) for k, v in distributed.to_host(metrics).items()}
     if not math.isfinite(host["loss"]):
         where = f"step {last_saved} in {ckpt_dir}" if last_saved is not None else "none saved yet"
         raise TrainingDiverged(
@@ -734,7 +743,8 @@ def run_training(kind: str, model, records, cfg: TrainConfig, out_dir, *, mesh=N
     ``hf/`` when ``export_hf``). With full fine-tuning the parameter buffers passed in are donated
     to the training state (do not use them afterwards; the result holds the trained ones).
     ``on_step(step, host_metrics)`` is called after each step's loss is checked (tests use it to
-    interrupt a run).
+    interrupt a run). Multi-host: every process calls this with the same arguments; only process 0
+    writes files other than checkpoints, and all return once the model directory is complete.
     """
     from tqdm.auto import tqdm
 
@@ -744,7 +754,8 @@ def run_training(kind: str, model, records, cfg: TrainConfig, out_dir, *, mesh=N
     if kind not in ("sft", "dpo"):
         raise ValueError(kind)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # (on every process: checkpoints may go under it)
+    main = distributed.is_main_process()
     mesh = mesh if mesh is not None else _single_mesh()
     mcfg: ModelConfig = model.cfg
     tok = model.tokenizer
@@ -811,12 +822,13 @@ def run_training(kind: str, model, records, cfg: TrainConfig, out_dir, *, mesh=N
     else:
         state = init_state(bundle, trainable0, cfg.seed)
         resumed_from = None
-    step = int(jax.device_get(state.step))
-    epoch, index = (int(x) for x in jax.device_get(state.data_pos))
+    step = int(distributed.to_host(state.step))
+    epoch, index = (int(x) for x in distributed.to_host(state.data_pos))
     start_pos = pos = DataPosition(epoch, index)
 
     compile_info = compile_steps(bundle, kind, cfg, batcher.shapes(), total)
-    (out / "compile.json").write_text(json.dumps({str(k): v for k, v in compile_info.items()}, indent=1))
+    if main:
+        (out / "compile.json").write_text(json.dumps({str(k): v for k, v in compile_info.items()}, indent=1))
 
     logger = MetricsLogger(out, tensorboard=cfg.tensorboard, resume_step=step if resumed_from is not None else 0)
     history: list[dict] = []
@@ -824,7 +836,7 @@ def run_training(kind: str, model, records, cfg: TrainConfig, out_dir, *, mesh=N
     window: list[dict] = []
     last_saved = resumed_from
     rep = bundle.state_sh.step
-    bar = tqdm(total=total, initial=step, disable=not cfg.progress, desc=kind, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, disable=not (cfg.progress and main), desc=kind, dynamic_ncols=True)
 
     def run_eval(at_step):
         if eval_batcher is None or (eval_history and eval_history[-1]["step"] == at_step):
@@ -832,8 +844,8 @@ def run_training(kind: str, model, records, cfg: TrainConfig, out_dir, *, mesh=N
         sums: dict = {}
         for T, rows in eval_batcher.plan(0):
             b = eval_batcher.build(T, rows)
-            b = jax.device_put(b, batch_shardings(b, mesh, rules))
-            r = jax.device_get(bundle.eval_fn(state.params, b, frozen))
+            b = distributed.process_local_batch(b, batch_shardings(b, mesh, rules))
+            r = distributed.to_host(bundle.eval_fn(state.params, b, frozen))
             for k, v in r.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         if kind == "sft":
@@ -873,7 +885,8 @@ def run_training(kind: str, model, records, cfg: TrainConfig, out_dir, *, mesh=N
         if step < total:
             for pos, batch in batcher.batches(start=start_pos, epochs=epochs):
                 T = batch["tokens"].shape[-1]
-                batch = jax.device_put(batch, batch_shardings(batch, mesh, rules))
+                # the same global batch on every process; each feeds only its own rows
+                batch = distributed.process_local_batch(batch, batch_shardings(batch, mesh, rules))
                 state, metrics = bundle.compiled[T](state, batch, frozen)
                 step += 1
                 if pending is not None:
@@ -925,6 +938,7 @@ def run_training(kind: str, model, records, cfg: TrainConfig, out_dir, *, mesh=N
         hf_source = getattr(model, "source", None) if getattr(model, "format", "") == "hf" else None
         _export_hf(out, params_out, lora_out, cfg.lora, mcfg, tok,
                    base_changed=getattr(model, "lora", None) is not None, source=hf_source)
+    distributed.sync("train: model written")  # other processes may load the model process 0 wrote
     return TrainResult(params_out, lora_out, cfg.lora, step, history, eval_history, model_dir, resumed_from,
                        compile_info)
 

@@ -19,7 +19,9 @@ Config sections (unknown keys are errors naming the key)::
     export_hf: false            # also write a Hugging Face dir (full FT) or PEFT adapter (LoRA)
 
 The resolved config is written to ``<out_dir>/config.yaml``. Re-running the same command resumes
-from the newest valid checkpoint in ``<out_dir>/checkpoints``.
+from the newest valid checkpoint in ``<out_dir>/checkpoints``. Multi-host: every host runs the same
+command with the same ``out_dir``; process 0 writes the config, metrics and model, all hosts write
+their checkpoint shards.
 """
 
 from __future__ import annotations
@@ -138,11 +140,14 @@ def main(argv: list[str] | None = None, prog: str = "w2s sft", command: str = "s
     records = read_jsonl(cfg.data.train, required=fields)
     eval_records = read_jsonl(cfg.data.eval, required=fields) if cfg.data.eval else None
 
+    from w2s_jax import distributed
+
     mesh = cfg.mesh.build()
     rules = cfg.mesh.rules_table()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dump_yaml(cfg, out / "config.yaml")
+    if distributed.is_main_process():
+        dump_yaml(cfg, out / "config.yaml")
     model = load_run_model(cfg.model, mesh, rules)
 
     from w2s_jax import train as T
@@ -160,5 +165,6 @@ def main(argv: list[str] | None = None, prog: str = "w2s sft", command: str = "s
         msg += f", final loss {last['loss']:.4f}"
     if res.eval_history:
         msg += f", eval loss {res.eval_history[-1]['loss']:.4f}"
-    print(f"{msg}; model in {res.model_dir}")
+    if distributed.is_main_process():
+        print(f"{msg}; model in {res.model_dir}")
     return 0
