@@ -30,6 +30,10 @@ cut short by a kill is removed first), so nothing is duplicated or lost. A pair 
 
 A prompt longer than ``max_seq_len - max_new_tokens`` tokens is an error naming its id, unless
 ``--truncate-prompts`` (its left part is dropped, keeping BOS; the count is printed).
+
+Multi-host: every host runs the same command; the batches are split across all devices, every
+process gets every result, and only process 0 writes the output (whose directory must be shared by
+all hosts; the others read the final file back).
 """
 
 from __future__ import annotations
@@ -67,11 +71,14 @@ def build_prompts(records: Sequence[dict], demos: Sequence[dict] | None = None, 
 def _existing(path: Path, ids: dict, sc) -> tuple[list[dict], set[tuple[int, int]]]:
     """Records already in the output (after repairing a cut-off last line) and the (input index,
     sample) pairs they cover."""
+    from w2s_jax import distributed
     from w2s_jax.jsonl import read_done_ids, read_jsonl
 
+    if distributed.is_main_process() and path.exists():
+        read_done_ids(path)  # drops (or completes) a partial final line left by a killed run
+    distributed.sync("generate: output repaired")  # every process then reads the same records
     if not path.exists():
         return [], set()
-    read_done_ids(path)  # drops (or completes) a partial final line left by a killed run
     recs = read_jsonl(path, required=("id",), allow_empty=True)
     done = set()
     for k, r in enumerate(recs):
@@ -106,7 +113,10 @@ def generate_records(
     """Generate ``sample_cfg.n`` completions per input record into ``out_path`` (see the module
     docstring for the record shape, streaming and resuming). ``model`` is a ``LoadedModel``
     (its LoRA adapters, if any, are applied unmerged). Returns the output records of ``inputs``
-    (``sample < n``) in input order."""
+    (``sample < n``) in input order. Multi-host: call on every process; process 0 writes and logs."""
+    import contextlib
+
+    from w2s_jax import distributed
     from w2s_jax.jsonl import JsonlAppender, check_unique_ids, read_jsonl, write_jsonl_atomic
     from w2s_jax.prompts import clean_response
     from w2s_jax.sampler import Sampler
@@ -136,6 +146,11 @@ def generate_records(
         scale = model.lora_cfg.scale if model.lora_cfg is not None else 1.0
         sampler = Sampler(model.params, model.cfg, model.tokenizer, mesh=mesh, rules=rules, lora=model.lora,
                           lora_scale=scale)
+    main = distributed.is_main_process()
+    if not main:
+        log = lambda *a, **k: None  # noqa: E731
+        progress = False
+    distributed.check_shared_dir(out_path.parent)  # (multi-host only)
     index = {r["id"]: i for i, r in enumerate(inputs)}
     existing, done = _existing(out_path, index, sc)
 
@@ -165,8 +180,12 @@ def generate_records(
     c0, k0, tok0 = sampler.compile_seconds, sampler.num_compiled, sampler.stats["tokens"]
     written = 0
     if todo:
-        with JsonlAppender(out_path) as app:
+        # every process runs the batches (one SPMD program); process 0 writes
+        with JsonlAppender(out_path) if main else contextlib.nullcontext() as app:
             for i, j, c in sampler.stream(ids, sc, progress=progress, skip=done, desc=desc):
+                written += 1
+                if not main:
+                    continue
                 r = inputs[i]
                 rec = {
                     "id": r["id"], "sample": j, "seed": c.seed, "prompt": prompts[i],
@@ -178,17 +197,20 @@ def generate_records(
                 if grade_task is not None:
                     rec = grade_records([rec], grade_task, mode=grade_mode)[0]
                 app.write(rec)
-                written += 1
         el = time.perf_counter() - t0
         gen = sampler.stats["tokens"] - tok0
         comp = sampler.compile_seconds - c0
         log(f"[generate] {written} samples, {gen} tokens in {el:.1f}s ({gen / max(el - comp, 1e-9):.1f} tok/s "
             f"excluding compilation); {sampler.num_compiled - k0} programs compiled in {comp:.1f}s")
     # every pair is done: rewrite in input order (atomic), keeping any extra records (other ids/samples)
-    recs = read_jsonl(out_path, required=("id",), allow_empty=True) if out_path.exists() else []
-    order = lambda r: (index.get(r["id"], len(index)), int(r.get("sample", 0)))
-    recs.sort(key=order)
-    write_jsonl_atomic(out_path, recs)
+    if main:
+        recs = read_jsonl(out_path, required=("id",), allow_empty=True) if out_path.exists() else []
+        order = lambda r: (index.get(r["id"], len(index)), int(r.get("sample", 0)))
+        recs.sort(key=order)
+        write_jsonl_atomic(out_path, recs)
+    distributed.sync("generate: output written")
+    if not main:  # the file process 0 wrote (graded, in order)
+        recs = read_jsonl(out_path, required=("id",), allow_empty=True) if out_path.exists() else []
     mine = [r for r in recs if r["id"] in index and int(r.get("sample", 0)) < sc.n]
     missing = len(inputs) * sc.n - len({(r["id"], int(r.get("sample", 0))) for r in mine})
     if missing:
@@ -276,7 +298,10 @@ def main(argv: list[str] | None = None, prog: str = "w2s generate", command: str
     if args.grade is not None and recs:
         acc = sum(bool(r.get("result")) for r in recs) / len(recs)
         msg += f"; accuracy {acc:.4f} ({args.grade}, {args.grade_mode})"
-    print(msg)
+    from w2s_jax import distributed
+
+    if distributed.is_main_process():
+        print(msg)
     return 0
 
 

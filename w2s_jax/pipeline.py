@@ -18,6 +18,10 @@ A stage's fingerprint hashes the config sections it reads plus its inputs' finge
 changed config re-runs exactly the stages it affects and everything downstream. A finished stage
 with the same fingerprint is skipped; an interrupted one continues (training resumes from its
 last checkpoint, generation skips ids already written).
+
+Multi-host: every host runs the same command with the same run directory, which must be on a file
+system all hosts share (checked at start). Process 0 writes the data, manifests, JSONL outputs and
+reports; the other processes wait at a barrier (``distributed.sync``) wherever they read what it wrote.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from w2s_jax import distributed
 from w2s_jax.config import DataConfig, SyntheticConfig, config_hash, dump_yaml, from_dict, load_config, to_dict
 from w2s_jax.errors import UserError
 from w2s_jax.jsonl import read_jsonl, write_json_atomic, write_jsonl_atomic
@@ -240,7 +245,7 @@ class Pipeline:
     def __init__(self, cfg: RunConfig, out_dir: str | Path, *, log: Callable[[str], None] | None = None):
         self.cfg = cfg
         self.out = Path(out_dir)
-        self.log = log or (lambda msg: print(msg, flush=True))
+        self.log = log or _print_main
         self.fps = stage_fingerprints(cfg)
         self._mesh = None
         self._models: dict[str, Any] = {}
@@ -249,6 +254,11 @@ class Pipeline:
 
     def path(self, *parts: str) -> Path:
         return self.out.joinpath(*parts)
+
+    @property
+    def main(self) -> bool:
+        """True on the process that writes (process 0; always in a single-process run)."""
+        return distributed.is_main_process()
 
     def manifest_path(self, stage: str) -> Path:
         return self.path("stages", f"{stage}.json")
@@ -298,9 +308,11 @@ class Pipeline:
                 hint = f" (did you mean `{close[0]}`?)" if close else ""
                 raise UserError(f"unknown stage `{s}`{hint}; stages: {', '.join(STAGE_NAMES)}")
         self.check_run_dir()
-        self.out.mkdir(parents=True, exist_ok=True)
-        dump_yaml(self.cfg, self.path("config.yaml"))
-        write_json_atomic(self.path("fingerprints.json"), {"config_hash": config_hash(self.cfg), **self.fps})
+        distributed.check_shared_dir(self.out, "the run directory")  # (multi-host only; after every check_run_dir)
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_yaml(self.cfg, self.path("config.yaml"))
+            write_json_atomic(self.path("fingerprints.json"), {"config_hash": config_hash(self.cfg), **self.fps})
         start = STAGE_NAMES.index(from_stage) if from_stage else 0
         stop = STAGE_NAMES.index(until) if until else len(STAGES) - 1
         # a stage re-runs when forced (--from) or when any dependency re-ran
@@ -322,22 +334,28 @@ class Pipeline:
     def _run_stage(self, st: Stage, fresh: bool) -> None:
         m = self.manifest(st.name)
         stage_dir = self.path(st.name)
+        distributed.sync(f"stage {st.name}: manifest read")  # before process 0 changes it
         if m is not None and (fresh or m.get("fingerprint") != self.fps[st.name]):
             # config changed (or forced): outputs of the old run must not be mixed with the new ones
-            if stage_dir.exists():
-                shutil.rmtree(stage_dir)
-            self.manifest_path(st.name).unlink()
+            if self.main:
+                if stage_dir.exists():
+                    shutil.rmtree(stage_dir)
+                self.manifest_path(st.name).unlink()
             m = None
         resumed = m is not None and m.get("status") == "running"
         self.log(f"[w2s] stage {st.name}: {'resuming' if resumed else 'running'} (fingerprint {self.fps[st.name]})")
-        stage_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         record = {"stage": st.name, "fingerprint": self.fps[st.name], "status": "running", "started": t0,
                   "deps": {d: self.fps[d] for d in st.deps}}
-        write_json_atomic(self.manifest_path(st.name), record)
+        if self.main:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.manifest_path(st.name), record)
+        distributed.sync(f"stage {st.name}: start")
         info = getattr(self, st.fn)(stage_dir) or {}
         record.update(status="done", finished=time.time(), seconds=round(time.time() - t0, 2), **info)
-        write_json_atomic(self.manifest_path(st.name), record)
+        if self.main:
+            write_json_atomic(self.manifest_path(st.name), record)
+        distributed.sync(f"stage {st.name}: done")  # its outputs are complete for every process
         self.log(f"[w2s] stage {st.name}: done in {record['seconds']:.1f}s")
 
     # --------------------------------------------------------------- helpers
@@ -397,7 +415,8 @@ class Pipeline:
         for name, recs in splits.items():
             if not recs:
                 raise UserError(f"data split `{name}` is empty; check the config's data section")
-            write_jsonl_atomic(d / f"{name}.jsonl", recs)
+            if self.main:
+                write_jsonl_atomic(d / f"{name}.jsonl", recs)
             out[name] = len(recs)
         return {"counts": out}
 
@@ -414,7 +433,8 @@ class Pipeline:
             mcfg = mcfg.replace(vocab_size=tok.vocab_size)
         mcfg = mcfg.replace(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
         params = init_params(mcfg, jax.random.key(spec.seed), self.mesh, self.cfg.mesh.rules_table())
-        save_model(out_dir, params, mcfg, tok)
+        save_model(out_dir, params, mcfg, tok)  # every process takes part; process 0 writes
+        distributed.sync("pipeline: preset model written")
 
     def _base_model(self, role: str, d: Path) -> Path:
         """The directory of a role's starting model (built from a preset or the given path)."""
@@ -422,7 +442,7 @@ class Pipeline:
         if spec.path is not None:
             return Path(spec.path)
         init = d / "init"
-        if not (init / "w2s_model.json").exists():
+        if not distributed.all_true((init / "w2s_model.json").exists()):
             self._build_from_preset(spec, init)
         return init
 
@@ -502,7 +522,8 @@ class Pipeline:
 
     def stage_strong_icl(self, d: Path) -> dict:
         demos = self._demos()
-        write_jsonl_atomic(d / "demos.jsonl", demos)
+        if self.main:
+            write_jsonl_atomic(d / "demos.jsonl", demos)
         recs = self._generate(self._strong_base(), self._data("train_2"), d / "train_2.jsonl",
                               "strong ICL labels (train_2)", demos=demos)
         return {"counts": _label_stats(recs), "demos": [r["id"] for r in demos]}
@@ -513,9 +534,10 @@ class Pipeline:
         weak = read_jsonl(self.path("weak_labels", "train_2.jsonl"))
         icl = read_jsonl(self.path("strong_icl", "train_2.jsonl"))
         sets, stats = consistency_sets(weak, icl)
-        write_json_atomic(d / "round1_stats.json", stats)
         chosen = sets[self.cfg.stage1.train_set]
-        write_jsonl_atomic(d / "round1_train.jsonl", chosen)
+        if self.main:
+            write_json_atomic(d / "round1_stats.json", stats)
+            write_jsonl_atomic(d / "round1_train.jsonl", chosen)
         info: dict[str, Any] = {"round1": {**stats, "label_accuracy": _kept_accuracy(sets, weak)}}
         if not chosen:
             # nothing to train on: say so loudly and carry the strong base model forward unchanged
@@ -538,7 +560,8 @@ class Pipeline:
                                   "round 2 strong labels")
             sets2, stats2 = consistency_sets(weak2, icl2)
             chosen2 = sets2[self.cfg.stage1.train_set]
-            write_jsonl_atomic(d / "round2_train.jsonl", chosen2)
+            if self.main:
+                write_jsonl_atomic(d / "round2_train.jsonl", chosen2)
             info["round2"] = {**stats2, "label_accuracy": _kept_accuracy(sets2, weak2)}
             info["round2"].update(self._sft(self._strong_base(), chosen2, self.cfg.strong_train, d / "round2",
                                             "Stage I SFT (round 2)"))
@@ -580,11 +603,12 @@ class Pipeline:
         for r in samples:
             per_sample[r["sample"]].append(r)
         votes = vote(per_sample)
-        write_jsonl_atomic(d / "votes.jsonl", votes)
         weak = read_jsonl(self.path("weak_labels", "train_2.jsonl"))
         pairs, counts = contrastive_pairs(self.cfg.data.task, weak, votes, seed=s2.pair_seed)
-        write_jsonl_atomic(d / "pairs.jsonl", pairs)
-        write_json_atomic(d / "pairs.stats.json", counts)
+        if self.main:
+            write_jsonl_atomic(d / "votes.jsonl", votes)
+            write_jsonl_atomic(d / "pairs.jsonl", pairs)
+            write_json_atomic(d / "pairs.stats.json", counts)
         return {"samples": len(samples), "pairs": len(pairs), "pair_counts": counts,
                 "pass_at_k": _pass_at_k(samples, self.cfg.pass_k)}
 
@@ -626,17 +650,24 @@ class Pipeline:
             acc = sum(bool(r.get("result")) for r in recs) / len(recs)
             rows.append({"model": label, "accuracy": acc, "n": len(recs), "outputs": f"eval/{slug}.jsonl"})
         results = build_results(self, rows)
-        write_json_atomic(self.path("results.json"), results)
-        self.path("results.md").write_text(results_markdown(results))
-        try:
-            plot_results(results, self.path("results.png"))
-        except Exception as e:  # the chart is a convenience; never lose the results for it
-            self.log(f"[w2s] warning: could not draw results.png ({e})")
+        if self.main:
+            write_json_atomic(self.path("results.json"), results)
+            self.path("results.md").write_text(results_markdown(results))
+            try:
+                plot_results(results, self.path("results.png"))
+            except Exception as e:  # the chart is a convenience; never lose the results for it
+                self.log(f"[w2s] warning: could not draw results.png ({e})")
         self.log(results_markdown(results))
         return {"accuracy": {r["model"]: r["accuracy"] for r in rows}}
 
 
 # ----------------------------------------------------------------------------- reports
+
+
+def _print_main(msg: str) -> None:
+    """The default progress log: printed by process 0 only."""
+    if distributed.is_main_process():
+        print(msg, flush=True)
 
 
 def _has(d: dict, dotted: str) -> bool:
@@ -812,7 +843,7 @@ def main(argv: list[str], prog: str = "w2s run", command: str = "run") -> int:
         return 0
     out = Path(args.out) if args.out else Path("runs") / cfg.name
     res = Pipeline(cfg, out).run(from_stage=args.from_stage, until=args.until)
-    if res is not None:
+    if res is not None and distributed.is_main_process():
         print(f"\n[w2s] results: {out / 'results.md'}", file=sys.stderr)
     return 0
 
