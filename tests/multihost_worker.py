@@ -1,12 +1,16 @@
 """One process of the multi-host test (tests/test_multihost.py); also runs alone as the 1-process reference.
 
-    python tests/multihost_worker.py OUT.json [--coordinator 127.0.0.1:PORT --num-processes 2 --process-id I]
+    python tests/multihost_worker.py OUT.json --sft-out DIR --ckpt-dir DIR --gen-out FILE
+        [--coordinator 127.0.0.1:PORT --num-processes 2 --process-id I]
 
 Joins the JAX distributed runtime (``w2s_jax.distributed.initialize``), lays one mesh over all
 devices of all processes, runs a few SFT steps of a tiny model with ``train.py``'s compiled step (each
 process feeding only its part of every global batch), greedily generates continuations of a batch
-of prompts, splits and gathers records, and writes what it saw to OUT.json (one file per process).
-The device count per process comes from XLA_FLAGS, set by the parent.
+of prompts (a plain loop and the package's Sampler), splits and gathers records, runs the package's
+SFT driver (``train.run_sft``: metrics, TensorBoard, Orbax checkpoints in ``--ckpt-dir``, shared by
+the processes, and the final model; ``--sft-out`` is per process, so the test sees who wrote what)
+and ``generate_cli.generate_records`` into ``--gen-out`` (shared), and writes what it saw to OUT.json
+(one file per process). The device count per process comes from XLA_FLAGS, set by the parent.
 """
 
 from __future__ import annotations
@@ -77,15 +81,52 @@ def greedy_generate(params, cfg, prompts_global, mesh):
     return run(params, prompts_global)
 
 
+def sft_driver(mesh, out_dir: str, ckpt_dir: str, gen_out: str):
+    """``train.run_sft`` on a tiny byte-level model, then ``generate_records`` with the trained model;
+    returns (per-step losses, eval losses, files written under out_dir, generated records)."""
+    import jax
+
+    from w2s_jax import model as M
+    from w2s_jax import sampler as S
+    from w2s_jax import train
+    from w2s_jax.checkpoint_io import LoadedModel
+    from w2s_jax.generate_cli import generate_records
+    from w2s_jax.tokenizer import ByteTokenizer
+
+    train.COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}  # tiny model: compile fast
+    S.CPU_COMPILER_OPTIONS = {**S.CPU_COMPILER_OPTIONS, "xla_backend_optimization_level": 0}
+    tok = ByteTokenizer()
+    cfg = M.get_preset("tiny", vocab_size=tok.vocab_size)
+    params = M.init_params(cfg, jax.random.PRNGKey(1), mesh)
+    records = [{"id": f"s{i}", "prompt": f"{i}+{i % 5}=", "completion": str(i + i % 5)} for i in range(32)]
+    tc = train.TrainConfig(batch_size=ROWS, seq_len=SEQ, lr=1e-2, max_steps=STEPS, schedule="constant",
+                           packing=False, eval_fraction=0.25, log_every=1, async_checkpointing=False,
+                           tensorboard=True, progress=False)
+    res = train.run_sft(train.TrainModel(params, cfg, tok), records, tc, out_dir, mesh=mesh,
+                        checkpoint_dir=ckpt_dir)
+    out = Path(out_dir)
+    files = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file()) if out.exists() else []
+    model = LoadedModel(res.params, cfg, tok, source=str(res.model_dir))
+    inputs = [{"id": f"q{i}", "prompt": f"{i}+{i % 3}="} for i in range(GEN_ROWS)]
+    sc = S.SampleConfig(max_new_tokens=NEW, temperature=0.0, stop=(), batch_size=GEN_ROWS)
+    gen = generate_records(model, inputs, sc, gen_out, mesh=mesh, progress=False)
+    return ([h["loss"] for h in res.history], [e["loss"] for e in res.eval_history], files,
+            [{k: g[k] for k in ("id", "response", "num_tokens")} for g in gen])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
+    ap.add_argument("--sft-out", required=True)
+    ap.add_argument("--ckpt-dir", required=True)
+    ap.add_argument("--gen-out", required=True)
     ap.add_argument("--coordinator")
     ap.add_argument("--num-processes", type=int)
     ap.add_argument("--process-id", type=int)
     args = ap.parse_args()
 
     from w2s_jax import distributed as D
+    from w2s_jax.errors import UserError
 
     multi = D.initialize(args.coordinator, args.num_processes, args.process_id)
 
@@ -139,6 +180,12 @@ def main() -> int:
     mine = D.shard_records(records)
     graded = [{"id": r["id"], "text": texts[r["id"]], "by": D.process_index()} for r in mine]
     gathered = D.gather_records(graded)
+    sft_losses, sft_eval, sft_files, gen = sft_driver(mesh, args.sft_out, args.ckpt_dir, args.gen_out)
+    try:  # a directory that differs per process stands in for a run directory on each host's own disk
+        D.check_shared_dir(Path(args.sft_out) / "own")
+        shared_error = None
+    except UserError as e:
+        shared_error = str(e)
     D.sync("worker-done")
 
     result = {
@@ -155,6 +202,11 @@ def main() -> int:
         "local_rows": local_rows,
         "mine": [r["id"] for r in mine],
         "gathered": gathered,
+        "sft_losses": sft_losses,
+        "sft_eval": sft_eval,
+        "sft_files": sft_files,
+        "generated": gen,
+        "shared_error": shared_error,
     }
     Path(args.out).write_text(json.dumps(result))
     return 0

@@ -1,8 +1,10 @@
 """Multi-host execution: 2 processes x 4 CPU devices (coordinator on 127.0.0.1) equal 1 process x 8 devices.
 
 The processes run tests/multihost_worker.py: a few SFT steps of a tiny model with train.py's step,
-each process feeding its half of every global batch, then a greedy generation batch and a
-split/gather of records. Plus in-process unit tests of the helpers in w2s_jax/distributed.py.
+each process feeding its half of every global batch, then a greedy generation batch (a plain loop
+and the Sampler), a split/gather of records, the SFT driver (run_sft: only process 0 writes metrics,
+logs and the model) and generate_records. Plus in-process unit tests of the helpers in
+w2s_jax/distributed.py.
 """
 
 from __future__ import annotations
@@ -75,23 +77,26 @@ def runs(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("multihost")
     port = _free_port()
     procs = {}
-    for pid in range(2):
+    for pid in range(2):  # own --sft-out each (to see who wrote what), one checkpoint dir and output file
         log = tmp_path / f"p{pid}.err"
         cmd = [sys.executable, str(WORKER), str(tmp_path / f"p{pid}.json"), "--coordinator", f"127.0.0.1:{port}",
-               "--num-processes", "2", "--process-id", str(pid)]
+               "--num-processes", "2", "--process-id", str(pid), "--sft-out", str(tmp_path / f"p{pid}_sft"),
+               "--ckpt-dir", str(tmp_path / "multi_ckpt"), "--gen-out", str(tmp_path / "multi_gen.jsonl")]
         procs[f"process {pid}"] = (subprocess.Popen(cmd, env=_env(4), stdout=subprocess.DEVNULL,
                                                     stderr=open(log, "w"), cwd=tmp_path), log)
     log = tmp_path / "single.err"
-    procs["single"] = (subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / "single.json")], env=_env(8),
-                                        stdout=subprocess.DEVNULL, stderr=open(log, "w"), cwd=tmp_path), log)
+    cmd = [sys.executable, str(WORKER), str(tmp_path / "single.json"), "--sft-out", str(tmp_path / "single_sft"),
+           "--ckpt-dir", str(tmp_path / "single_ckpt"), "--gen-out", str(tmp_path / "single_gen.jsonl")]
+    procs["single"] = (subprocess.Popen(cmd, env=_env(8), stdout=subprocess.DEVNULL, stderr=open(log, "w"),
+                                        cwd=tmp_path), log)
     _wait_all(procs, TIMEOUT)
     single = json.loads((tmp_path / "single.json").read_text())
     parts = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
-    return single, parts
+    return single, parts, tmp_path
 
 
 def test_two_processes_equal_one(runs):
-    single, parts = runs
+    single, parts, _ = runs
     assert single["process_count"] == 1 and not single["multi"] and single["device_count"] == 8
     for i, r in enumerate(parts):
         assert r["process_index"] == i and r["process_count"] == 2 and r["multi"]
@@ -115,15 +120,52 @@ def test_two_processes_equal_one(runs):
 
 def test_sampler_two_processes(runs):
     """The package's Sampler on a mesh spanning both processes gives the single-process texts."""
-    single, parts = runs
+    single, parts, _ = runs
     assert single["sampler_error"] is None, single["sampler_error"]
     assert single["sampler_texts"] == single["texts"]  # Sampler == the plain greedy loop
     for r in parts:
-        if r["sampler_error"] and "non-addressable" in r["sampler_error"]:
-            pytest.xfail("Sampler fetches its outputs with jax.device_get, which cannot read arrays spanning "
-                         "other processes; it needs w2s_jax.distributed.to_host")
         assert r["sampler_error"] is None, r["sampler_error"]
         assert r["sampler_texts"] == single["texts"]
+
+
+def test_sft_driver_two_processes(runs):
+    """run_sft: the same losses as one process; only process 0 writes metrics, logs and the model;
+    both write one set of checkpoints."""
+    single, parts, tmp_path = runs
+    assert len(single["sft_losses"]) == 3 and len(single["sft_eval"]) == 1
+    for r in parts:
+        np.testing.assert_allclose(r["sft_losses"], single["sft_losses"], rtol=2e-5)
+        np.testing.assert_allclose(r["sft_eval"], single["sft_eval"], rtol=2e-5)
+    p0, p1 = (set(r["sft_files"]) for r in parts)
+    assert {"metrics.jsonl", "compile.json", "model/w2s_model.json"} <= p0
+    assert any(f.startswith("tensorboard/") for f in p0)
+    no_tb = lambda files: {f for f in files if not f.startswith("tensorboard/")}  # noqa: E731 (host-named)
+    assert no_tb(p0) == no_tb(single["sft_files"])
+    assert p1 == set()  # process 1 wrote nothing outside the shared checkpoint dir
+    from w2s_jax.metrics_log import read_metrics
+
+    train_recs = read_metrics(tmp_path / "p0_sft" / "metrics.jsonl", split="train")
+    assert [m["step"] for m in train_recs] == [1, 2, 3]
+    np.testing.assert_allclose([m["loss"] for m in train_recs], single["sft_losses"], rtol=2e-5)
+    assert sorted(p.name for p in (tmp_path / "multi_ckpt").iterdir() if p.name.isdigit()) == ["3"]
+
+
+def test_check_shared_dir(runs):
+    """A directory that is not the same for all processes is refused on every process."""
+    single, parts, _ = runs
+    assert single["shared_error"] is None  # one process: nothing to check
+    for r in parts:
+        assert r["shared_error"] and "not shared by all 2 processes (processes [1]" in r["shared_error"]
+
+
+def test_generate_records_two_processes(runs):
+    """generate_records: every process returns the single-process records; the output file is complete."""
+    single, parts, tmp_path = runs
+    assert len(single["generated"]) == 8
+    for r in parts:
+        assert r["generated"] == single["generated"]
+    lines = (tmp_path / "multi_gen.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["id"] for ln in lines] == [g["id"] for g in single["generated"]]
 
 
 # ----------------------------------------------------------------------------- helpers, in one process
