@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from w2s_jax.checkpoint_io import load_model, save_model  # noqa: E402
 from w2s_jax.cli import main as cli_main  # noqa: E402
-from w2s_jax.convert import params_to_hf  # noqa: E402
+from w2s_jax.convert import params_to_hf, params_to_state_dict, state_dict_to_params  # noqa: E402
 from w2s_jax.errors import UserError  # noqa: E402
 from w2s_jax.model import ModelConfig, forward, param_shapes  # noqa: E402
 from w2s_jax.tokenizer import ByteTokenizer  # noqa: E402
@@ -74,6 +74,14 @@ def test_export_to_hf_same_logits(name, tmp_path):
     for a, b in zip(jax.tree.leaves(back.params), jax.tree.leaves(params)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     assert back.tokenizer.encode("hi ✓") == ByteTokenizer().encode("hi ✓")
+    # in memory: the same tensors as transformers' own state dict, and back
+    sd = {k: v.numpy() for k, v in m.state_dict().items()}
+    mem = params_to_state_dict(params, cfg)
+    assert set(mem) == set(sd) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+    for k, v in mem.items():
+        assert np.array_equal(v, sd[k]), k
+    for a, b in zip(jax.tree.leaves(state_dict_to_params(sd, cfg)), jax.tree.leaves(params)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_native_round_trip_and_atomic_replace(tmp_path):

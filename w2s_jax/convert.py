@@ -12,6 +12,7 @@ Hugging Face -> ours (per layer i; weights are torch ``[out, in]``)::
     lm_head.weight                               lm_head = W.T (absent when tied)
 
 Norm weights are copied as they are (Gemma stores the ``w`` of ``1 + w``, as does our model).
+The same mapping in memory, without files: ``params_to_state_dict`` / ``state_dict_to_params``.
 
 GGUF (llama architecture, e.g. SmolLM2): tensors are dequantized with ``gguf.quants.dequantize``;
 llama.cpp permutes the rows of ``attn_q``/``attn_k`` (interleaved rotary pairs), which is undone
@@ -42,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from w2s_jax.checkpoint_io import (
+    _ST_NAMES,
     FLOAT_CODES,
     LoadedModel,
     SafetensorsStore,
@@ -69,6 +71,8 @@ __all__ = [
     "hf_to_params",
     "load_hf",
     "params_to_hf",
+    "params_to_state_dict",
+    "state_dict_to_params",
     "gguf_to_params",
     "load_gguf",
     "peft_to_lora",
@@ -344,6 +348,64 @@ def read_hf_params(store, cfg: ModelConfig, mesh=None, rules: Rules = DEFAULT_RU
     return unflatten_tree(out)
 
 
+class _ArrayStore:
+    """An in-memory state dict (HF tensor name -> array) as a tensor store for ``read_hf_params``."""
+
+    supports_slicing = True
+
+    def __init__(self, sd: dict):
+        self.arrays = {k: np.asarray(v) for k, v in sd.items()}
+
+    def __contains__(self, name):
+        return name in self.arrays
+
+    def keys(self):
+        return list(self.arrays)
+
+    def shape(self, name):
+        return tuple(self.arrays[name].shape)
+
+    def dtype(self, name):
+        dt = self.arrays[name].dtype
+        return _ST_NAMES.get(dt, dt.name)
+
+    def read(self, name, index=None):
+        a = self.arrays[name]
+        return a if index is None else a[tuple(index)]
+
+
+def state_dict_to_params(sd: dict, cfg: ModelConfig, mesh=None, rules: Rules = DEFAULT_RULES) -> dict:
+    """Our parameter tree (``cfg.param_dtype``) from an in-memory Hugging Face state dict: HF tensor
+    name -> numpy array, e.g. ``{k: v.detach().numpy() for k, v in model.state_dict().items()}``.
+    The mapping and checks of ``load_hf``; entries it does not use (a tied ``lm_head.weight``) are ignored."""
+    return read_hf_params(_ArrayStore(sd), cfg, mesh, rules, where="state_dict")
+
+
+def _hf_tensors(params: dict, cfg: ModelConfig, fetch=to_host):
+    """``(HF name, HF shape, dtype, get)`` for each HF tensor of ``params``, where ``get()`` returns the
+    tensor in HF layout (one layer of one parameter, taken out with ``fetch``)."""
+    flat = flatten_tree(params)
+    for ours, (hf, kind) in _hf_layout(cfg).items():
+        x = flat[ours]
+        dt = np.dtype(x.dtype)
+        if ours.startswith("layers."):
+            for i in range(cfg.n_layers):
+                get = lambda x=x, i=i, kind=kind: _to_hf_layout(kind, fetch(x[i]))
+                yield hf.format(i=i), _hf_shape(kind, tuple(x.shape[1:])), dt, get
+        else:
+            yield hf, _hf_shape(kind, tuple(x.shape)), dt, lambda x=x, kind=kind: _to_hf_layout(kind, fetch(x))
+
+
+def params_to_state_dict(params: dict, cfg: ModelConfig, host: bool = True) -> dict:
+    """Our parameters as an in-memory Hugging Face state dict (HF tensor name -> array in HF layout,
+    the tensors ``params_to_hf`` writes; no ``lm_head.weight`` when the embeddings are tied).
+    ``host``: C-contiguous numpy arrays; else arrays of the parameters' own type (JAX arrays stay on
+    their devices)."""
+    if host:
+        return {name: np.ascontiguousarray(get()) for name, _, _, get in _hf_tensors(params, cfg)}
+    return {name: get() for name, _, _, get in _hf_tensors(params, cfg, fetch=lambda a: a)}
+
+
 def _hf_files(path: Path) -> dict[str, Path] | list[Path]:
     idx = path / "model.safetensors.index.json"
     if idx.is_file():
@@ -439,19 +501,7 @@ def params_to_hf(
 
     check_params(params, cfg, str(directory))
     hf_cfg = model_to_hf_config(cfg)
-    flat = flatten_tree(params)
-    entries = []
-    for ours, (hf, kind) in _hf_layout(cfg).items():
-        x = flat[ours]
-        dt = np.dtype(x.dtype)
-        if ours.startswith("layers."):
-            for i in range(cfg.n_layers):
-                shape = _hf_shape(kind, tuple(x.shape[1:]))
-                chunks = lambda x=x, i=i, kind=kind: [_to_hf_layout(kind, to_host(x[i]))]
-                entries.append((hf.format(i=i), shape, dt, chunks))
-        else:
-            chunks = lambda x=x, kind=kind: [_to_hf_layout(kind, to_host(x))]
-            entries.append((hf, _hf_shape(kind, tuple(x.shape)), dt, chunks))
+    entries = [(name, shape, dt, lambda get=get: [get()]) for name, shape, dt, get in _hf_tensors(params, cfg)]
     limit = _parse_size(max_shard_size)
     shards: list[list] = [[]]
     size = 0
