@@ -81,29 +81,15 @@ def timed(fn, wait: float):
 
 
 def to_hf_state_dict(params, cfg):
-    """Our params tree -> LlamaForCausalLM state dict (torch float32 tensors)."""
+    """Our params tree -> LlamaForCausalLM state dict (torch float32 tensors; layout from ``w2s_jax.convert``)."""
     import torch
 
-    D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    lay = {k: np.asarray(v, np.float32) for k, v in params["layers"].items()}
+    from w2s_jax.convert import params_to_state_dict
+
     t = lambda a: torch.from_numpy(np.array(a, dtype=np.float32, order="C", copy=True))
-    sd = {"model.embed_tokens.weight": t(np.asarray(params["embed"], np.float32)),
-          "model.norm.weight": t(np.asarray(params["final_norm"], np.float32))}
-    if not cfg.tie_embeddings:
-        sd["lm_head.weight"] = t(np.asarray(params["lm_head"], np.float32).T)
-    else:
+    sd = {k: t(v) for k, v in params_to_state_dict(params, cfg).items()}
+    if cfg.tie_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    for i in range(cfg.n_layers):
-        pre = f"model.layers.{i}."
-        sd[pre + "input_layernorm.weight"] = t(lay["attn_norm"][i])
-        sd[pre + "post_attention_layernorm.weight"] = t(lay["mlp_norm"][i])
-        sd[pre + "self_attn.q_proj.weight"] = t(lay["wq"][i].reshape(D, H * Dh).T)
-        sd[pre + "self_attn.k_proj.weight"] = t(lay["wk"][i].reshape(D, K * Dh).T)
-        sd[pre + "self_attn.v_proj.weight"] = t(lay["wv"][i].reshape(D, K * Dh).T)
-        sd[pre + "self_attn.o_proj.weight"] = t(lay["wo"][i].reshape(H * Dh, D).T)
-        sd[pre + "mlp.gate_proj.weight"] = t(lay["w_gate"][i].T)
-        sd[pre + "mlp.up_proj.weight"] = t(lay["w_up"][i].T)
-        sd[pre + "mlp.down_proj.weight"] = t(lay["w_down"][i].T)
     return sd
 
 

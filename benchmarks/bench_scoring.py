@@ -126,7 +126,7 @@ def torch_model(cfg, params, device: str, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from w2s_jax.convert import _hf_layout, _to_hf_layout, model_to_hf_config
+    from w2s_jax.convert import model_to_hf_config, params_to_state_dict
 
     torch.set_num_threads(os.cpu_count() or 1)
     hc = model_to_hf_config(cfg)
@@ -134,14 +134,7 @@ def torch_model(cfg, params, device: str, dtype: str):
     dt = torch_dtype(dtype)
     with torch.device("meta"):
         m = AutoModelForCausalLM.from_config(hc, dtype=dt)
-    sd = {}
-    for name, (hf, kind) in _hf_layout(cfg).items():
-        if name.startswith("layers."):
-            stack = params["layers"][name.split(".", 1)[1]]
-            for i in range(cfg.n_layers):
-                sd[hf.format(i=i)] = _to_torch(_to_hf_layout(kind, stack[i]), device, dt).contiguous()
-        else:
-            sd[hf] = _to_torch(_to_hf_layout(kind, params[name]), device, dt).contiguous()
+    sd = {k: _to_torch(v, device, dt).contiguous() for k, v in params_to_state_dict(params, cfg, host=False).items()}
     if cfg.tie_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     m.load_state_dict(sd, assign=True, strict=False)

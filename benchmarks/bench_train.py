@@ -88,6 +88,8 @@ def make_torch(cfg, params, threads):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from w2s_jax.convert import params_to_state_dict
+
     torch.set_num_threads(threads)
     hc = LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
@@ -97,21 +99,7 @@ def make_torch(cfg, params, threads):
         attention_bias=False, mlp_bias=False,
     )
     model = LlamaForCausalLM(hc).float()
-    D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
-    sd = {"model.embed_tokens.weight": t(params["embed"]), "model.norm.weight": t(params["final_norm"])}
-    ly = params["layers"]
-    for i in range(cfg.n_layers):
-        pre = f"model.layers.{i}."
-        sd[pre + "input_layernorm.weight"] = t(ly["attn_norm"][i])
-        sd[pre + "post_attention_layernorm.weight"] = t(ly["mlp_norm"][i])
-        sd[pre + "self_attn.q_proj.weight"] = t(ly["wq"][i].reshape(D, H * Dh).T)
-        sd[pre + "self_attn.k_proj.weight"] = t(ly["wk"][i].reshape(D, K * Dh).T)
-        sd[pre + "self_attn.v_proj.weight"] = t(ly["wv"][i].reshape(D, K * Dh).T)
-        sd[pre + "self_attn.o_proj.weight"] = t(ly["wo"][i].reshape(H * Dh, D).T)
-        sd[pre + "mlp.gate_proj.weight"] = t(ly["w_gate"][i].T)
-        sd[pre + "mlp.up_proj.weight"] = t(ly["w_up"][i].T)
-        sd[pre + "mlp.down_proj.weight"] = t(ly["w_down"][i].T)
+    sd = {k: torch.from_numpy(v) for k, v in params_to_state_dict(params, cfg).items()}
     model.load_state_dict(sd, strict=False)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
