@@ -6,11 +6,11 @@ from __future__ import annotations
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import w2s_jax.sampler as sampler_mod
+from w2s_jax.convert import state_dict_to_params
 from w2s_jax.lora import LoRAConfig, init_lora, merge_lora
 from w2s_jax.model import ModelConfig, forward, get_preset, init_params
 from w2s_jax.sampler import (
@@ -53,28 +53,8 @@ def rand_prompts(lengths, seed=0, vocab=256):
 
 
 def hf_to_params(m, cfg: ModelConfig) -> dict:
-    """LlamaForCausalLM state dict -> our params tree (see the layout in model.py)."""
-    sd = {k: v.detach().float().numpy() for k, v in m.state_dict().items()}
-    D, H, K, Dh, L = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
-    g = lambda name: np.stack([sd[f"model.layers.{i}.{name}"] for i in range(L)])
-    layers = {
-        "attn_norm": g("input_layernorm.weight"),
-        "mlp_norm": g("post_attention_layernorm.weight"),
-        "wq": g("self_attn.q_proj.weight").transpose(0, 2, 1).reshape(L, D, H, Dh),
-        "wk": g("self_attn.k_proj.weight").transpose(0, 2, 1).reshape(L, D, K, Dh),
-        "wv": g("self_attn.v_proj.weight").transpose(0, 2, 1).reshape(L, D, K, Dh),
-        "wo": g("self_attn.o_proj.weight").transpose(0, 2, 1).reshape(L, H, Dh, D),
-        "w_gate": g("mlp.gate_proj.weight").transpose(0, 2, 1),
-        "w_up": g("mlp.up_proj.weight").transpose(0, 2, 1),
-        "w_down": g("mlp.down_proj.weight").transpose(0, 2, 1),
-    }
-    params = {
-        "embed": sd["model.embed_tokens.weight"],
-        "layers": layers,
-        "final_norm": sd["model.norm.weight"],
-        "lm_head": sd["lm_head.weight"].T,
-    }
-    return jax.tree.map(jnp.asarray, params)
+    """LlamaForCausalLM state dict -> our params tree (the mapping of ``w2s_jax.convert``)."""
+    return state_dict_to_params({k: v.detach().float().numpy() for k, v in m.state_dict().items()}, cfg)
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["llama", "gqa"])

@@ -9,6 +9,7 @@ import pytest
 
 from w2s_jax import train as T
 from w2s_jax.batching import PreferenceBatcher, SFTBatcher, tokenize_pairs, tokenize_sft
+from w2s_jax.convert import params_to_state_dict, state_dict_to_params
 from w2s_jax.lora import LoRAConfig
 from w2s_jax.model import ModelConfig, param_shapes
 from w2s_jax.tokenizer import ByteTokenizer
@@ -62,48 +63,15 @@ def to_torch_llama(params, cfg: ModelConfig):
                      tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False)
     hc._attn_implementation = "eager"
     model = LlamaForCausalLM(hc).float()
-    p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
-    t = lambda a: torch.tensor(np.ascontiguousarray(a), dtype=torch.float32)
-    sd = {"model.embed_tokens.weight": t(p["embed"]), "model.norm.weight": t(p["final_norm"]),
-          "lm_head.weight": t(p["lm_head"].T)}
-    ly = p["layers"]
-    for i in range(cfg.n_layers):
-        pre = f"model.layers.{i}."
-        sd[pre + "input_layernorm.weight"] = t(ly["attn_norm"][i])
-        sd[pre + "post_attention_layernorm.weight"] = t(ly["mlp_norm"][i])
-        sd[pre + "self_attn.q_proj.weight"] = t(ly["wq"][i].reshape(D, H * Dh).T)
-        sd[pre + "self_attn.k_proj.weight"] = t(ly["wk"][i].reshape(D, K * Dh).T)
-        sd[pre + "self_attn.v_proj.weight"] = t(ly["wv"][i].reshape(D, K * Dh).T)
-        sd[pre + "self_attn.o_proj.weight"] = t(ly["wo"][i].reshape(H * Dh, D).T)
-        sd[pre + "mlp.gate_proj.weight"] = t(ly["w_gate"][i].T)
-        sd[pre + "mlp.up_proj.weight"] = t(ly["w_up"][i].T)
-        sd[pre + "mlp.down_proj.weight"] = t(ly["w_down"][i].T)
+    sd = {k: torch.tensor(v, dtype=torch.float32) for k, v in params_to_state_dict(params, cfg).items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
     return model
 
 
 def torch_grads_as_ours(model, cfg):
-    D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    g = {n: p.grad.detach().numpy() for n, p in model.named_parameters()}
-    st = lambda f: np.stack([f(i) for i in range(cfg.n_layers)])
-    pre = "model.layers.{}."
-    return {
-        "embed": g["model.embed_tokens.weight"],
-        "final_norm": g["model.norm.weight"],
-        "lm_head": g["lm_head.weight"].T,
-        "layers": {
-            "attn_norm": st(lambda i: g[pre.format(i) + "input_layernorm.weight"]),
-            "mlp_norm": st(lambda i: g[pre.format(i) + "post_attention_layernorm.weight"]),
-            "wq": st(lambda i: g[pre.format(i) + "self_attn.q_proj.weight"].T.reshape(D, H, Dh)),
-            "wk": st(lambda i: g[pre.format(i) + "self_attn.k_proj.weight"].T.reshape(D, K, Dh)),
-            "wv": st(lambda i: g[pre.format(i) + "self_attn.v_proj.weight"].T.reshape(D, K, Dh)),
-            "wo": st(lambda i: g[pre.format(i) + "self_attn.o_proj.weight"].T.reshape(H, Dh, D)),
-            "w_gate": st(lambda i: g[pre.format(i) + "mlp.gate_proj.weight"].T),
-            "w_up": st(lambda i: g[pre.format(i) + "mlp.up_proj.weight"].T),
-            "w_down": st(lambda i: g[pre.format(i) + "mlp.down_proj.weight"].T),
-        },
-    }
+    g = state_dict_to_params({n: p.grad.detach().numpy() for n, p in model.named_parameters()}, cfg)
+    return jax.tree.map(np.asarray, g)
 
 
 @pytest.mark.parametrize("packing", [False, True])
