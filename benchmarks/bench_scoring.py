@@ -76,6 +76,8 @@ def common_args(ap: argparse.ArgumentParser, batch: int, seq: int) -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--profile", default=None, metavar="DIR", help="jax.profiler trace of the JAX timed rounds")
+    ap.add_argument("--remat", default="dots", choices=["none", "dots", "dots_no_batch", "full"],
+                    help="JAX rematerialisation policy for the training steps (dots: measured fastest on CPU)")
 
 
 def setup(args):
@@ -90,7 +92,7 @@ def setup(args):
             raise UserError("--device cuda: torch sees no CUDA GPU")
     from w2s_jax.model import get_preset
 
-    over = dict(dtype=args.dtype, param_dtype=args.dtype, remat="none")
+    over = dict(dtype=args.dtype, param_dtype=args.dtype, remat=getattr(args, "remat", "none"))
     layers = args.layers or (min(4, get_preset(args.preset).n_layers) if args.quick else None)
     if layers:
         over["n_layers"] = layers

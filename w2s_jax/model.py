@@ -320,15 +320,20 @@ def _flat_dot(x, w, n_in: int, out_dtype=None):
 
 def _dense(name, x, p, lora_p, lora_scale, dropout_key, lora_dropout):
     w = p[name].astype(x.dtype)
-    y = _flat_dot(x, w, 2 if name == "wo" else 1) if _flat_dots() else jnp.einsum(_EINSUM[name][0], x, w)
+    flat, n_in = _flat_dots(), 2 if name == "wo" else 1
+    y = _flat_dot(x, w, n_in) if flat else jnp.einsum(_EINSUM[name][0], x, w)
     if lora_p is not None and name in lora_p:
         xin = x
         if dropout_key is not None and lora_dropout > 0:
             k = jax.random.fold_in(dropout_key, list(_EINSUM).index(name))
             keep = jax.random.bernoulli(k, 1.0 - lora_dropout, x.shape)
             xin = jnp.where(keep, x / (1.0 - lora_dropout), 0).astype(x.dtype)
-        h = jnp.einsum(_EINSUM[name][1], xin, lora_p[name]["a"].astype(x.dtype))
-        y = y + lora_scale * jnp.einsum(_EINSUM[name][2], h, lora_p[name]["b"].astype(x.dtype))
+        a, b = lora_p[name]["a"].astype(x.dtype), lora_p[name]["b"].astype(x.dtype)
+        if flat:
+            y = y + lora_scale * _flat_dot(_flat_dot(xin, a, n_in), b, 1)
+        else:
+            h = jnp.einsum(_EINSUM[name][1], xin, a)
+            y = y + lora_scale * jnp.einsum(_EINSUM[name][2], h, b)
     return y
 
 
