@@ -28,56 +28,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import timed  # noqa: E402
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _cpu_times() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot (Linux /proc/stat)."""
-    try:
-        f = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return 0.0, 0.0
-    hz = os.sysconf("SC_CLK_TCK")
-    idle = f[3] + (f[4] if len(f) > 4 else 0.0)
-    return (sum(f) - idle) / hz, sum(f) / hz
-
-
-def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
-    """Wait (up to ``max_wait`` s) until other processes use < ``threshold`` of the machine over 2 s;
-    returns the last measured busy fraction."""
-    t_end = time.time() + max_wait
-    frac = 0.0
-    while True:
-        b0, t0 = _cpu_times()
-        time.sleep(2.0)
-        b1, t1 = _cpu_times()
-        frac = (b1 - b0) / max(t1 - t0, 1e-9)
-        if frac < threshold or time.time() >= t_end:
-            return frac
-
-
-def timed(fn, wait: float):
-    """(wall seconds, fraction of the machine's CPU used by OTHER processes meanwhile)."""
-    if wait > 0:
-        wait_quiet(wait)
-    b0, t0 = _cpu_times()
-    p0 = time.process_time()
-    w0 = time.perf_counter()
-    fn()
-    wall = time.perf_counter() - w0
-    b1, t1 = _cpu_times()
-    own = time.process_time() - p0
-    other = max(0.0, (b1 - b0) - own) / max(t1 - t0, 1e-9)
-    return wall, other
+from w2s_jax.bench import _cpu_name as cpu_name  # noqa: E402
 
 
 def to_hf_state_dict(params, cfg):

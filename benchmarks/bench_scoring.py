@@ -17,7 +17,6 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -28,41 +27,11 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _common import PeakRSS  # noqa: E402,F401  (also used by bench_lora as H.PeakRSS)
 
 # ----------------------------------------------------------------------------- shared helpers
-
-
-def rss_bytes() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-class PeakRSS:
-    """Peak resident memory of this process while inside the block (sampled every 5 ms)."""
-
-    def __enter__(self):
-        self.peak = rss_bytes()
-        self._stop = False
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop:
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self._stop = True
-        self._t.join()
-        self.peak = max(self.peak, rss_bytes())
 
 
 def common_args(ap: argparse.ArgumentParser, batch: int, seq: int) -> None:

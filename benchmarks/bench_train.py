@@ -22,8 +22,6 @@ import json
 import os
 import statistics
 import sys
-import threading
-import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -33,40 +31,9 @@ import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every 5 ms."""
-
-    def __enter__(self):
-        self.base = rss_bytes()
-        self.peak = self.base
-        self._stop = False
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop:
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self._stop = True
-        self._t.join()
-        self.peak = max(self.peak, rss_bytes())
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.base
+from _common import PeakRSS, timed  # noqa: E402
 
 
 def random_params(cfg, seed=0):
@@ -127,42 +94,6 @@ def _stepper(fn, box, batch):
         return float(m["loss"])
 
     return run
-
-
-def _cpu_times() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot (Linux /proc/stat)."""
-    try:
-        f = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return 0.0, 0.0
-    hz = os.sysconf("SC_CLK_TCK")
-    idle = f[3] + (f[4] if len(f) > 4 else 0.0)
-    return (sum(f) - idle) / hz, sum(f) / hz
-
-
-def wait_quiet(max_wait: float, threshold: float = 0.15) -> None:
-    """Wait (up to ``max_wait`` s) until other processes use < ``threshold`` of the machine."""
-    t_end = time.time() + max_wait
-    while time.time() < t_end:
-        b0, t0 = _cpu_times()
-        time.sleep(2.0)
-        b1, t1 = _cpu_times()
-        if (b1 - b0) / max(t1 - t0, 1e-9) < threshold:
-            return
-
-
-def timed(fn, wait: float):
-    """(wall seconds, fraction of the machine's CPU used by *other* processes meanwhile)."""
-    if wait > 0:
-        wait_quiet(wait)
-    b0, t0 = _cpu_times()
-    p0 = time.process_time()
-    w0 = time.perf_counter()
-    fn()
-    wall = time.perf_counter() - w0
-    b1, t1 = _cpu_times()
-    own = time.process_time() - p0
-    return wall, max(0.0, (b1 - b0) - own) / max(t1 - t0, 1e-9)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,84 @@
+"""Helpers shared by the benchmark scripts: peak resident memory, machine-wide CPU load, timing."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class PeakRSS:
+    """Peak resident memory of this process inside the block (sampled every 5 ms): ``peak``, and
+    ``growth`` above the level at entry."""
+
+    def __enter__(self):
+        self.base = self.peak = rss_bytes()
+        self._stop = False
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop:
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._t.join()
+        self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+
+def cpu_times() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot (Linux /proc/stat)."""
+    try:
+        f = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = f[3] + (f[4] if len(f) > 4 else 0.0)
+    return (sum(f) - idle) / hz, sum(f) / hz
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
+    """Wait (up to ``max_wait`` s) until the machine is less than ``threshold`` busy over 2 s;
+    returns the last measured busy fraction."""
+    t_end = time.time() + max_wait
+    while True:
+        b0, t0 = cpu_times()
+        time.sleep(2.0)
+        b1, t1 = cpu_times()
+        frac = (b1 - b0) / max(t1 - t0, 1e-9)
+        if frac < threshold or time.time() >= t_end:
+            return frac
+
+
+def timed(fn, wait: float = 0.0) -> tuple[float, float]:
+    """Run ``fn()``: (wall seconds, fraction of the machine's CPU used by *other* processes meanwhile)."""
+    if wait > 0:
+        wait_quiet(wait)
+    b0, t0 = cpu_times()
+    p0 = time.process_time()
+    w0 = time.perf_counter()
+    fn()
+    wall = time.perf_counter() - w0
+    b1, t1 = cpu_times()
+    own = time.process_time() - p0
+    return wall, max(0.0, (b1 - b0) - own) / max(t1 - t0, 1e-9)
