@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 
 def rss_bytes() -> int:
     """Resident memory of this process (Linux /proc; 0 elsewhere)."""
@@ -82,3 +84,18 @@ def timed(fn, wait: float = 0.0) -> tuple[float, float]:
     b1, t1 = cpu_times()
     own = time.process_time() - p0
     return wall, max(0.0, (b1 - b0) - own) / max(t1 - t0, 1e-9)
+
+
+def preference_rows(toks, prompt: int) -> dict:
+    """Preference-batch arrays for ``toks [..., S]`` (chosen and rejected rows sharing a ``prompt``-token
+    prefix): next-token targets, the completion mask the DPO loss uses, the NLL mask (every position but
+    the last), segment ids and positions, in ``train.abstract_batch`` layout."""
+    S = toks.shape[-1]
+    tg = np.zeros_like(toks)
+    tg[..., :-1] = toks[..., 1:]
+    lm = np.zeros(toks.shape, np.float32)
+    lm[..., prompt - 1: S - 1] = 1.0
+    nll = np.ones(toks.shape, np.float32)
+    nll[..., -1] = 0
+    return {"tokens": toks, "targets": tg, "loss_mask": lm, "segment_ids": np.ones(toks.shape, np.int32),
+            "positions": np.broadcast_to(np.arange(S, dtype=np.int32), toks.shape).copy(), "nll_mask": nll}

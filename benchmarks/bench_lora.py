@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_scoring as H  # noqa: E402  (helpers shared by the suite)
+from _common import preference_rows  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BETA = 0.1
@@ -42,15 +43,7 @@ def jax_batches(tokens, rejected, prompt: int, ref_logps):
     pos = np.broadcast_to(np.arange(S, dtype=np.int32), (B, S))
     sft = {"tokens": tokens[None], "targets": tg[None], "loss_mask": m[None],
            "segment_ids": np.ones((1, B, S), np.int32), "positions": pos[None].copy()}
-    toks2 = np.concatenate([tokens, rejected])[None]
-    tg2 = np.zeros_like(toks2)
-    tg2[..., :-1] = toks2[..., 1:]
-    lm2 = np.zeros(toks2.shape, np.float32)
-    lm2[..., prompt - 1: S - 1] = 1.0
-    nll2 = np.ones(toks2.shape, np.float32)
-    nll2[..., -1] = 0
-    dpo = {"tokens": toks2, "targets": tg2, "loss_mask": lm2, "segment_ids": np.ones(toks2.shape, np.int32),
-           "positions": np.broadcast_to(np.arange(S, dtype=np.int32), toks2.shape).copy(), "nll_mask": nll2,
+    dpo = {**preference_rows(np.concatenate([tokens, rejected])[None], prompt),
            "ref_logps": ref_logps[None].astype(np.float32), "pair_mask": np.ones((1, B), np.float32)}
     return sft, dpo
 

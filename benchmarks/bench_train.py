@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import PeakRSS, timed  # noqa: E402
+from _common import PeakRSS, preference_rows, timed  # noqa: E402
 
 
 def random_params(cfg, seed=0):
@@ -178,17 +178,8 @@ def main(argv=None) -> int:
             rej[:, :prompt] = tokens[:, :prompt]  # shared prompt, different completions
             # [A, 2P] rows per micro-batch: P chosen then P rejected
             ch_m, rj_m = tokens.reshape(A, P, S), rej.reshape(A, P, S)
-            toks2 = np.concatenate([ch_m, rj_m], axis=1)
-            tg2 = np.zeros_like(toks2)
-            tg2[..., :-1] = toks2[..., 1:]
-            lm2 = np.zeros(toks2.shape, np.float32)
-            lm2[..., prompt - 1 : S - 1] = 1.0
-            nll2 = np.ones(toks2.shape, np.float32)
-            nll2[..., -1] = 0
-            dpo_batch = {"tokens": toks2, "targets": tg2, "loss_mask": lm2,
-                         "segment_ids": np.ones(toks2.shape, np.int32),
-                         "positions": np.broadcast_to(np.arange(S, dtype=np.int32), toks2.shape).copy(),
-                         "nll_mask": nll2, "ref_logps": rng.uniform(-2000, -1500, (A, 2 * P)).astype(np.float32),
+            dpo_batch = {**preference_rows(np.concatenate([ch_m, rj_m], axis=1), prompt),
+                         "ref_logps": rng.uniform(-2000, -1500, (A, 2 * P)).astype(np.float32),
                          "pair_mask": np.ones((A, P), np.float32)}
             dpo_batch = jax.device_put(dpo_batch, T.batch_shardings(dpo_batch, mesh))
 

@@ -39,8 +39,8 @@ def adamw(
     number or an optax schedule of the step count (0 for the first update)."""
 
     def init(params):
-        zeros = lambda p: jnp.zeros_like(p)  # noqa: E731
-        return FusedAdamWState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params))
+        return FusedAdamWState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params),
+                               jax.tree.map(jnp.zeros_like, params))
 
     def update(grads, state, params=None):
         if params is None:
