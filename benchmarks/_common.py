@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from w2s_jax.hostmem import tune_host_malloc  # noqa: E402
+
+# both frameworks run in this process, so both get the same allocator (w2s_jax/hostmem.py); the
+# scripts import this module before JAX or torch start their thread pools
+HOST_MALLOC = "reuse" if tune_host_malloc() else "system"
 
 
 def rss_bytes() -> int:

@@ -149,7 +149,7 @@ def torch_peak_memory(device: str, rss_peak: int) -> tuple[int, str]:
     return rss_peak, "process RSS peak"
 
 
-def interleave(kinds: dict, rounds: int, warmup: int = 1, profile: str | None = None) -> dict:
+def interleave(kinds: dict, rounds: int, warmup: int = 3, profile: str | None = None) -> dict:
     """Warm up then time each callable ``rounds`` times, alternating; {name: [seconds]}.
     ``profile``: wrap the timed calls of names starting with ``jax`` in ``jax.profiler.trace``."""
     for fn in kinds.values():

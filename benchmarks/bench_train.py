@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import PeakRSS, preference_rows, timed  # noqa: E402
+from _common import HOST_MALLOC, PeakRSS, preference_rows, timed  # noqa: E402
 
 
 def random_params(cfg, seed=0):
@@ -100,7 +100,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="4 layers, 2 timed rounds (smoke test)")
     ap.add_argument("--steps", type=int, default=None, help="timed rounds (default 5; --quick 2)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per step kind after compile")
+    ap.add_argument("--warmup", type=int, default=3,
+                    help="untimed steps per step kind after compile (3: the heap reaches steady state, see hostmem.py)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--no-torch", action="store_true")
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     tokens = rng.integers(3, cfg.vocab_size, (B, S)).astype(np.int32)
     res: dict = {
         "machine": {"cpus": threads, "load_avg_start": os.getloadavg(), "jax": jax.__version__,
-                    "backend": jax.default_backend()},
+                    "backend": jax.default_backend(), "host_malloc": HOST_MALLOC},
         "model": {"preset": cfg.name, "n_layers": cfg.n_layers, "params": cfg.num_params, "dtype": "float32",
                   "remat": cfg.remat},
         "batch": [B, S], "rounds": steps,
@@ -263,7 +264,7 @@ def main(argv=None) -> int:
     rows.append(("other processes' CPU share", "", "", ", ".join(f"{k} {v:.0%}" for k, v in oth.items())))
     w = max(len(r[0]) for r in rows)
     print(f"\n{cfg.name} ({cfg.n_layers} layers), batch {B}x{S}, float32, remat={cfg.remat}, {threads} CPU threads, "
-          f"{steps} rounds")
+          f"{steps} rounds, host malloc {HOST_MALLOC}")
     for a, b, c, d in rows:
         print(f"  {a.ljust(w)}  {b:>14}  {c:>14}  {d}")
     Path(args.out).write_text(json.dumps(res, indent=1, default=float))

@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"w2s: unknown command `{name}`{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     _compile_cache_defaults()
+    from w2s_jax.hostmem import tune_host_malloc
+
+    tune_host_malloc()  # before JAX/torch start their threads (see w2s_jax/hostmem.py)
     module = importlib.import_module(COMMANDS[name][0])
     if name in MULTIHOST_COMMANDS and not any(a in ("-h", "--help") for a in argv[1:]):
         from w2s_jax import distributed
