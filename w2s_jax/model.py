@@ -347,6 +347,46 @@ def _attention_mask(q_slots, k_slots, q_seg, k_seg, k_valid, window):
     return m
 
 
+def _attend(cfg: ModelConfig, q, k, v, mask, causal: bool):
+    """Attention ``[B, T, H, D]`` over keys/values ``[B, S, KV, D]`` with a boolean mask [B, T, S].
+
+    ``causal``: the mask allows no key after its query (the training/scoring path without a cache).
+    On XLA:CPU that path uses :func:`_grouped_causal_attention`; elsewhere ``jax.nn``'s attention."""
+    if cfg.attention_impl == "xla" and causal and _flat_dots():
+        return _grouped_causal_attention(q, k, v, mask, blocks=2 if q.shape[1] % 2 == 0 and q.shape[1] >= 128 else 1)
+    impl = None if cfg.attention_impl == "xla" else cfg.attention_impl
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], implementation=impl)
+
+
+def _grouped_causal_attention(q, k, v, mask, blocks: int):
+    """Causal attention for XLA:CPU with every [.., T, S]-sized tensor in one layout.
+
+    Queries are laid out ``[B, KV, T*G, D]`` (the G query heads sharing a key/value head next to
+    each other per position), so the score/probability tensors ``[B, KV, T, G, S]`` need no
+    transposes between the dots and the softmax, and the mask [B, T, S] broadcasts over KV and G.
+    The queries are split into ``blocks`` row blocks; block i only attends to keys ``< (i+1)*T/blocks``
+    (the rest is masked by causality), which skips 1/4 of the work for 2 blocks. Measured on the
+    2-core EPYC, SmolLM2-135M shape, fp32 SFT step: 5.19 s against 5.42 s with
+    ``jax.nn.dot_product_attention`` (same process, medians of 4)."""
+    B, T, H, D = q.shape
+    KV = k.shape[2]
+    G = H // KV
+    qb = T // blocks
+    qg = (q * jnp.asarray(D ** -0.5, q.dtype)).reshape(B, T, KV, G, D).transpose(0, 2, 1, 3, 4)
+    qg = qg.reshape(B, KV, T * G, D)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    outs = []
+    for i in range(blocks):
+        lo, hi = i * qb, (i + 1) * qb
+        s = jnp.einsum("bkqd,bksd->bkqs", qg[:, :, lo * G:hi * G], kt[:, :, :hi],
+                       preferred_element_type=jnp.float32).reshape(B, KV, qb, G, hi)
+        s = jnp.where(mask[:, None, lo:hi, None, :hi], s, jnp.finfo(jnp.float32).min)
+        p = jax.nn.softmax(s, axis=-1).astype(v.dtype).reshape(B, KV, qb * G, hi)
+        outs.append(jnp.einsum("bkqs,bksd->bkqd", p, vt[:, :, :hi]).reshape(B, KV, qb, G, D))
+    o = jnp.concatenate(outs, 2) if blocks > 1 else outs[0]
+    return o.transpose(0, 2, 1, 3, 4).reshape(B, T, H, D)
+
+
 def _layer(cfg: ModelConfig, mesh, rules, lora_scale, lora_dropout, carry, xs):
     x, mask, positions, cache_index, dropout_key = carry
     p, lp, ck, cv, layer_idx = xs
@@ -367,10 +407,7 @@ def _layer(cfg: ModelConfig, mesh, rules, lora_scale, lora_dropout, carry, xs):
         k_all, v_all = k, v
     k_all = constrain(k_all, ("batch", "cache_length", "kv_heads", "head_dim"), mesh, rules)
     v_all = constrain(v_all, ("batch", "cache_length", "kv_heads", "head_dim"), mesh, rules)
-    attn = jax.nn.dot_product_attention(
-        q, k_all, v_all, mask=mask[:, None, :, :], implementation=None if cfg.attention_impl == "xla"
-        else cfg.attention_impl,
-    )
+    attn = _attend(cfg, q, k_all, v_all, mask, causal=ck is None)
     x = x + dense("wo", attn)
     x = constrain(x, ("batch", "length", "embed"), mesh, rules)
 
