@@ -7,6 +7,7 @@ matters (turning it off moves the logits by much more than the tolerance), so th
 """
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -149,8 +150,8 @@ def test_grouped_causal_attention_matches_reference():
     ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
     g_ref = jax.grad(lambda *a: (ref(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
     for blocks in (1, 2, 4):
-        fn = lambda q, k, v: M._grouped_causal_attention(q, k, v, mask, blocks)
+        fn = partial(M._grouped_causal_attention, mask=mask, blocks=blocks)
         np.testing.assert_allclose(fn(q, k, v), ref(q, k, v), atol=2e-5)
-        g = jax.grad(lambda *a: (fn(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+        g = jax.grad(lambda *a, fn=fn: (fn(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
         for a, b in zip(g, g_ref):
             np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
