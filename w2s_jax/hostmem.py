@@ -1,6 +1,6 @@
 """Host-memory allocator tuning for XLA:CPU and torch on Linux/glibc.
 
-XLA:CPU allocates a step's temporaries (``memory_analysis``: 1.7 GiB for the SmolLM2-shape SFT step, 3.1 GiB for DPO) as
+XLA:CPU allocates a step's temporaries (``memory_analysis``: 1.6 GiB for the SmolLM2-shape SFT step, 2.9 GiB for DPO) as
 one buffer per call, and frees it at the end. glibc serves such sizes with a fresh ``mmap`` from the
 calling worker thread's arena and ``munmap``s them on free, so every step page-faults the whole
 buffer in again: about 450,000 minor faults and 1.5 to 2.5 s of kernel time per SFT step on a
