@@ -23,6 +23,7 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,9 @@ def main(argv=None) -> int:
           f" {ncpu} CPUs ({cpu_name()}), torch threads {torch.get_num_threads()}, jax {jax.__version__},"
           f" torch {torch.__version__}", flush=True)
     sampler = Sampler(params, cfg, tokenizer=None, eos_ids=[])
+    # the same Sampler with XLA's dot instead of the native matrix-vector kernel (w2s_jax/cpu_kernels.py)
+    sampler_xla = Sampler(params, cfg, tokenizer=None, eos_ids=[], cpu_kernels=False) if sampler.cpu_kernels else None
+    print(f"native CPU kernels: {'on' if sampler.cpu_kernels else 'off'}", flush=True)
     del params
     rng = np.random.default_rng(0)
     rows = []
@@ -117,8 +121,10 @@ def main(argv=None) -> int:
                                  num_beams=1, pad_token_id=cfg.pad_token_id)
             return out[:, args.prompt_len:].tolist()
 
-        def run_jax(prompts=prompts, sc=sc):
+        def run_jax(prompts=prompts, sc=sc, sampler=sampler):
             return [c[0].token_ids for c in sampler.generate(prompts, sc, progress=False)]
+
+        run_xla = None if sampler_xla is None else partial(run_jax, sampler=sampler_xla)
 
         c0 = sampler.compile_seconds
         t = time.perf_counter()
@@ -126,8 +132,11 @@ def main(argv=None) -> int:
         jax_first = time.perf_counter() - t
         compile_s = sampler.compile_seconds - c0
         hf_tokens = run_hf()  # warm-up
-        hf_times, jax_times, hf_other, jax_other = [], [], [], []
+        xla_tokens = run_xla() if run_xla else None
+        hf_times, jax_times, hf_other, jax_other, xla_times = [], [], [], [], []
         for _ in range(repeats):
+            if run_xla:
+                xla_times.append(timed(run_xla, args.wait_quiet)[0])
             w, o = timed(run_hf, args.wait_quiet)
             hf_times.append(w)
             hf_other.append(o)
@@ -146,10 +155,19 @@ def main(argv=None) -> int:
             "jax_ms_per_step": min(jax_times) / new * 1e3, "hf_ms_per_step": min(hf_times) / new * 1e3,
             "greedy_rows_identical": agree,
         }
+        if xla_times:  # the native kernel's share of the speed-up
+            row.update(jax_xla_dot_tok_s=n_tok / min(xla_times), jax_xla_dot_seconds=xla_times,
+                       native_kernel_speedup=min(xla_times) / min(jax_times),
+                       xla_dot_rows_identical=float(np.mean([a == b for a, b in zip(xla_tokens, jax_tokens)])))
         rows.append(row)
         print(f"batch {B:3d}: transformers {row['hf_tok_s']:8.1f} tok/s | w2s-jax {row['jax_tok_s']:8.1f} tok/s |"
               f" ratio {row['ratio']:.2f}x | jax compile {compile_s:.1f}s | rows identical {agree:.2f} |"
               f" other processes' CPU share hf {max(hf_other):.0%} jax {max(jax_other):.0%}", flush=True)
+        if xla_times:
+            print(f"           w2s-jax with XLA's dot instead of the native kernel"
+                  f" {row['jax_xla_dot_tok_s']:8.1f} tok/s"
+                  f" (kernel speed-up {row['native_kernel_speedup']:.2f}x, rows identical"
+                  f" {row['xla_dot_rows_identical']:.2f})", flush=True)
 
     print()
     print("| batch | transformers tok/s | w2s-jax tok/s | ratio | jax ms/step | jax compile s |")

@@ -36,6 +36,13 @@ Design
   projection (XLA:CPU's matrix-vector product is ~1.5x faster in that layout). On GPU/TPU
   (``layer_loop="scan"``) the stacked weights are scanned as in ``model.forward``. Weights stay in
   their parameter dtype and are cast to the compute dtype inside the matmuls, as in ``model.py``.
+- **Native matrix-vector kernel on CPU**: decoding at batch 1 streams every weight once per token, so
+  its speed is memory bandwidth. With float32 weights on an unsharded CPU Sampler, products with at
+  most ``cpu_kernels.SKINNY_MAX_ROWS`` rows (the decode steps of small batches) go to an XLA FFI
+  kernel (``csrc/skinny_matmul.cc``, compiled for the host on first use) that reads eight adjacent
+  weight rows per pass on all intra-op threads: 1.2x XLA's dot on the SmolLM2 shape (see README).
+  ``Sampler(cpu_kernels=False)`` or ``W2S_CPU_KERNELS=0`` keeps XLA's dot; without a C++ compiler the
+  Sampler falls back to it with a warning.
 - **Sampling** is fused into the loop: greedy (``temperature == 0``) is ``argmax``; otherwise
   ``logits / temperature``, optionally restricted to the ``top_k`` largest (ties at the k-th value
   kept) and to the nucleus ``top_p`` (the smallest set of most probable tokens whose mass reaches
@@ -74,6 +81,7 @@ The CLI keeps shapes stable by sorting rows by length and using fixed buckets.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import math
@@ -88,6 +96,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from w2s_jax import cpu_kernels
 from w2s_jax.errors import UserError
 from w2s_jax.model import _EINSUM, ModelConfig, _dense, rms_norm, rope_frequencies
 from w2s_jax.prompts import STOP_STRINGS
@@ -330,6 +339,7 @@ class _Spec:
     scan_layers: bool
     has_lora: bool
     return_logits: bool = False
+    cpu_kernels: bool = False  # decode's small matmuls through cpu_kernels.skinny_matmul
 
 
 def _rope_tables(cfg: ModelConfig, positions: jax.Array, dtype):
@@ -351,11 +361,19 @@ def _lora_add(y, name, x, lp, lora_scale):
     return y + lora_scale * jnp.einsum(_EINSUM[name][2], h, lp[name]["b"].astype(x.dtype))
 
 
+# set while a program with _Spec.cpu_kernels is traced: _mm then sends products with at most
+# cpu_kernels.SKINNY_MAX_ROWS rows (the decode steps) to the native kernel
+_SKINNY = contextvars.ContextVar("w2s_sampler_skinny", default=False)
+
+
 def _mm(x, w, out_dtype=None):
     """``x [..., in] @ w`` for a prepared weight: an ``[in, out]`` matrix or a list of column chunks
     (separate matmuls XLA:CPU can run concurrently; see ``Sampler(matmul_split=)``)."""
     if isinstance(w, (list, tuple)):
         return jnp.concatenate([_mm(x, c, out_dtype) for c in w], axis=-1)
+    if (_SKINNY.get() and x.dtype == jnp.float32 and w.dtype == jnp.float32
+            and math.prod(x.shape[:-1]) <= cpu_kernels.SKINNY_MAX_ROWS):
+        return cpu_kernels.skinny_matmul(x, w)
     return jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=out_dtype)
 
 
@@ -516,6 +534,16 @@ def _program(spec: _Spec, mesh, rules, weights, lora, lora_scale, tokens, kv_sta
              stop_table, temperature, top_p):
     """Prefill + decode loop. Returns (tokens [B, N], num_tokens [B], finish code [B]) and, with
     ``spec.return_logits``, the float32 logits each token was chosen from [B, N, V]."""
+    token = _SKINNY.set(spec.cpu_kernels)
+    try:
+        return _program_body(spec, mesh, rules, weights, lora, lora_scale, tokens, kv_start, seeds, hashes, active,
+                             stop_table, temperature, top_p)
+    finally:
+        _SKINNY.reset(token)
+
+
+def _program_body(spec: _Spec, mesh, rules, weights, lora, lora_scale, tokens, kv_start, seeds, hashes, active,
+                  stop_table, temperature, top_p):
     cfg = spec.cfg
     B, P = tokens.shape
     N = spec.max_new
@@ -644,6 +672,10 @@ def _program(spec: _Spec, mesh, rules, weights, lora, lora_scale, tokens, kv_sta
 # ----------------------------------------------------------------------------- the sampler
 
 
+def _native_kernels_available() -> bool:
+    return cpu_kernels.available()
+
+
 def _unstack(tree, n: int) -> list:
     """A stacked ``[L, ...]`` tree as a list of L per-layer trees (each leaf keeps its sharding
     minus the layer axis)."""
@@ -679,6 +711,7 @@ class Sampler:
         fuse_projections: bool | None = None,
         matmul_split: int = 1,
         head_chunks: int = 1,
+        cpu_kernels: bool | None = None,
     ):
         if layer_loop not in ("auto", "unroll", "scan"):
             raise UserError(f"layer_loop must be auto, unroll or scan, got {layer_loop!r}")
@@ -704,6 +737,13 @@ class Sampler:
             )
         self.fuse_projections = bool(fuse_projections) and layer_loop == "unroll"
         self.matmul_split = max(1, int(matmul_split)) if mesh is None else 1
+        if cpu_kernels is None:  # unsharded CPU decoding: the native matrix-vector kernel when it builds
+            cpu_kernels = (platform == "cpu" and layer_loop == "unroll" and (mesh is None or mesh.size == 1)
+                           and _native_kernels_available())
+        elif cpu_kernels and not (platform == "cpu" and layer_loop == "unroll" and _native_kernels_available()):
+            raise UserError("cpu_kernels=True needs the CPU backend, layer_loop='unroll' and a C++ compiler "
+                            "(see w2s_jax/cpu_kernels.py; the log says why the build failed)")
+        self.cpu_kernels = bool(cpu_kernels)
         if layer_loop == "unroll":
             # one layer at a time, sliced inside the jit: peak memory = stacked + prepared weights
             prep = jax.jit(lambda stacked, i: _prepare_layer(
@@ -868,6 +908,7 @@ class Sampler:
             use_top_p=(not sc.greedy) and sc.top_p < 1.0, has_stop=bool(sc.stop) and self.tokenizer is not None,
             eos_ids=self.eos_ids,
             scan_layers=self.layer_loop == "scan", has_lora=self.lora is not None, return_logits=return_logits,
+            cpu_kernels=self.cpu_kernels,
         )
         b = ("batch",)
         args = (

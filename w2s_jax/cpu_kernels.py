@@ -1,0 +1,126 @@
+"""Native XLA:CPU kernels, compiled for the host on first use (XLA FFI custom calls).
+
+One kernel so far: ``skinny_matmul(x, w)`` = ``x @ w`` for a few rows of ``x`` (float32), the
+matrix-vector products of decoding at batch 1 (see ``csrc/skinny_matmul.cc`` for why it beats
+XLA:CPU's dot there). The C++ source ships with the package; the first call compiles it with the
+system's C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``) against the FFI headers of the
+installed jaxlib, for this CPU (``-march=native``), into ``$W2S_KERNEL_CACHE`` (default
+``~/.cache/w2s/kernels``), keyed by a hash of the source, compiler, flags, jax version and CPU. Later
+processes load the cached library.
+
+Everything degrades gracefully: with no compiler, a failed build or a non-CPU backend,
+:func:`available` returns False (with one warning saying why) and callers use XLA's dot. Set
+``W2S_CPU_KERNELS=0`` to turn the kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+SRC_DIR = Path(__file__).with_name("csrc")
+_TARGET = "w2s_skinny_matmul"
+# rows of x up to which skinny_matmul is used by the sampler (batch-1 decode and small batches)
+SKINNY_MAX_ROWS = 4
+_FLAGS = ("-std=c++17", "-shared", "-fPIC")
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get("W2S_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _compiler() -> str | None:
+    for c in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if c and shutil.which(c):
+            return shutil.which(c)
+    return None
+
+
+def _cpu_id() -> str:
+    model = platform.processor() or platform.machine()
+    try:  # the flags decide what -march=native emits
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features", "model name")):
+                    model += line
+    except OSError:
+        pass
+    return model
+
+
+def _build(cxx: str, src: Path, out: Path) -> None:
+    inc = jax.ffi.include_dir()
+    base = [cxx, "-O3", *_FLAGS, f"-I{inc}", str(src)]
+    errors = []
+    for arch in (["-march=native"], ["-mcpu=native"], []):
+        with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
+            tmp_path = Path(tmp.name)
+        try:
+            r = subprocess.run(base[:2] + arch + base[2:] + ["-o", str(tmp_path)], capture_output=True, text=True,
+                               timeout=300)
+            if r.returncode == 0:
+                os.replace(tmp_path, out)  # atomic: concurrent builders never see a partial library
+                return
+            errors.append(r.stderr.strip()[-2000:])
+        finally:
+            tmp_path.unlink(missing_ok=True)
+    raise RuntimeError("\n".join(errors))
+
+
+_registered = False
+
+
+def available() -> bool:
+    """Whether the native kernels are enabled, built, loaded and registered (builds them on first call)."""
+    return enabled_by_env() and jax.default_backend() == "cpu" and _load()
+
+
+@functools.cache
+def _load() -> bool:
+    global _registered
+    cxx = _compiler()
+    if cxx is None:
+        log.warning("no C++ compiler found (set CXX): using XLA's dot for decoding (slower at batch 1)")
+        return False
+    src = SRC_DIR / "skinny_matmul.cc"
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256(
+            b"\0".join(s.encode() for s in (src.read_text(), version, jax.__version__, _cpu_id(), *_FLAGS))
+        ).hexdigest()[:16]
+        cache = Path(os.environ.get("W2S_KERNEL_CACHE", Path.home() / ".cache" / "w2s" / "kernels"))
+        cache.mkdir(parents=True, exist_ok=True)
+        lib_path = cache / f"skinny_matmul-{key}.so"
+        if not lib_path.exists():
+            log.info("compiling %s with %s", src.name, cxx)
+            _build(cxx, src, lib_path)
+        lib = ctypes.cdll.LoadLibrary(str(lib_path))
+        if not _registered:  # once per process (the first library loaded serves the target)
+            jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.W2sSkinnyMatmul), platform="cpu")
+            _registered = True
+    except Exception as e:  # noqa: BLE001 - any failure means: fall back to XLA
+        log.warning("native CPU kernels unavailable, using XLA's dot (%s: %s)", type(e).__name__, e)
+        return False
+    return True
+
+
+def skinny_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x [..., K] @ w [K, N]`` in float32 with the native kernel (call :func:`available` first)."""
+    if x.dtype != jnp.float32 or w.dtype != jnp.float32 or w.ndim != 2 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"skinny_matmul needs float32 x [..., K] and w [K, N]; got {x.dtype}{x.shape}, "
+                         f"{w.dtype}{w.shape}")
+    out = jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[1]), jnp.float32)
+    return jax.ffi.ffi_call(_TARGET, out)(x, w)
