@@ -29,6 +29,7 @@ needs_kernel = pytest.mark.skipif(
     [
         (1, 576, 960),  # decode q/k/v shape: K split over threads, partials summed
         (3, 1536, 576),  # several rows
+        (16, 576, 1100),  # 16 rows, column blocks of 512 with a remainder
         (2, 64, 9000),  # wide: column panels
         (4, 37, 4100),  # K % 8 != 0, N % 16 != 0 (remainders)
         (1, 5, 7),  # tiny: one thread, scalar tails only
@@ -81,7 +82,7 @@ def test_sampler_kernel_path_equals_xla_path(monkeypatch):
     slow = Sampler(p, cfg, eos_ids=[], cpu_kernels=False)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 256, n).tolist() for n in (3, 9, 17)]
-    for B in (1, 3):  # batch 1 decodes through the kernel; batch 3 too (<= SKINNY_MAX_ROWS rows)
+    for B in (1, 3):  # decode steps of both batches go through the kernel (<= SKINNY_MAX_ROWS rows)
         sc = SampleConfig(max_new_tokens=12, batch_size=B)
         a = fast.generate_with_logits(prompts, sc)
         b = slow.generate_with_logits(prompts, sc)

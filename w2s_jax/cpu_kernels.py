@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 
 SRC_DIR = Path(__file__).with_name("csrc")
 _TARGET = "w2s_skinny_matmul"
-# rows of x up to which skinny_matmul is used by the sampler (batch-1 decode and small batches)
-SKINNY_MAX_ROWS = 4
+# rows of x up to which the Sampler uses skinny_matmul (decode steps of batches up to 16: at 16 rows it still
+# beats XLA's dot, 61 against 65 ms per step on the SmolLM2 shape; 38 against 45 ms at 8 rows)
+SKINNY_MAX_ROWS = 16
 _FLAGS = ("-std=c++17", "-shared", "-fPIC")
 
 

@@ -38,7 +38,7 @@ Design
   their parameter dtype and are cast to the compute dtype inside the matmuls, as in ``model.py``.
 - **Native matrix-vector kernel on CPU**: decoding at batch 1 streams every weight once per token, so
   its speed is memory bandwidth. With float32 weights on an unsharded CPU Sampler, products with at
-  most ``cpu_kernels.SKINNY_MAX_ROWS`` rows (the decode steps of small batches) go to an XLA FFI
+  most ``cpu_kernels.SKINNY_MAX_ROWS`` rows (the decode steps of batches up to 16) go to an XLA FFI
   kernel (``csrc/skinny_matmul.cc``, compiled for the host on first use) that reads eight adjacent
   weight rows per pass on all intra-op threads: 1.2x XLA's dot on the SmolLM2 shape (see README).
   ``Sampler(cpu_kernels=False)`` or ``W2S_CPU_KERNELS=0`` keeps XLA's dot; without a C++ compiler the
