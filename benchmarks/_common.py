@@ -56,6 +56,15 @@ class PeakRSS:
         return self.peak - self.base
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def cpu_times() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine since boot (Linux /proc/stat)."""
     try:

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import HOST_MALLOC, PeakRSS, preference_rows, timed  # noqa: E402
+from _common import HOST_MALLOC, PeakRSS, minor_faults, preference_rows, timed  # noqa: E402
 
 
 def random_params(cfg, seed=0):
@@ -211,21 +211,26 @@ def main(argv=None) -> int:
                 losses[k].append(fn())
             peaks[k] = max(peaks.get(k, 0), pr.growth)
     others = {k: [] for k in kinds}
+    faults = {k: [] for k in kinds}  # minor page faults per timed step (a freshly mapped heap block shows here)
     for r in range(steps):
         for k, fn in kinds.items():
             box_loss = []
+            f0 = minor_faults()
             wall, other = timed(lambda fn=fn, box_loss=box_loss: box_loss.append(fn()), args.wait_quiet)
+            faults[k].append(minor_faults() - f0)
             losses[k].append(box_loss[0])
             times[k].append(wall)
             others[k].append(other)
-        print(f"round {r + 1}/{steps}: " + ", ".join(f"{k} {times[k][-1]:.2f}s (others {others[k][-1]:.0%})"
-                                                     for k in kinds), flush=True)
+        print(f"round {r + 1}/{steps}: " + ", ".join(
+            f"{k} {times[k][-1]:.2f}s (others {others[k][-1]:.0%}, {faults[k][-1]:,} faults)" for k in kinds),
+            flush=True)
 
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
     tok_per_step = B * S
     res["step_seconds"] = {k: {"median": med[k], "min": best[k], "all": times[k]} for k in kinds}
     res["other_processes_cpu_share"] = {k: statistics.median(v) for k, v in others.items()}
+    res["minor_page_faults"] = faults
     res["tokens_per_second"] = {k: tok_per_step / med[k] for k in kinds if k.endswith("sft")}
     res["peak_rss_growth_bytes"] = peaks
     res["losses"] = losses
