@@ -175,6 +175,23 @@ def main() -> int:
     except Exception as e:  # reported to the test, which decides
         sampler_texts, sampler_error = None, f"{type(e).__name__}: {e}"
     texts = [bytes(int(t) for t in row).decode("latin-1") for row in tokens]
+    # scoring (`w2s logprobs`) on the mesh spanning both processes; every host gets every score
+    try:
+        from types import SimpleNamespace
+
+        from w2s_jax.scoring import score_records
+        from w2s_jax.tokenizer import ByteTokenizer
+
+        class SmallByteTokenizer(ByteTokenizer):  # ids inside the tiny model's 256-token vocab
+            add_bos = False
+            eos_id = 255
+
+        srecs = [{"id": i, "prompt": f"q{i} " * (i + 1), "completion": f"a{i}!"} for i in range(6)]
+        held = SimpleNamespace(cfg=cfg, params=state.params, lora=None, lora_cfg=None, tokenizer=None)
+        scored, _ = score_records(held, srecs, batch_size=4, mesh=mesh, tokenizer=SmallByteTokenizer())
+        scores, score_error = [[r["logprob"], r["num_tokens"]] for r in scored], None
+    except Exception as e:  # reported to the test, which decides
+        scores, score_error = None, f"{type(e).__name__}: {e}"
 
     # records split across hosts (as evaluation does) and gathered back in order
     mine = D.shard_records(records)
@@ -199,6 +216,8 @@ def main() -> int:
         "texts": texts,
         "sampler_texts": sampler_texts,
         "sampler_error": sampler_error,
+        "scores": scores,
+        "score_error": score_error,
         "local_rows": local_rows,
         "mine": [r["id"] for r in mine],
         "gathered": gathered,

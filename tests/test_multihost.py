@@ -128,6 +128,17 @@ def test_sampler_two_processes(runs):
         assert r["sampler_texts"] == single["texts"]
 
 
+def test_scoring_two_processes(runs):
+    """score_records on a mesh spanning both processes: every process gets the single-process scores."""
+    single, parts, _ = runs
+    assert single["score_error"] is None, single["score_error"]
+    assert len(single["scores"]) == 6 and all(n > 1 and lp < 0 for lp, n in single["scores"])
+    for r in parts:
+        assert r["score_error"] is None, r["score_error"]
+        assert [n for _, n in r["scores"]] == [n for _, n in single["scores"]]
+        np.testing.assert_allclose([lp for lp, _ in r["scores"]], [lp for lp, _ in single["scores"]], rtol=1e-5)
+
+
 def test_sft_driver_two_processes(runs):
     """run_sft: the same losses as one process; only process 0 writes metrics, logs and the model;
     both write one set of checkpoints."""

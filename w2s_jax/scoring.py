@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from w2s_jax.distributed import to_host
 from w2s_jax.errors import UserError
 from w2s_jax.model import ModelConfig, forward
 from w2s_jax.sharding import DEFAULT_RULES, Rules, named_sharding
@@ -242,7 +243,7 @@ def score_records(
             model.params, cfg, args[0], args[1], segment_ids=args[2], lora=lora, lora_scale=lora_scale,
             mesh=mesh, rules=rules,
         )
-        lp, cnt = np.asarray(jax.device_get(lp)), np.asarray(jax.device_get(cnt))
+        lp, cnt = to_host((lp, cnt))  # (a collective when the mesh spans processes: every host calls it)
         for row, k in enumerate(batch):
             i, f, _, _ = seqs[k]
             results[(i, f)] = (float(lp[row]), int(cnt[row]))
