@@ -106,7 +106,7 @@ def test_kernel_unavailable_falls_back(monkeypatch, tmp_path, caplog):
         pytest.skip("no `false` binary to stand in for a broken compiler")
     monkeypatch.setenv("CXX", false)
     monkeypatch.setenv("W2S_KERNEL_CACHE", str(tmp_path))
-    cpu_kernels._load.cache_clear()
+    cpu_kernels._load_once.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="w2s_jax.cpu_kernels"):
             assert not cpu_kernels.available()
@@ -115,4 +115,4 @@ def test_kernel_unavailable_falls_back(monkeypatch, tmp_path, caplog):
         with pytest.raises(UserError, match="cpu_kernels=True"):
             Sampler(p, cfg, eos_ids=[], cpu_kernels=True)
     finally:
-        cpu_kernels._load.cache_clear()
+        cpu_kernels._load_once.cache_clear()

@@ -24,6 +24,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import jax
@@ -89,8 +90,16 @@ def available() -> bool:
     return enabled_by_env() and jax.default_backend() == "cpu" and _load()
 
 
-@functools.cache
+_lock = threading.Lock()
+
+
 def _load() -> bool:
+    with _lock:  # one build and one registration even when threads ask at once
+        return _load_once()
+
+
+@functools.cache
+def _load_once() -> bool:
     global _registered
     cxx = _compiler()
     if cxx is None:
