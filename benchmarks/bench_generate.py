@@ -5,7 +5,9 @@ same weights copied into ``LlamaForCausalLM``), greedy, prompts of 32 tokens, 12
 disabled on both sides so every row generates exactly that many), batch 1 and 16, both in this one
 process. Each side gets a warm-up run; JAX compile time is excluded from its throughput and reported
 separately. Throughput = generated tokens / wall time of ``generate`` (prefill included), best of
-``--repeats`` runs per side, runs of the two sides interleaved. The share of the machine's CPU that
+``--repeats`` runs per side, runs of the two sides interleaved. Where the Sampler uses the native CPU
+decode kernel (``w2s_jax/cpu_kernels.py``), a second Sampler with XLA's dot is timed in the same rounds
+(``native_kernel_speedup`` in the JSON). The share of the machine's CPU that
 other processes used during each timed run is recorded: on a shared machine the figures are only
 meaningful when it is near 0 (``--wait-quiet S`` waits for that before each run); PyTorch's OpenMP
 threads slow down far more than XLA's under oversubscription, which inflates the ratio.

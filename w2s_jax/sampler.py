@@ -96,7 +96,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from w2s_jax import cpu_kernels
+from w2s_jax import cpu_kernels as native
 from w2s_jax.errors import UserError
 from w2s_jax.model import _EINSUM, ModelConfig, _dense, rms_norm, rope_frequencies
 from w2s_jax.prompts import STOP_STRINGS
@@ -372,8 +372,8 @@ def _mm(x, w, out_dtype=None):
     if isinstance(w, (list, tuple)):
         return jnp.concatenate([_mm(x, c, out_dtype) for c in w], axis=-1)
     if (_SKINNY.get() and x.dtype == jnp.float32 and w.dtype == jnp.float32
-            and math.prod(x.shape[:-1]) <= cpu_kernels.SKINNY_MAX_ROWS):
-        return cpu_kernels.skinny_matmul(x, w)
+            and math.prod(x.shape[:-1]) <= native.SKINNY_MAX_ROWS):
+        return native.skinny_matmul(x, w)
     return jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=out_dtype)
 
 
@@ -672,10 +672,6 @@ def _program_body(spec: _Spec, mesh, rules, weights, lora, lora_scale, tokens, k
 # ----------------------------------------------------------------------------- the sampler
 
 
-def _native_kernels_available() -> bool:
-    return cpu_kernels.available()
-
-
 def _unstack(tree, n: int) -> list:
     """A stacked ``[L, ...]`` tree as a list of L per-layer trees (each leaf keeps its sharding
     minus the layer axis)."""
@@ -737,10 +733,10 @@ class Sampler:
             )
         self.fuse_projections = bool(fuse_projections) and layer_loop == "unroll"
         self.matmul_split = max(1, int(matmul_split)) if mesh is None else 1
+        native_ok = platform == "cpu" and layer_loop == "unroll"
         if cpu_kernels is None:  # unsharded CPU decoding: the native matrix-vector kernel when it builds
-            cpu_kernels = (platform == "cpu" and layer_loop == "unroll" and (mesh is None or mesh.size == 1)
-                           and _native_kernels_available())
-        elif cpu_kernels and not (platform == "cpu" and layer_loop == "unroll" and _native_kernels_available()):
+            cpu_kernels = native_ok and (mesh is None or mesh.size == 1) and native.available()
+        elif cpu_kernels and not (native_ok and native.available()):
             raise UserError("cpu_kernels=True needs the CPU backend, layer_loop='unroll' and a C++ compiler "
                             "(see w2s_jax/cpu_kernels.py; the log says why the build failed)")
         self.cpu_kernels = bool(cpu_kernels)
