@@ -29,7 +29,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import PeakRSS  # noqa: E402,F401  (also used by bench_lora as H.PeakRSS)
+from _common import PeakRSS, openmp_passive  # noqa: E402,F401  (PeakRSS: used by bench_lora as H.PeakRSS)
+
+OMP_WAIT_POLICY = openmp_passive()  # before torch is imported (see _common.openmp_passive)
 
 # ----------------------------------------------------------------------------- shared helpers
 

@@ -33,7 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import HOST_MALLOC, PeakRSS, minor_faults, preference_rows, timed  # noqa: E402
+from _common import HOST_MALLOC, PeakRSS, minor_faults, openmp_passive, preference_rows, timed  # noqa: E402
+
+OMP_WAIT_POLICY = openmp_passive()  # before torch is imported (see _common.openmp_passive)
 
 
 def random_params(cfg, seed=0):
