@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_scoring as H  # noqa: E402  (helpers shared by the suite)
 from _common import openmp_passive, preference_rows  # noqa: E402
 
-OMP_WAIT_POLICY = openmp_passive()  # before torch is imported (see _common.openmp_passive)
+openmp_passive()  # before torch is imported (see _common.openmp_passive)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BETA = 0.1

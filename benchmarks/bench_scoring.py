@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import PeakRSS, openmp_passive  # noqa: E402,F401  (PeakRSS: used by bench_lora as H.PeakRSS)
 
-OMP_WAIT_POLICY = openmp_passive()  # before torch is imported (see _common.openmp_passive)
+openmp_passive()  # before torch is imported (see _common.openmp_passive)
 
 # ----------------------------------------------------------------------------- shared helpers
 

@@ -138,7 +138,8 @@ def main(argv=None) -> int:
     tokens = rng.integers(3, cfg.vocab_size, (B, S)).astype(np.int32)
     res: dict = {
         "machine": {"cpus": threads, "load_avg_start": os.getloadavg(), "jax": jax.__version__,
-                    "backend": jax.default_backend(), "host_malloc": HOST_MALLOC},
+                    "backend": jax.default_backend(), "host_malloc": HOST_MALLOC,
+                    "omp_wait_policy": OMP_WAIT_POLICY},
         "model": {"preset": cfg.name, "n_layers": cfg.n_layers, "params": cfg.num_params, "dtype": "float32",
                   "remat": cfg.remat},
         "batch": [B, S], "rounds": steps,
@@ -271,7 +272,7 @@ def main(argv=None) -> int:
     rows.append(("other processes' CPU share", "", "", ", ".join(f"{k} {v:.0%}" for k, v in oth.items())))
     w = max(len(r[0]) for r in rows)
     print(f"\n{cfg.name} ({cfg.n_layers} layers), batch {B}x{S}, float32, remat={cfg.remat}, {threads} CPU threads, "
-          f"{steps} rounds, host malloc {HOST_MALLOC}")
+          f"{steps} rounds, host malloc {HOST_MALLOC}, OMP_WAIT_POLICY {OMP_WAIT_POLICY}")
     for a, b, c, d in rows:
         print(f"  {a.ljust(w)}  {b:>14}  {c:>14}  {d}")
     Path(args.out).write_text(json.dumps(res, indent=1, default=float))

@@ -49,24 +49,24 @@ void rows_kernel(const float* x, const float* w, float* y, int64_t M, int64_t K,
   for (; k + 8 <= k1; k += 8) {
     const float* w0 = w + k * N;
     for (int64_t jb = n0; jb < n1; jb += kBlock) {
-    const int64_t je = std::min(n1, jb + kBlock), jv = std::min(nv, je);
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xm = x + m * K + k;
-      const vf a0 = splat(xm[0]), a1 = splat(xm[1]), a2 = splat(xm[2]), a3 = splat(xm[3]);
-      const vf a4 = splat(xm[4]), a5 = splat(xm[5]), a6 = splat(xm[6]), a7 = splat(xm[7]);
-      float* ym = y + m * ldy;
-      for (int64_t j = jb; j < jv; j += kLanes) {
-        const float* p = w0 + j;
-        const vf s0 = load(ym + j) + a0 * load(p) + a1 * load(p + N) + a2 * load(p + 2 * N) + a3 * load(p + 3 * N);
-        const vf s1 = a4 * load(p + 4 * N) + a5 * load(p + 5 * N) + a6 * load(p + 6 * N) + a7 * load(p + 7 * N);
-        store(ym + j, s0 + s1);
+      const int64_t je = std::min(n1, jb + kBlock), jv = std::min(nv, je);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xm = x + m * K + k;
+        const vf a0 = splat(xm[0]), a1 = splat(xm[1]), a2 = splat(xm[2]), a3 = splat(xm[3]);
+        const vf a4 = splat(xm[4]), a5 = splat(xm[5]), a6 = splat(xm[6]), a7 = splat(xm[7]);
+        float* ym = y + m * ldy;
+        for (int64_t j = jb; j < jv; j += kLanes) {
+          const float* p = w0 + j;
+          const vf s0 = load(ym + j) + a0 * load(p) + a1 * load(p + N) + a2 * load(p + 2 * N) + a3 * load(p + 3 * N);
+          const vf s1 = a4 * load(p + 4 * N) + a5 * load(p + 5 * N) + a6 * load(p + 6 * N) + a7 * load(p + 7 * N);
+          store(ym + j, s0 + s1);
+        }
+        for (int64_t j = std::max(jb, nv); j < je; ++j) {
+          float acc = ym[j];
+          for (int r = 0; r < 8; ++r) acc += xm[r] * w0[r * N + j];
+          ym[j] = acc;
+        }
       }
-      for (int64_t j = std::max(jb, nv); j < je; ++j) {
-        float acc = ym[j];
-        for (int r = 0; r < 8; ++r) acc += xm[r] * w0[r * N + j];
-        ym[j] = acc;
-      }
-    }
     }
   }
   for (; k < k1; ++k) {  // the last K % 8 rows
