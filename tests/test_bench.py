@@ -39,3 +39,30 @@ def test_plan_and_gpu_mode_message(capsys):
     with pytest.raises(UserError, match="gpu"):
         bench.main(["--mode", "gpu", "--only", "score"])
     assert cli_main(["bench", "--only", "nope"]) == 2
+
+
+def test_gpu_plan_and_decode_bound():
+    args = type("A", (), dict(mode="gpu", preset=None, quick=False, rounds=None, batch=None, seq=None, layers=None,
+                              profile=None, only=list(bench.WORKLOADS)))()
+    plan = {w: (s, a) for w, s, a in bench.plan(args)}
+    assert set(plan) == set(bench.WORKLOADS)
+    s, a = plan["generate"]
+    assert s == "bench_generate.py" and a[a.index("--device") + 1] == "cuda" and a[a.index("--dtype") + 1] == "bfloat16"
+    assert a[a.index("--preset") + 1] == "llama2-7b"
+    s, a = plan["sft"]  # full fine-tuning of the 7B shape cut to 8 layers, sequences of 1024
+    assert s == "bench_lora.py" and a[a.index("--layers") + 1] == "8" and a[a.index("--seq") + 1] == "1024"
+
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_generate", bench.benchmarks_dir() / "bench_generate.py")
+    bg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bg)
+    from w2s_jax.model import get_preset
+
+    cfg = get_preset("llama2-7b", dtype="bfloat16", param_dtype="bfloat16")
+    nb = bg.decode_bytes_per_step(cfg, batch=1, context=100)
+    # Llama-2-7B: 6,738,415,616 parameters, of which the 32000 x 4096 input embedding is not streamed
+    assert nb["weights"] == (6_738_415_616 - 32000 * 4096) * 2
+    assert nb["kv_cache"] == 2 * 32 * 32 * 128 * 100 * 2  # K and V, 32 layers x 32 heads x 128, 100 tokens, bf16
+    tied = get_preset("smollm2-135m")  # tied embeddings: the head reads the whole table, float32
+    assert bg.decode_bytes_per_step(tied, 4, 10)["weights"] == tied.num_params * 4

@@ -14,8 +14,8 @@ JSON output:
 
 Modes: ``cpu`` (SmolLM2-135M shape, random weights, float32 both sides) and ``gpu`` (Llama-2-7B
 shape in bfloat16, torch on cuda: full fine-tuning with the layers cut to 8 so that it fits one
-80 GB GPU, LoRA and scoring on the full 32 layers; generation is not covered there because
-bench_generate.py runs torch on the CPU). MFU is reported where the device's peak FLOP/s is known
+80 GB GPU, LoRA, scoring and generation on the full 32 layers; generation also reports the decode
+step's time against the memory-bandwidth bound). MFU is reported where the device's peak FLOP/s is known
 (``tpu_specs.chip_for_device``).
 """
 
@@ -110,19 +110,18 @@ def plan(args) -> list[tuple[str, str, list[str]]]:
             a = (["--quick"] if args.quick else []) + (["--steps", str(args.rounds)] if args.rounds else []) + \
                 shape + ["--no-dpo"]
             out.append((w, "bench_train.py", a))
-        elif w in ("sft", "dpo"):
-            out.append((w, "bench_lora.py", common + full_layers + shape + ["--rank", "0", "--only", w] + prof))
+        elif w in ("sft", "dpo"):  # gpu: 8 sequences per step for SFT, 4 pairs (8 rows) for DPO
+            b = ["--batch", "8" if w == "sft" else "4"] if gpu and not args.batch and not args.quick else []
+            out.append((w, "bench_lora.py", common + full_layers + shape + b + ["--rank", "0", "--only", w] + prof))
         elif w == "score":
             out.append((w, "bench_scoring.py", common + layers + shape + prof))
         elif w == "lora":  # gpu: the full 7B twice (JAX + torch copies) plus activations -> batch 2
             lshape = shape + (["--batch", "2"] if gpu and not args.batch else [])
             out.append((w, "bench_lora.py", common + layers + lshape + ["--rank", "8"] + prof))
         elif w == "generate":
+            a = ["--preset", preset] + (["--quick"] if args.quick else []) + layers
             if gpu:
-                print("generate: skipped in --mode gpu (bench_generate.py runs transformers on the CPU)",
-                      file=sys.stderr)
-                continue
-            a = ["--preset", preset] + (["--quick"] if args.quick else [])
+                a += ["--device", "cuda", "--dtype", "bfloat16"]
             if args.rounds:
                 a += ["--repeats", str(args.rounds)]
             out.append((w, "bench_generate.py", a))

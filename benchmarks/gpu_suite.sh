@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite in one command, each workload in its own process with its own time limit
+# (what `w2s bench --mode gpu` runs, plus a cuDNN-attention variant of the SFT step), so that one
+# failing or slow workload cannot take the others with it. Written for a lent single-GPU machine:
+#
+#   OUT=/some/dir bash benchmarks/gpu_suite.sh        # JSON per workload + one log under $OUT
+#
+# Environment: PY (python with jax[cuda], torch+cuda, transformers, peft; default python3),
+# STAGES (space-separated subset, default all, in this order), BUDGET (seconds for the whole suite,
+# default 560: a stage gets at most its own limit and what is left of the budget, and is skipped when
+# under 20 s are left).
+set -u
+OUT=${OUT:-/tmp/w2s-gpu}
+PY=${PY:-python3}
+BUDGET=${BUDGET:-560}
+STAGES=${STAGES:-"probe gen sft dpo sft_cudnn sft_cudnn_noremat lora score gen_static"}
+END=$((SECONDS + BUDGET))
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.." || exit 1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    TOKENIZERS_PARALLELISM=false
+unset JAX_PLATFORMS
+LOG=$OUT/suite.log
+: >"$LOG"
+M="--preset llama2-7b --device cuda --dtype bfloat16"
+
+stage() {  # stage NAME SECONDS CMD...
+    local name=$1 limit=$2
+    shift 2
+    local left=$((END - SECONDS - 5))
+    if [ "$left" -lt 20 ]; then
+        echo "== $name skipped: ${left}s of the budget left" | tee -a "$LOG"
+        return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+    echo "== $name (limit ${limit}s) $(date -u +%T): $*" | tee -a "$LOG"
+    local t0=$SECONDS
+    timeout -k 5 "$limit" "$@" >>"$LOG" 2>&1
+    local rc=$?
+    echo "== $name rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
+}
+
+for s in $STAGES; do
+    case $s in
+    probe)
+        nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv >>"$LOG" 2>&1
+        stage probe 40 "$PY" -c "
+import jax, torch, transformers, optax, flax
+print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, torch.cuda.get_device_name(),
+      '| transformers', transformers.__version__, '| flax', flax.__version__, '| optax', optax.__version__)
+from w2s_jax import train, sampler, scoring  # noqa: F401
+print('w2s_jax imports ok')" ;;
+    gen) stage gen 220 "$PY" benchmarks/bench_generate.py $M --batches 1,16 --repeats 3 --out "$OUT/gen.json" ;;
+    gen_static) stage gen_static 200 "$PY" benchmarks/bench_generate.py $M --batches 1 --repeats 2 \
+        --layer-loops unroll --hf-static --out "$OUT/gen_static.json" ;;
+    sft) stage sft 90 "$PY" benchmarks/bench_lora.py $M --layers 8 --seq 1024 --batch 8 --rank 0 --only sft \
+        --out "$OUT/sft.json" ;;
+    dpo) stage dpo 80 "$PY" benchmarks/bench_lora.py $M --layers 8 --seq 1024 --batch 4 --rank 0 --only dpo \
+        --out "$OUT/dpo.json" ;;
+    sft_cudnn) stage sft_cudnn 60 "$PY" benchmarks/bench_lora.py $M --layers 8 --seq 1024 --batch 8 --rank 0 \
+        --only sft --attention cudnn --no-torch --out "$OUT/sft_cudnn.json" ;;
+    sft_cudnn_noremat) stage sft_cudnn_noremat 60 "$PY" benchmarks/bench_lora.py $M --layers 8 --seq 1024 --batch 8 \
+        --rank 0 --only sft --attention cudnn --remat none --no-torch --out "$OUT/sft_cudnn_noremat.json" ;;
+    lora) stage lora 80 "$PY" benchmarks/bench_lora.py $M --seq 1024 --batch 2 --rank 8 --out "$OUT/lora.json" ;;
+    score) stage score 60 "$PY" benchmarks/bench_scoring.py $M --seq 1024 --out "$OUT/score.json" ;;
+    *) echo "unknown stage $s" | tee -a "$LOG" ;;
+    esac
+done
+echo "== summary" | tee -a "$LOG"
+"$PY" - "$OUT" <<'EOF' 2>&1 | tee -a "$LOG"
+import json, sys
+from pathlib import Path
+for f in sorted(Path(sys.argv[1]).glob("*.json")):
+    r = json.loads(f.read_text())
+    for row in r.get("rows", []):
+        keys = [k for k in row if isinstance(row[k], (int, float)) and not isinstance(row[k], bool)]
+        print(f.stem, row.get("workload", f"batch {row.get('batch')}"),
+              " ".join(f"{k}={row[k]:.4g}" for k in keys))
+EOF
