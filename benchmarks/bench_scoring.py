@@ -49,8 +49,8 @@ def common_args(ap: argparse.ArgumentParser, batch: int, seq: int) -> None:
     ap.add_argument("--profile", default=None, metavar="DIR", help="jax.profiler trace of the JAX timed rounds")
     ap.add_argument("--remat", default="dots", choices=["none", "dots", "dots_no_batch", "full"],
                     help="JAX rematerialisation policy for the training steps (dots: measured fastest on CPU)")
-    ap.add_argument("--attention", default="xla", choices=["xla", "cudnn"],
-                    help="JAX attention implementation (cudnn: jax.nn.dot_product_attention's fused GPU kernel)")
+    ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"],
+                    help="JAX attention implementation (auto: cuDNN's fused kernel on GPUs in bfloat16, else XLA)")
 
 
 def setup(args):
@@ -66,7 +66,7 @@ def setup(args):
     from w2s_jax.model import get_preset
 
     over = dict(dtype=args.dtype, param_dtype=args.dtype, remat=getattr(args, "remat", "none"),
-                attention_impl=getattr(args, "attention", "xla"))
+                attention_impl=getattr(args, "attention", "auto"))
     layers = args.layers or (min(4, get_preset(args.preset).n_layers) if args.quick else None)
     if layers:
         over["n_layers"] = layers
