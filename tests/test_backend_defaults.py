@@ -25,3 +25,28 @@ def test_default_layer_loop():
     assert default_layer_loop("cpu") == "unroll"
     assert default_layer_loop("gpu") == "unroll"
     assert default_layer_loop("tpu") == "scan"
+
+
+def test_cudnn_fallback_and_error(monkeypatch, caplog):
+    """'auto' on a GPU without usable cuDNN attention falls back to XLA's (same output, one warning);
+    an explicit 'cudnn' is a clear error. Simulated on CPU, where JAX reports that cuDNN is absent."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from w2s_jax import model as M
+    from w2s_jax.errors import UserError
+
+    cfg = get_preset("tiny", dtype="bfloat16", param_dtype="bfloat16")
+    params = M.init_params(cfg, jax.random.PRNGKey(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 16)), jnp.int32)
+    monkeypatch.setattr(M.jax, "default_backend", lambda: "gpu")
+    assert attention_implementation(cfg) == "cudnn"
+    M._warn_once.cache_clear()
+    with caplog.at_level("WARNING", logger="w2s_jax.model"):
+        auto = M.forward(params, tokens, cfg.replace(attention_impl="auto"))[0]
+    assert "cuDNN attention is not available" in caplog.text
+    ref = M.forward(params, tokens, cfg.replace(attention_impl="xla"))[0]
+    np.testing.assert_array_equal(np.asarray(auto, np.float32), np.asarray(ref, np.float32))
+    with pytest.raises(UserError, match="attention_impl='cudnn' is not available"):
+        M.forward(params, tokens, cfg.replace(attention_impl="cudnn"))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -38,7 +39,10 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from w2s_jax.errors import UserError
 from w2s_jax.sharding import DEFAULT_RULES, Rules, constrain
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -370,10 +374,24 @@ def _attend(cfg: ModelConfig, q, k, v, mask, causal: bool):
     ``causal``: the mask allows no key after its query (the training/scoring path without a cache).
     On XLA:CPU that path uses :func:`_grouped_causal_attention`; elsewhere ``jax.nn``'s attention."""
     impl = attention_implementation(cfg)
+    if impl == "cudnn":
+        try:  # JAX checks cuDNN's availability and limits while tracing
+            return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], implementation="cudnn")
+        except (RuntimeError, NotImplementedError, ValueError) as e:
+            if cfg.attention_impl == "cudnn":
+                raise UserError(f"attention_impl='cudnn' is not available for this model/device ({e}); set the "
+                                "model override attention_impl to 'xla' (or 'auto')") from e
+            _warn_once(f"cuDNN attention is not available here ({e}); using XLA's attention "
+                       "(attention_impl='xla' silences this)")
+            impl = "xla"
     if impl == "xla" and causal and _flat_dots():
         return _grouped_causal_attention(q, k, v, mask, blocks=2 if q.shape[1] % 2 == 0 and q.shape[1] >= 128 else 1)
-    impl = None if impl == "xla" else impl
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], implementation=impl)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
+
+
+@functools.cache
+def _warn_once(msg: str) -> None:
+    log.warning(msg)
 
 
 def _grouped_causal_attention(q, k, v, mask, blocks: int):
