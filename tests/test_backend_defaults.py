@@ -50,3 +50,27 @@ def test_cudnn_fallback_and_error(monkeypatch, caplog):
     np.testing.assert_array_equal(np.asarray(auto, np.float32), np.asarray(ref, np.float32))
     with pytest.raises(UserError, match="attention_impl='cudnn' is not available"):
         M.forward(params, tokens, cfg.replace(attention_impl="cudnn"))
+
+
+def test_gpu_layer_loop_keeps_scan_when_memory_is_short():
+    GB = 10**9
+    assert default_layer_loop("gpu", 13 * GB, 80 * GB) == "unroll"  # Llama-2-7B bf16 on an 80 GB card
+    assert default_layer_loop("gpu", 30 * GB, 80 * GB) == "scan"  # the per-layer copy would not leave room
+    assert default_layer_loop("gpu", 30 * GB, None) == "unroll"  # no memory statistics: the fast path
+    assert default_layer_loop("cpu", 30 * GB, 8 * GB) == "unroll"
+
+
+def test_per_device_bytes_counts_one_shard():
+    import jax
+    import jax.numpy as jnp
+
+    from w2s_jax.sampler import _per_device_bytes
+
+    tree = {"a": jnp.zeros((4, 8), jnp.float32), "b": [jnp.zeros((3,), jnp.bfloat16)]}
+    assert _per_device_bytes(tree) == 4 * 8 * 4 + 3 * 2
+    if len(jax.devices()) >= 2:  # sharded over 2 devices: one device holds half
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        mesh = Mesh(jax.devices()[:2], ("x",))
+        a = jax.device_put(jnp.zeros((4, 8), jnp.float32), NamedSharding(mesh, PartitionSpec("x")))
+        assert _per_device_bytes([a]) == 2 * 8 * 4

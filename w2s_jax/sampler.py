@@ -686,11 +686,34 @@ def _prompt_hash(ids: Sequence[int]) -> int:
     return zlib.crc32(np.asarray(ids, np.int64).astype("<i4").tobytes())
 
 
-def default_layer_loop(platform: str) -> str:
+def default_layer_loop(platform: str, layer_bytes: int | None = None, device_bytes: int | None = None) -> str:
     """``unroll`` on CPU and GPU, ``scan`` elsewhere (TPU). A scan over stacked weights copies each
-    layer's weights out of the stack every step on XLA:CPU and XLA:GPU: on an H200 (Llama-2-7B,
-    bfloat16, batch 1) a decode step took 11.6 ms scanned against 4.3 ms unrolled."""
-    return "unroll" if platform in ("cpu", "gpu", "cuda", "rocm") else "scan"
+    layer's weights out of the stack every step on XLA:CPU, and on an H200 (Llama-2-7B, bfloat16,
+    batch 1) a decode step took 11.6 ms scanned against 4.3 ms unrolled. Unrolling keeps a second,
+    per-layer copy of the layer weights, so on a GPU whose memory (``device_bytes``) would hold the
+    layer weights (``layer_bytes``, per device) less than four times over, the scan is kept."""
+    if platform == "cpu":
+        return "unroll"
+    if platform in ("gpu", "cuda", "rocm"):
+        if layer_bytes and device_bytes and layer_bytes > device_bytes / 4:
+            return "scan"
+        return "unroll"
+    return "scan"
+
+
+def _per_device_bytes(tree) -> int:
+    n = 0
+    for a in jax.tree.leaves(tree):
+        shards = getattr(a, "addressable_shards", None)
+        n += shards[0].data.nbytes if shards else int(getattr(a, "nbytes", 0))
+    return n
+
+
+def _device_memory(device) -> int | None:
+    try:
+        return int((device.memory_stats() or {}).get("bytes_limit") or 0) or None
+    except Exception:  # noqa: BLE001  (backends without memory statistics)
+        return None
 
 
 class Sampler:
@@ -728,9 +751,16 @@ class Sampler:
         self.mesh = mesh
         self.rules = rules
         self.lora_scale = float(lora_scale)
-        platform = jax.devices()[0].platform if mesh is None else mesh.devices.flat[0].platform
+        device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
+        platform = device.platform
         if layer_loop == "auto":
-            layer_loop = default_layer_loop(platform)
+            layer_bytes, device_bytes = (None, None) if platform == "cpu" else (
+                _per_device_bytes(params["layers"]), _device_memory(device))
+            layer_loop = default_layer_loop(platform, layer_bytes, device_bytes)
+            if platform != "cpu":
+                log.info("Sampler: layer_loop=%s (%s; layer weights %.2f GB per device, device memory %s GB)",
+                         layer_loop, platform, (layer_bytes or 0) / 1e9,
+                         f"{device_bytes / 1e9:.1f}" if device_bytes else "unknown")
         self.layer_loop = layer_loop
         if compiler_options is None:
             compiler_options = dict(CPU_COMPILER_OPTIONS) if platform == "cpu" else {}
