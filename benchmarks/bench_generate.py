@@ -16,9 +16,10 @@ threads slow down far more than XLA's under oversubscription, which inflates the
     python benchmarks/bench_generate.py --device cuda --dtype bfloat16 --preset llama2-7b
 
 GPU (``--device cuda``): JAX on its default GPU and ``LlamaForCausalLM`` on cuda, same weights (copied
-device to device), same dtype. Two JAX Samplers are timed, one per layer loop (``--layer-loops``, default
-``scan,unroll``). Each side is also run with ``--short-tokens`` new tokens, so that the decode step's
-own time ``(t_long - t_short) / (new - short)`` is reported without the prefill; that is compared with
+device to device), same dtype; ``--layer-loops scan,unroll`` times one JAX Sampler per layer loop (default:
+the Sampler's own choice). At batch 1 (``--short-batches``) each side is also run with ``--short-tokens``
+new tokens, so that the decode step's own time ``(t_long - t_short) / (new - short)`` is reported
+without the prefill (each such run compiles one more JAX program); that is compared with
 the memory-bandwidth bound of one decode step: the bytes of every weight a step reads (all but the
 embedding table, of which it reads one row per sequence) and of the KV cache, over the device's
 bandwidth (the datasheet figure from ``w2s_jax/tpu_specs.py`` and a copy measured in this run).
@@ -124,11 +125,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="weights and compute, both sides")
     ap.add_argument("--layer-loops", default=None,
-                    help="Sampler layer loops to time, comma-separated (default: the Sampler's choice on cpu, "
-                         "scan,unroll on cuda); the fastest is the reported JAX figure")
+                    help="Sampler layer loops to time, comma-separated (default: the Sampler's own choice); "
+                         "the fastest is the reported JAX figure")
     ap.add_argument("--short-tokens", type=int, default=None,
                     help="also time runs of this many new tokens, to get the decode step's time without the "
                          "prefill (default 16 with --device cuda, off on cpu)")
+    ap.add_argument("--short-batches", default="1", help="the batch sizes that get the --short-tokens runs")
     ap.add_argument("--hf-static", action="store_true",
                     help="also time transformers generate with cache_implementation='static' (torch.compile)")
     ap.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
@@ -176,7 +178,8 @@ def main(argv=None) -> int:
           f" {ncpu} CPUs ({cpu_name()}), torch threads {torch.get_num_threads()}, jax {jax.__version__},"
           f" torch {torch.__version__}", flush=True)
     variants = {}  # name -> Sampler; the first is the reported one on cpu, the fastest on cuda
-    loops = args.layer_loops.split(",") if args.layer_loops else (["scan", "unroll"] if gpu else ["auto"])
+    loops = args.layer_loops.split(",") if args.layer_loops else ["auto"]
+    short_batches = {int(b) for b in args.short_batches.split(",") if b.strip()}
     for loop in loops:
         s = Sampler(params, cfg, tokenizer=None, eos_ids=[], layer_loop=loop)
         variants["jax" if len(loops) == 1 else f"jax_{s.layer_loop}"] = s
@@ -220,7 +223,7 @@ def main(argv=None) -> int:
             sides["hf_static"] = partial(run_hf, new, cache_implementation="static")
         sides.update({name: partial(run_jax, new, sampler=s) for name, s in variants.items()})
         shorts = {}
-        if short:
+        if short and B in short_batches:
             shorts = {"hf": partial(run_hf, short)}
             if args.hf_static:
                 shorts["hf_static"] = partial(run_hf, short, cache_implementation="static")
@@ -273,7 +276,7 @@ def main(argv=None) -> int:
         }
         if errors:
             row["errors"] = errors
-        if short:
+        if shorts:
             for n, st in short_times.items():
                 row["variants"][n]["decode_ms_per_step"] = (min(times[n]) - min(st)) / (new - short) * 1e3
             row["jax_decode_ms_per_step"] = row["variants"][best]["decode_ms_per_step"]
@@ -285,6 +288,7 @@ def main(argv=None) -> int:
             nb = decode_bytes_per_step(cfg, B, args.prompt_len + (new + short) // 2)
             row["decode_bytes_per_step"] = nb
             d = row.get("jax_decode_ms_per_step") or row["jax_ms_per_step"]
+            row["bound_basis"] = "decode step" if "jax_decode_ms_per_step" in row else "whole run, prefill included"
             for k, bw in bandwidth.items():
                 bound_ms = nb["total"] / bw * 1e3
                 row[f"bound_ms_{k}"] = bound_ms
@@ -308,7 +312,7 @@ def main(argv=None) -> int:
             print(f"           native kernel speed-up over XLA's dot {row['native_kernel_speedup']:.2f}x", flush=True)
         for k in bandwidth:
             print(f"           decode bound ({k}) {row[f'bound_ms_{k}']:.2f} ms/step: w2s-jax reaches"
-                  f" {row[f'fraction_of_bound_{k}']:.0%} of it", flush=True)
+                  f" {row[f'fraction_of_bound_{k}']:.0%} of it ({row['bound_basis']})", flush=True)
 
     print()
     print("| batch | transformers tok/s | w2s-jax tok/s | ratio | jax ms/step | jax compile s |")

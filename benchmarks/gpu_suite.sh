@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite in one command, each workload in its own process with its own time limit
-# (what `w2s bench --mode gpu` runs, plus a cuDNN-attention variant of the SFT step), so that one
-# failing or slow workload cannot take the others with it. Written for a lent single-GPU machine:
+# (what `w2s bench --mode gpu` runs, then the variants behind the defaults: scanned against unrolled
+# decode layers, XLA's against cuDNN's training attention, and `generate` with a static cache), so
+# that one failing or slow workload cannot take the others with it. Session 6 (one H200, 15 minutes):
+# JAX compiled a 7B decode program in 32 to 42 s and the 8-layer SFT step in 35 s (66 s with XLA's
+# attention); plan the budget around those. Written for a lent single-GPU machine:
 #
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh        # JSON per workload + one log under $OUT
 #
@@ -13,7 +16,7 @@ set -u
 OUT=${OUT:-/tmp/w2s-gpu}
 PY=${PY:-python3}
 BUDGET=${BUDGET:-560}
-STAGES=${STAGES:-"probe gen sft dpo sft_cudnn sft_cudnn_noremat lora score gen_static"}
+STAGES=${STAGES:-"probe gen sft dpo lora score gen_loops sft_xla gen_static"}
 END=$((SECONDS + BUDGET))
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.." || exit 1
@@ -50,19 +53,19 @@ print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, torch
       '| transformers', transformers.__version__, '| flax', flax.__version__, '| optax', optax.__version__)
 from w2s_jax import train, sampler, scoring  # noqa: F401
 print('w2s_jax imports ok')" ;;
-    gen) stage gen 220 "$PY" benchmarks/bench_generate.py $M --batches 1,16 --repeats 3 --out "$OUT/gen.json" ;;
-    gen_static) stage gen_static 200 "$PY" benchmarks/bench_generate.py $M --batches 1 --repeats 2 \
-        --layer-loops unroll --hf-static --out "$OUT/gen_static.json" ;;
+    gen) stage gen 200 "$PY" benchmarks/bench_generate.py $M --batches 1,16 --repeats 3 --out "$OUT/gen.json" ;;
+    gen_loops) stage gen_loops 150 "$PY" benchmarks/bench_generate.py $M --batches 1 --repeats 2 \
+        --layer-loops scan,unroll --out "$OUT/gen_loops.json" ;;
+    gen_static) stage gen_static 200 "$PY" benchmarks/bench_generate.py $M --batches 1 --repeats 2 --hf-static \
+        --out "$OUT/gen_static.json" ;;
     sft) stage sft 90 "$PY" benchmarks/bench_lora.py $M --layers 8 --seq 1024 --batch 8 --rank 0 --only sft \
         --out "$OUT/sft.json" ;;
-    dpo) stage dpo 80 "$PY" benchmarks/bench_lora.py $M --layers 8 --seq 1024 --batch 4 --rank 0 --only dpo \
+    dpo) stage dpo 90 "$PY" benchmarks/bench_lora.py $M --layers 8 --seq 1024 --batch 4 --rank 0 --only dpo \
         --out "$OUT/dpo.json" ;;
-    sft_cudnn) stage sft_cudnn 60 "$PY" benchmarks/bench_lora.py $M --layers 8 --seq 1024 --batch 8 --rank 0 \
-        --only sft --attention cudnn --no-torch --out "$OUT/sft_cudnn.json" ;;
-    sft_cudnn_noremat) stage sft_cudnn_noremat 60 "$PY" benchmarks/bench_lora.py $M --layers 8 --seq 1024 --batch 8 \
-        --rank 0 --only sft --attention cudnn --remat none --no-torch --out "$OUT/sft_cudnn_noremat.json" ;;
-    lora) stage lora 80 "$PY" benchmarks/bench_lora.py $M --seq 1024 --batch 2 --rank 8 --out "$OUT/lora.json" ;;
-    score) stage score 60 "$PY" benchmarks/bench_scoring.py $M --seq 1024 --out "$OUT/score.json" ;;
+    sft_xla) stage sft_xla 100 "$PY" benchmarks/bench_lora.py $M --layers 8 --seq 1024 --batch 8 --rank 0 \
+        --only sft --attention xla --no-torch --out "$OUT/sft_xla.json" ;;
+    lora) stage lora 120 "$PY" benchmarks/bench_lora.py $M --seq 1024 --batch 2 --rank 8 --out "$OUT/lora.json" ;;
+    score) stage score 80 "$PY" benchmarks/bench_scoring.py $M --seq 1024 --out "$OUT/score.json" ;;
     *) echo "unknown stage $s" | tee -a "$LOG" ;;
     esac
 done
