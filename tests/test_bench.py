@@ -66,3 +66,20 @@ def test_gpu_plan_and_decode_bound():
     assert nb["kv_cache"] == 2 * 32 * 32 * 128 * 100 * 2  # K and V, 32 layers x 32 heads x 128, 100 tokens, bf16
     tied = get_preset("smollm2-135m")  # tied embeddings: the head reads the whole table, float32
     assert bg.decode_bytes_per_step(tied, 4, 10)["weights"] == tied.num_params * 4
+
+
+def test_generation_rows_and_table_with_hbm_bound(capsys):
+    """A GPU generation result (the JSON bench_generate.py writes) becomes table rows with the decode
+    step's share of the HBM bound."""
+    res = {"rows": [{"batch": 1, "jax_ms_per_step": 4.35, "jax_tok_s": 230.0, "jax_compile_s": 32.2,
+                     "hf_tok_s": 50.4, "hf_ms_per_step": 19.9, "ratio": 4.56, "jax_decode_ms_per_step": 4.32,
+                     "fraction_of_bound_datasheet_bytes_s": 0.64},
+                    {"batch": 16, "jax_ms_per_step": 20.0, "jax_tok_s": 800.0, "jax_compile_s": 30.0,
+                     "hf_tok_s": 400.0, "hf_ms_per_step": 40.0, "ratio": 2.0}]}
+    rows = bench._rows_from("generate", res, 989e12, 6_738_415_616)
+    assert [r["workload"] for r in rows] == ["generate b1", "generate b16"]
+    assert rows[0]["hbm_bound_fraction"] == 0.64 and rows[1]["hbm_bound_fraction"] is None
+    assert rows[0]["mfu"] == pytest.approx(230.0 * 2 * 6_738_415_616 / 989e12)
+    bench.print_table(rows)
+    out = capsys.readouterr().out
+    assert "of HBM bound" in out and "| 64%" in out

@@ -160,7 +160,10 @@ def _rows_from(workload: str, res: dict, device_kind_peak: float | None, num_par
                          "jax_compile_s": r.get("jax_compile_s"), "jax_peak_memory_bytes": None,
                          "jax_memory_source": "", "baseline": "transformers generate (bench_generate.py)",
                          "baseline_tok_s": r["hf_tok_s"], "baseline_step_ms": r.get("hf_ms_per_step"),
-                         "ratio": r["ratio"], "flops_per_token": 2.0 * num_params if num_params else None})
+                         "ratio": r["ratio"], "flops_per_token": 2.0 * num_params if num_params else None,
+                         # GPU: the decode step against weights-and-cache bytes / datasheet HBM bandwidth
+                         "hbm_bound_fraction": r.get("fraction_of_bound_datasheet_bytes_s"),
+                         "decode_ms_per_step": r.get("jax_decode_ms_per_step")})
     else:
         rows = [dict(r) for r in res.get("rows", [])]
     for r in rows:
@@ -178,6 +181,9 @@ def _fmt_bytes(n) -> str:
 def print_table(rows: list[dict]) -> None:
     head = ["workload", "JAX tok/s", "baseline tok/s", "ratio", "JAX compile s", "JAX step ms",
             "JAX peak mem", "baseline peak mem", "MFU"]
+    bound = any(r.get("hbm_bound_fraction") for r in rows)
+    if bound:
+        head.append("of HBM bound")
     body = []
     for r in rows:
         body.append([
@@ -191,7 +197,7 @@ def print_table(rows: list[dict]) -> None:
             _fmt_bytes(r.get("baseline_peak_memory_bytes")) + (f" ({r['baseline_memory_source']})" if r.get(
                 "baseline_peak_memory_bytes") else ""),
             f"{r['mfu']:.1%}" if r.get("mfu") else "-",
-        ])
+        ] + ([f"{r['hbm_bound_fraction']:.0%}" if r.get("hbm_bound_fraction") else "-"] if bound else []))
     w = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
     print("| " + " | ".join(h.ljust(w[i]) for i, h in enumerate(head)) + " |")
     print("|" + "|".join("-" * (n + 2) for n in w) + "|")
