@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmark suite in one command, each workload in its own process with its own time limit
 # (what `w2s bench --mode gpu` runs, then the variants behind the defaults: scanned against unrolled
-# decode layers, XLA's against cuDNN's training attention, the SFT step under XLA GPU flags that
-# MaxText recommends (not yet measured here), and `generate` with a static cache), so
+# decode layers, XLA's against cuDNN's training attention, the SFT step under two XLA GPU flags often
+# tuned for LLM training (not yet measured here), and `generate` with a static cache), so
 # that one failing or slow workload cannot take the others with it. Session 6 (one H200, 15 minutes):
 # JAX compiled a 7B decode program in 32 to 42 s and the 8-layer SFT step in 35 s (66 s with XLA's
 # attention); plan the budget around those. Written for a lent single-GPU machine:
