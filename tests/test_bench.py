@@ -83,3 +83,25 @@ def test_generation_rows_and_table_with_hbm_bound(capsys):
     bench.print_table(rows)
     out = capsys.readouterr().out
     assert "of HBM bound" in out and "| 64%" in out
+
+
+def test_gpu_suite_script_budget(tmp_path):
+    """benchmarks/gpu_suite.sh (a dry run with PY=echo): stages run in order, each limited by what is
+    left of the total budget, unknown stages are reported, and a stage is skipped once under 20 s are left."""
+    import os
+    import subprocess
+
+    script = bench.benchmarks_dir() / "gpu_suite.sh"
+    env = {**os.environ, "PY": "echo", "OUT": str(tmp_path), "BUDGET": "150", "STAGES": "gen sft nope score"}
+    p = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    log = (tmp_path / "suite.log").read_text()
+    starts = [ln for ln in log.splitlines() if ln.startswith("== ") and "(limit" in ln]
+    assert [ln.split()[1] for ln in starts] == ["gen", "sft", "score"]
+    assert "(limit 145s)" in starts[0]  # min(200, budget - 5)
+    assert "--preset llama2-7b --device cuda --dtype bfloat16" in starts[1] and "--layers 8" in starts[1]
+    assert "unknown stage nope" in log
+    env["BUDGET"] = "10"
+    p = subprocess.run(["bash", str(script)], env={**env, "STAGES": "gen"}, capture_output=True, text=True,
+                       timeout=60)
+    assert "== gen skipped" in (tmp_path / "suite.log").read_text()
