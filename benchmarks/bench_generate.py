@@ -177,7 +177,7 @@ def main(argv=None) -> int:
           f" {time.perf_counter() - t0:.1f}s; JAX on {dev.device_kind}, torch on {args.device};"
           f" {ncpu} CPUs ({cpu_name()}), torch threads {torch.get_num_threads()}, jax {jax.__version__},"
           f" torch {torch.__version__}", flush=True)
-    variants = {}  # name -> Sampler; the first is the reported one on cpu, the fastest on cuda
+    variants = {}  # name -> Sampler; "jax" is the reported one, or the fastest when several loops are timed
     loops = args.layer_loops.split(",") if args.layer_loops else ["auto"]
     short_batches = {int(b) for b in args.short_batches.split(",") if b.strip()}
     for loop in loops:
