@@ -128,3 +128,42 @@ def preference_rows(toks, prompt: int) -> dict:
     nll[..., -1] = 0
     return {"tokens": toks, "targets": tg, "loss_mask": lm, "segment_ids": np.ones(toks.shape, np.int32),
             "positions": np.broadcast_to(np.arange(S, dtype=np.int32), toks.shape).copy(), "nll_mask": nll}
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def _to_torch(a, device, dtype):
+    import jax.numpy as jnp
+    import torch
+
+    if device == "cuda":  # zero host round trip; clone so JAX donation cannot touch it
+        return torch.from_dlpack(a).to(dtype).clone()
+    return torch.from_numpy(np.array(a.astype(jnp.float32), order="C", copy=True)).to(dtype)
+
+
+def torch_model(cfg, params, device: str, dtype: str):
+    """``LlamaForCausalLM`` holding a copy of ``params`` (layout from ``w2s_jax.convert``), on ``device``
+    (cuda: copied device to device) in ``dtype`` (``float32`` | ``bfloat16``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from w2s_jax.convert import model_to_hf_config, params_to_state_dict
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    hc = model_to_hf_config(cfg)
+    hc._attn_implementation = "sdpa"
+    dt = torch_dtype(dtype)
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(hc, dtype=dt)
+    sd = {k: _to_torch(v, device, dt).contiguous() for k, v in params_to_state_dict(params, cfg, host=False).items()}
+    if cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    m.load_state_dict(sd, assign=True, strict=False)
+    if cfg.tie_embeddings:
+        m.tie_weights()
+    m.model.rotary_emb.__init__(hc)  # non-persistent inv_freq buffer, off the meta device
+    return m.to(device)

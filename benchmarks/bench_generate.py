@@ -43,42 +43,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import timed  # noqa: E402
+from _common import timed, torch_model  # noqa: E402
 
 from w2s_jax.bench import _cpu_name as cpu_name  # noqa: E402
-
-
-def to_hf_state_dict(params, cfg):
-    """Our params tree -> LlamaForCausalLM state dict (torch float32 tensors; layout from ``w2s_jax.convert``)."""
-    import torch
-
-    from w2s_jax.convert import params_to_state_dict
-
-    t = lambda a: torch.from_numpy(np.array(a, dtype=np.float32, order="C", copy=True))
-    sd = {k: t(v) for k, v in params_to_state_dict(params, cfg).items()}
-    if cfg.tie_embeddings:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    return sd
-
-
-def hf_model(params, cfg):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hc = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-        intermediate_size=cfg.d_ff, max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta,
-        rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=cfg.bos_token_id,
-        eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, torch_dtype="float32",
-    )
-    with torch.device("meta"):
-        m = LlamaForCausalLM(hc)
-    m.load_state_dict(to_hf_state_dict(params, cfg), assign=True, strict=False)
-    if cfg.tie_embeddings:
-        m.tie_weights()
-    m.model.rotary_emb.__init__(hc)  # rebuild the non-persistent inv_freq buffer off the meta device
-    return m.float().eval()
 
 
 def measure_copy_bandwidth(nbytes: int = 2 << 30, reps: int = 10) -> float:
@@ -164,14 +131,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     params = init_params(cfg, jax.random.PRNGKey(0))
     params = jax.block_until_ready(params)
-    if gpu or args.dtype != "float32":
-        import bench_scoring as H  # the device-to-device weight copy (same layout as hf_model)
-
-        if gpu and not torch.cuda.is_available():
-            raise SystemExit("--device cuda: torch sees no CUDA GPU")
-        m = H.torch_model(cfg, params, args.device, args.dtype).eval()
-    else:
-        m = hf_model(params, cfg)
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA GPU")
+    m = torch_model(cfg, params, args.device, args.dtype).eval()
     dev = jax.devices()[0]
     print(f"model {cfg.name} ({cfg.n_layers} layers): {cfg.num_params / 1e6:.1f}M params {args.dtype}, built in"
           f" {time.perf_counter() - t0:.1f}s; JAX on {dev.device_kind}, torch on {args.device};"

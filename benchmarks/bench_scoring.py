@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import PeakRSS, openmp_passive  # noqa: E402,F401  (PeakRSS: used by bench_lora as H.PeakRSS)
+from _common import PeakRSS, openmp_passive, torch_model  # noqa: E402,F401  (H.PeakRSS, H.torch_model: bench_lora)
 
 openmp_passive()  # before torch is imported (see _common.openmp_passive)
 
@@ -80,44 +80,6 @@ def random_params(cfg, seed: int = 0):
     from w2s_jax.model import init_params
 
     return jax.block_until_ready(init_params(cfg, jax.random.PRNGKey(seed)))
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
-def _to_torch(a, device, dtype):
-    import jax.numpy as jnp
-    import torch
-
-    if device == "cuda":  # zero host round trip; clone so JAX donation cannot touch it
-        return torch.from_dlpack(a).to(dtype).clone()
-    return torch.from_numpy(np.array(a.astype(jnp.float32), order="C", copy=True)).to(dtype)
-
-
-def torch_model(cfg, params, device: str, dtype: str):
-    """``LlamaForCausalLM`` holding a copy of ``params`` (layout from ``w2s_jax.convert``)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from w2s_jax.convert import model_to_hf_config, params_to_state_dict
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    hc = model_to_hf_config(cfg)
-    hc._attn_implementation = "sdpa"
-    dt = torch_dtype(dtype)
-    with torch.device("meta"):
-        m = AutoModelForCausalLM.from_config(hc, dtype=dt)
-    sd = {k: _to_torch(v, device, dt).contiguous() for k, v in params_to_state_dict(params, cfg, host=False).items()}
-    if cfg.tie_embeddings:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    m.load_state_dict(sd, assign=True, strict=False)
-    if cfg.tie_embeddings:
-        m.tie_weights()
-    m.model.rotary_emb.__init__(hc)  # non-persistent inv_freq buffer, off the meta device
-    return m.to(device)
 
 
 def sync(device: str) -> None:

@@ -42,7 +42,8 @@ Design
   its speed is memory bandwidth. With float32 weights on an unsharded CPU Sampler, products with at
   most ``cpu_kernels.SKINNY_MAX_ROWS`` rows (the decode steps of batches up to 16) go to an XLA FFI
   kernel (``csrc/skinny_matmul.cc``, compiled for the host on first use) that reads eight adjacent
-  weight rows per pass on all intra-op threads: 1.2x XLA's dot on the SmolLM2 shape (see README).
+  weight rows per pass on all intra-op threads: 1.04x to 1.20x XLA's dot on the SmolLM2 shape at batch
+  1, depending on how much memory bandwidth the VM had free (see README).
   ``Sampler(cpu_kernels=False)`` or ``W2S_CPU_KERNELS=0`` keeps XLA's dot; without a C++ compiler the
   Sampler falls back to it with a warning.
 - **Sampling** is fused into the loop: greedy (``temperature == 0``) is ``argmax``; otherwise
