@@ -28,7 +28,7 @@ LOG=$OUT/suite.log
 # one JSON per workload in a folder beside $OUT, packed into $OUT/results.tgz after every stage (a lent
 # machine returns at most 8 files from $OUT, so it holds only suite.log, results.tgz and the profile)
 J=${OUT%/}.json
-mkdir -p "$J"
+rm -rf "$J" && mkdir -p "$J"  # no JSON of an earlier run gets packed
 : >"$LOG"
 M=${M:-"--preset llama2-7b --device cuda --dtype bfloat16"}  # model and sides (override for a smaller GPU)
 
