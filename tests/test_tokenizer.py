@@ -1,5 +1,8 @@
 """Tokenizers and the BOS/EOS policy (byte tokenizer, Hugging Face tokenizers built offline)."""
 
+import os
+from pathlib import Path
+
 import pytest
 
 from w2s_jax.errors import UserError
@@ -107,3 +110,142 @@ def test_bad_tokenizer_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="empty"):
         load_tokenizer(tmp_path / "empty")
+
+
+# ----------------------------------------------------------------------------- GGUF (no torch)
+
+GGUF_TEXTS = [
+    "Question: Natalia sold clips to 48 of her friends in April. How many? Answer: 72 ✓",
+    "Tom has 12 apples and buys 345 more.\nTom has 12 + 345 = 357 apples.\n#### 357",
+    "<|im_start|>user\nhi<|im_end|>",
+    "Héllo  wörld\t\n\n  x's don't 1000000",
+    "  leading spaces, trailing ",
+    "emoji 🤖 and 中文 and 3.14159",
+]
+
+
+def _write_tokenizer_gguf(path, pre="smollm"):
+    """A llama GGUF with only a byte-level BPE tokenizer in its metadata (llama.cpp's key names)."""
+    gguf = pytest.importorskip("gguf")
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    chars = list(bytes_to_unicode().values())
+    merges = ["Ġ t", "h e", "Ġt he", "a n", "Ġ a", "p p", "a pp", "Ġa pp", "l e", "app le", "Ġapp le", "e s", "Ġ Ġ"]
+    tokens = specials + chars + ["".join(m.split(" ")) for m in merges]
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, v in (("block_count", 1), ("context_length", 64), ("embedding_length", 8), ("feed_forward_length", 8),
+                   ("attention.head_count", 1)):
+        w.add_uint32(f"llama.{key}", v)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([3] * len(specials) + [1] * (len(tokens) - len(specials)))
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_pad_token_id(2)
+    w.add_add_bos_token(False)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _smollm2_gguf():
+    import glob
+
+    env = os.environ.get("W2S_SMOLLM2_GGUF")
+    hits = [env] if env else sorted(glob.glob(os.path.expanduser("~/.cache/w2s/SmolLM2-135M-Instruct*.gguf")))
+    return Path(hits[0]) if hits and Path(hits[0]).is_file() else None
+
+
+def _transformers_ids(path, texts):
+    pytest.importorskip("torch")  # transformers' GGUF tokenizer loader reads the file with torch
+    from transformers import AutoTokenizer
+
+    ref = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return [ref(t, add_special_tokens=False)["input_ids"] for t in texts], ref
+
+
+def test_gguf_tokenizer_equals_transformers_loader(tmp_path):
+    path = _write_tokenizer_gguf(tmp_path / "tok.gguf")
+    t = load_tokenizer(path)
+    assert (t.bos_id, t.eos_id, t.pad_id, t.add_bos, t.vocab_size) == (1, 2, 2, False, 3 + 256 + 13)
+    assert t.encode(" the apple") == [259 + 2, 259 + 10]  # "Ġthe", "Ġapple": the file's merges are used
+    assert t.encode("12") == [3 + ord("1") - 33, 3 + ord("2") - 33]  # digits one by one (pre: smollm)
+    assert t.encode("<|im_end|>") == [2]  # control tokens stay whole ...
+    assert t.decode([1, *t.encode("hi"), 2]) == "hi"  # ... and are skipped when decoding
+    ref_ids, ref = _transformers_ids(path, GGUF_TEXTS)
+    assert [t.encode(x) for x in GGUF_TEXTS] == ref_ids
+    assert [t.decode(i) for i in ref_ids] == [ref.decode(i, skip_special_tokens=True) for i in ref_ids]
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_tokenizer_equals_transformers_loader():
+    path = _smollm2_gguf()
+    if path is None:
+        pytest.skip("SmolLM2 GGUF not found ($W2S_SMOLLM2_GGUF or ~/.cache/w2s/); bash scripts/fetch_smollm2.sh")
+    t = load_tokenizer(path)
+    ref_ids, _ = _transformers_ids(path, GGUF_TEXTS)
+    assert [t.encode(x) for x in GGUF_TEXTS] == ref_ids
+    assert all(t.decode(t.encode(x)) == x for x in GGUF_TEXTS if "<|" not in x)  # specials are skipped
+    assert (t.bos_id, t.eos_id, t.add_bos, t.vocab_size) == (1, 2, False, 49152)
+
+
+_NO_TORCH = """
+import json, sys
+try:
+    import torch  # noqa: F401
+    sys.exit("torch is importable")
+except ImportError:
+    pass
+from w2s_jax.tokenizer import load_tokenizer
+out = {}
+for path, saved in zip(sys.argv[1::2], sys.argv[2::2]):
+    t = load_tokenizer(path)
+    t.save(saved)
+    t2 = load_tokenizer(saved)
+    out[path] = [[t.encode(x), t2.encode(x), t2.decode(t.encode(x))] for x in json.loads(sys.stdin.read() or "[]")
+                 or TEXTS]
+assert "torch" not in sys.modules
+print(json.dumps(out))
+"""
+
+
+def test_gguf_tokenizer_without_torch(tmp_path):
+    """In an interpreter where torch cannot be imported (site-packages without torch): the GGUF tokenizer
+    loads, saves with a model and reloads from that directory, with the same ids as in this process."""
+    import json
+    import subprocess
+    import sys
+    import sysconfig
+
+    site = Path(sysconfig.get_paths()["purelib"])
+    farm = tmp_path / "site"
+    farm.mkdir()
+    for entry in site.iterdir():
+        if entry.name.split("-")[0].split(".")[0].lower() not in ("torch", "torchgen", "functorch"):
+            (farm / entry.name).symlink_to(entry)
+    paths = [_write_tokenizer_gguf(tmp_path / "tok.gguf")]
+    if _smollm2_gguf() is not None:
+        paths.append(_smollm2_gguf())
+    args = []
+    for i, p in enumerate(paths):
+        args += [str(p), str(tmp_path / f"saved{i}")]
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), str(farm)])
+    code = f"TEXTS = {GGUF_TEXTS!r}\n" + _NO_TORCH
+    proc = subprocess.run([sys.executable, "-S", "-c", code, *args], env=env, capture_output=True, text=True,
+                          timeout=300, input="")
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-1000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for p in paths:
+        t = load_tokenizer(p)
+        for (ids, ids_saved, text), x in zip(got[str(p)], GGUF_TEXTS):
+            assert ids == ids_saved == t.encode(x)
+            assert text == t.decode(t.encode(x))

@@ -4,8 +4,9 @@ Two implementations with one interface:
 
 - :class:`ByteTokenizer`: built in, no files. Ids 0..255 are UTF-8 bytes, then ``pad=256``,
   ``bos=257``, ``eos=258`` (``vocab_size`` 259). Used by the offline demo's tiny from-scratch models.
-- :class:`HFTokenizer`: ``transformers.AutoTokenizer`` from a local directory, or from a GGUF file
-  (``AutoTokenizer.from_pretrained(dir, gguf_file=name)``).
+- :class:`HFTokenizer`: ``transformers.AutoTokenizer`` from a local directory, or a fast tokenizer
+  built from a GGUF file's own metadata (:func:`gguf_fast_tokenizer`: vocabulary, merges, special
+  tokens and pre-tokenizer read with the ``gguf`` package and assembled with ``tokenizers``; no torch).
 
 Interface: ``encode(text) -> list[int]`` (no special tokens), ``decode(ids) -> str`` (skips special
 tokens), ``bos_id``/``eos_id``/``pad_id`` (``pad_id`` falls back to ``eos_id``), ``add_bos``,
@@ -114,8 +115,10 @@ class HFTokenizer:
         if not p.is_dir():
             raise UserError(f"tokenizer directory {p} does not exist")
         try:
-            kw = {"gguf_file": gguf_file} if gguf_file else {}
-            tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True, **kw)
+            if gguf_file:
+                tok = gguf_fast_tokenizer(p / gguf_file)
+            else:
+                tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as e:
             what = p / gguf_file if gguf_file else p
             raise UserError(f"could not load a tokenizer from {what}: {e}") from None
@@ -141,6 +144,101 @@ class HFTokenizer:
 
 
 Tokenizer = ByteTokenizer | HFTokenizer
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+# llama.cpp's `tokenizer.ggml.pre` names -> how the text is split before byte-level BPE. The split
+# regexes are llama.cpp's (llama-vocab.cpp) and the ones in each model's own tokenizer.json.
+_DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx")
+_GPT2_PRE = (None, "default", "gpt2", "gpt-2")
+
+
+def read_gguf_tokenizer(path: str | os.PathLike) -> dict:
+    """The tokenizer a GGUF file describes: its ``tokenizer.ggml.*`` metadata (read with ``gguf``)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+
+    def field(key: str, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    meta = {k: field(f"tokenizer.ggml.{k}") for k in (
+        "model", "pre", "tokens", "token_type", "merges", "bos_token_id", "eos_token_id", "unknown_token_id",
+        "padding_token_id", "add_bos_token", "add_eos_token")}
+    if not meta["tokens"]:
+        raise ValueError(f"{path}: the GGUF file has no tokenizer (no `tokenizer.ggml.tokens`)")
+    return meta
+
+
+def gguf_fast_tokenizer(path: str | os.PathLike):
+    """A ``transformers.PreTrainedTokenizerFast`` built from a GGUF file's metadata with ``gguf`` and
+    ``tokenizers`` only (no torch): byte-level BPE (``tokenizer.ggml.model == "gpt2"``: SmolLM, Llama 3,
+    ...) with the file's vocabulary, merges, control tokens and pre-tokenizer. Same ids as
+    ``AutoTokenizer.from_pretrained(dir, gguf_file=name)``. Other tokenizer models (sentencepiece
+    ``llama``, ...) go through that transformers loader, which needs torch."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as TkTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    meta = read_gguf_tokenizer(path)
+    pre = meta["pre"]
+    if meta["model"] != "gpt2" or pre not in (*_DIGITS_THEN_GPT2, *_LLAMA3_PRE, *_GPT2_PRE):
+        return _transformers_gguf_tokenizer(Path(path), f"tokenizer model {meta['model']!r} (pre {pre!r})")
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    spelling = bytes_to_unicode()
+    alphabet = set(spelling.values())
+    tokens = list(meta["tokens"])
+    vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
+             for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in (meta["merges"] or [])]
+    tk = TkTokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                                end_of_word_suffix="", fuse_unk=False))
+    if pre in _DIGITS_THEN_GPT2:
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                    pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    elif pre in _LLAMA3_PRE:
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    types = list(meta["token_type"] or [])
+    # control tokens (type 3) stay whole and are special (skipped when decoding); user-defined (4) stay whole.
+    # A "control" token spelled outside the byte alphabet is a llama.cpp mislabel and is left alone.
+    tk.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                           for t, ty in zip(tokens, types) if ty == 3 and set(t) <= alphabet])
+    tk.add_tokens([AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == 4])
+
+    def name(key: str) -> str | None:
+        i = meta[key]
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    bos = name("bos_token_id")
+    if meta["add_bos_token"] and bos is not None:
+        tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                          special_tokens=[(bos, int(meta["bos_token_id"]))])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=name("eos_token_id"),
+                                   unk_token=name("unknown_token_id"), pad_token=name("padding_token_id"))
+
+
+def _transformers_gguf_tokenizer(path: Path, what: str):
+    try:
+        import torch  # noqa: F401  (transformers' GGUF tokenizer loader reads the file with torch)
+    except ImportError:
+        raise UserError(f"{path}: {what} is not built in; transformers' GGUF loader for it needs torch "
+                        "(pip install torch), or give a tokenizer directory with `tokenizer=`") from None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
 
 
 def load_tokenizer(spec_or_path, base_dir: str | os.PathLike | None = None) -> Tokenizer:
