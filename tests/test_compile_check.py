@@ -152,7 +152,7 @@ def test_run_config_is_accepted():
     """A `w2s run` config: strong model, strong_train (SFT), stage2.train (DPO), generation, mesh."""
     import yaml
 
-    path = ROOT / "w2s_jax" / "configs" / "demo.yaml"
+    path = ROOT / "w2s_jax" / "configs" / "smoke.yaml"
     run = yaml.safe_load(path.read_text())
     cfg = C.load_check_config(path, ["strong_train.batch_size=32", "generation.max_prompt_len=200"])
     assert cfg.model == run["strong"]["preset"]

@@ -8,7 +8,7 @@ import pytest
 
 from w2s_jax.config import load_config
 from w2s_jax.jsonl import read_jsonl
-from w2s_jax.pipeline import Pipeline, RunConfig, default_config_path, load_run_config
+from w2s_jax.pipeline import Pipeline, RunConfig, config_path, default_config_path, load_run_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("**/*.yaml"))
 RUN_CONFIGS = [p for p in CONFIGS if "tpu" not in p.parts]
@@ -21,11 +21,18 @@ def test_run_config_parses(path: Path):
     assert cfg.stage1.train_set in ("hybrid", "weak", "icl")
 
 
-def test_embedded_default_is_the_demo():
+def test_default_config_is_smollm2_and_smoke_is_offline():
+    root = Path(__file__).resolve().parents[1]
     assert default_config_path().is_file()
-    assert (Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").resolve() == default_config_path().resolve()
-    cfg = load_run_config(None, [])
-    assert cfg.name == "demo" and cfg.data.source == "synthetic"
+    assert (root / "configs" / "default.yaml").resolve() == default_config_path().resolve()
+    cfg = load_run_config(None, [])  # parses without fetching anything: the address is resolved by `run`
+    assert cfg.name == "default" and cfg.data.source == "synthetic" and cfg.data.n_test >= 200
+    assert cfg.strong.path.startswith("hf://") and cfg.strong.path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert cfg.weak.tokenizer == "byte" and cfg.weak.preset is not None
+    smoke = load_run_config("smoke", [])  # a packaged config by name
+    assert smoke.name == "smoke" and smoke.strong.preset is not None and smoke.strong.path is None
+    assert (root / "configs" / "smoke.yaml").resolve() == config_path("smoke").resolve()
+    assert not (root / "configs" / "smollm2.yaml").exists() and not (root / "configs" / "demo.yaml").exists()
 
 
 def test_paper_gsm8k_data_stage(shared_dir: Path, tmp_path: Path):

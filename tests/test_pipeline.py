@@ -22,6 +22,7 @@ import pytest
 from w2s_jax.errors import UserError
 from w2s_jax.pipeline import STAGE_NAMES, Pipeline, load_run_config
 
+SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")  # byte-level models, offline
 TINY = [
     "data.n_train_1=96",
     "data.n_train_2=48",
@@ -56,7 +57,7 @@ def _quiet(msg: str) -> None:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("w2s") / "run"
-    cfg = load_run_config(None, TINY)
+    cfg = load_run_config(SMOKE, TINY)
     Pipeline(cfg, out, log=_quiet).run()
     return out
 
@@ -128,7 +129,7 @@ def test_report_matches_graded_outputs(run_dir: Path):
 def test_rerun_skips_everything(run_dir: Path):
     before = {st: _manifest(run_dir, st)["started"] for st in STAGE_NAMES}
     logs: list[str] = []
-    res = Pipeline(load_run_config(None, TINY), run_dir, log=logs.append).run()
+    res = Pipeline(load_run_config(SMOKE, TINY), run_dir, log=logs.append).run()
     assert res is not None and len(res["models"]) == 7
     assert sum("skipping" in x for x in logs) == len(STAGE_NAMES)
     assert {st: _manifest(run_dir, st)["started"] for st in STAGE_NAMES} == before
@@ -138,7 +139,7 @@ def test_changed_config_reruns_only_affected_stages(run_dir: Path, tmp_path: Pat
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     before = {st: _manifest(run, st)["started"] for st in STAGE_NAMES}
-    Pipeline(load_run_config(None, [*TINY, "stage2.train.beta=0.2"]), run, log=_quiet).run()
+    Pipeline(load_run_config(SMOKE, [*TINY, "stage2.train.beta=0.2"]), run, log=_quiet).run()
     after = {st: _manifest(run, st)["started"] for st in STAGE_NAMES}
     changed = {st for st in STAGE_NAMES if after[st] != before[st]}
     assert changed == {"stage2", "eval"}
@@ -148,7 +149,7 @@ def test_kill_and_resume(run_dir: Path, tmp_path: Path):
     """Kill a run while the strong model trains (after its first checkpoint); the rerun resumes from
     that checkpoint and ends with exactly the weights of the uninterrupted run."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "w2s_jax.cli", "run", "--out", str(run), "--until", "strong_model"]
+    cmd = [sys.executable, "-m", "w2s_jax.cli", "run", "smoke", "--out", str(run), "--until", "strong_model"]
     for o in TINY:
         cmd += ["--set", o]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -170,7 +171,7 @@ def test_kill_and_resume(run_dir: Path, tmp_path: Path):
     assert _manifest(run, "strong_model")["status"] == "running"
     assert not (run / "strong_model" / "pretrain" / "model" / "w2s_model.json").exists()
     logs: list[str] = []
-    Pipeline(load_run_config(None, TINY), run, log=logs.append).run(until="strong_model")
+    Pipeline(load_run_config(SMOKE, TINY), run, log=logs.append).run(until="strong_model")
     m = _manifest(run, "strong_model")
     assert m["status"] == "done" and m["resumed_from"] is not None and m["resumed_from"] > 0
     assert any("strong_model: resuming" in x for x in logs)
@@ -184,16 +185,16 @@ def test_kill_and_resume(run_dir: Path, tmp_path: Path):
 
 
 def test_bad_input_fails_before_work(tmp_path: Path):
-    cfg = load_run_config(None, TINY)
+    cfg = load_run_config(SMOKE, TINY)
     with pytest.raises(UserError, match="unknown stage `stage3`"):
         Pipeline(cfg, tmp_path / "a", log=_quiet).run(from_stage="stage3")
     assert not (tmp_path / "a").exists()
     with pytest.raises(UserError, match="strong.path.*does not exist"):
-        load_run_config(None, [*TINY, "strong.preset=null", "strong.path=/nonexistent/model"])
+        load_run_config(SMOKE, [*TINY, "strong.preset=null", "strong.path=/nonexistent/model"])
     with pytest.raises(UserError, match="weak_trian"):
-        load_run_config(None, [*TINY, "weak_trian.lr=1"])
+        load_run_config(SMOKE, [*TINY, "weak_trian.lr=1"])
     with pytest.raises(UserError, match="data.test"):
-        load_run_config(None, ["data.source=local", "data.test=/nonexistent.jsonl"])
+        load_run_config(SMOKE, ["data.source=local", "data.test=/nonexistent.jsonl"])
     # a run directory made by another experiment
     other = tmp_path / "b"
     other.mkdir()
@@ -203,7 +204,7 @@ def test_bad_input_fails_before_work(tmp_path: Path):
     # a data file of the wrong shape names the file and line
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1, "question": "q", "answer": "x\\n#### 1"}\n{"id": 2, "text": "no question"}\n')
-    cfg2 = load_run_config(None, [*TINY, "data.source=local", f"data.train={bad}", f"data.test={bad}"])
+    cfg2 = load_run_config(SMOKE, [*TINY, "data.source=local", f"data.train={bad}", f"data.test={bad}"])
     with pytest.raises(UserError, match=r"bad.jsonl"):
         Pipeline(cfg2, tmp_path / "c", log=_quiet).run()
 
@@ -218,6 +219,7 @@ def test_notebook_runs_the_demo_api(run_dir: Path, tmp_path: Path):
     nb = nbformat.read(REPO / "notebooks" / "demo.ipynb", as_version=4)
     os.environ["W2S_NOTEBOOK_OVERRIDES"] = ";".join(TINY)
     os.environ["W2S_NOTEBOOK_OUT"] = str(run)
+    os.environ["W2S_NOTEBOOK_CONFIG"] = SMOKE
     try:
         client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                          resources={"metadata": {"path": str(REPO)}})
@@ -225,5 +227,6 @@ def test_notebook_runs_the_demo_api(run_dir: Path, tmp_path: Path):
     finally:
         os.environ.pop("W2S_NOTEBOOK_OVERRIDES")
         os.environ.pop("W2S_NOTEBOOK_OUT")
+        os.environ.pop("W2S_NOTEBOOK_CONFIG")
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "weak" in text and "Stage II" in text

@@ -108,6 +108,7 @@ class BaselinesConfig:
     full_weak: bool = True
     gold: bool = True  # strong model fine-tuned on train_2 gold: the PGR ceiling
     strong_zero_shot: bool = True
+    strong_icl: bool = True  # the strong model with the few-shot prompt on test (its train_2 accuracy is reported)
 
 
 @dataclass
@@ -128,11 +129,22 @@ class RunConfig:
 
 
 def default_config_path() -> Path:
-    return PACKAGE_CONFIGS / "demo.yaml"
+    return PACKAGE_CONFIGS / "default.yaml"
+
+
+def config_path(name_or_path: str | None) -> Path:
+    """A config file, or the name of a packaged one (``default``, ``smoke``); None = the default."""
+    if name_or_path is None:
+        return default_config_path()
+    p = Path(name_or_path)
+    packaged = PACKAGE_CONFIGS / f"{name_or_path}.yaml"
+    if not p.exists() and "/" not in str(name_or_path) and packaged.is_file():
+        return packaged
+    return p
 
 
 def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
-    cfg = load_config(RunConfig, str(path or default_config_path()), list(overrides))
+    cfg = load_config(RunConfig, str(config_path(path)), list(overrides))
     _expand_paths(cfg)
     validate(cfg)
     return cfg
@@ -309,6 +321,7 @@ class Pipeline:
                 raise UserError(f"unknown stage `{s}`{hint}; stages: {', '.join(STAGE_NAMES)}")
         self.check_run_dir()
         distributed.check_shared_dir(self.out, "the run directory")  # (multi-host only; after every check_run_dir)
+        self.resolve_weights()
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             dump_yaml(self.cfg, self.path("config.yaml"))
@@ -357,6 +370,20 @@ class Pipeline:
             write_json_atomic(self.manifest_path(st.name), record)
         distributed.sync(f"stage {st.name}: done")  # its outputs are complete for every process
         self.log(f"[w2s] stage {st.name}: done in {record['seconds']:.1f}s")
+
+    def resolve_weights(self) -> None:
+        """Model paths given as hub addresses (``hf://OWNER/REPO/FILE``) become local files, fetched into the
+        cache on first use (see ``w2s_jax/weights.py``); fails before any stage runs when no source works.
+        Fingerprints keep the address, so the same run on another machine (another cache) matches."""
+        from w2s_jax import weights
+
+        for role in ("weak", "strong"):
+            spec: ModelSpec = getattr(self.cfg, role)
+            for key in ("path", "base"):
+                v = getattr(spec, key)
+                if weights.is_remote(v):
+                    local = weights.resolve(v, log=self.log, flag=f"{role}.{key}")
+                    setattr(self.cfg, role, dataclasses.replace(getattr(self.cfg, role), **{key: local}))
 
     # --------------------------------------------------------------- helpers
 
@@ -463,6 +490,14 @@ class Pipeline:
         spec = self.cfg.strong
         base = self._base_model("strong", d)
         pre = spec.pretrain
+        if pre.examples <= 0 and spec.path is not None and base.suffix == ".gguf":
+            # dequantise once: every later stage loads the native copy (seconds) instead of the GGUF
+            from w2s_jax.checkpoint_io import save_model
+
+            m = self.load_model(spec)
+            save_model(d / "model", m.params, m.cfg, m.tokenizer)
+            distributed.sync("pipeline: strong model converted")
+            return {"model": str(d / "model"), "source": str(base)}
         if pre.examples <= 0:
             return {"model": str(base)}
         from w2s_jax.synth import make_arith, make_synthetic
@@ -632,7 +667,8 @@ class Pipeline:
         entries: list[tuple[str, Path, list[dict] | None]] = [("weak", self._weak_dir(), None)]
         if b.strong_zero_shot:
             entries.append(("strong (zero-shot)", self._strong_base(), None))
-        entries.append(("strong (ICL)", self._strong_base(), read_jsonl(self.path("strong_icl", "demos.jsonl"))))
+        if b.strong_icl:
+            entries.append(("strong (ICL)", self._strong_base(), read_jsonl(self.path("strong_icl", "demos.jsonl"))))
         if b.full_weak:
             entries.append(("full weak FT", Path(self.manifest("full_weak")["model"]), None))
         s1, s2 = self.manifest("stage1"), self.manifest("stage2")
@@ -827,7 +863,8 @@ def run_pipeline(config: str | RunConfig | None = None, overrides: list[str] = (
 
 def main(argv: list[str], prog: str = "w2s run", command: str = "run") -> int:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    ap.add_argument("config", nargs="?", help="YAML config (default: the embedded demo config)")
+    ap.add_argument("config", nargs="?", help="YAML config file, or the name of a packaged config: default "
+                    "(SmolLM2-135M-Instruct strong, fetched on first use) or smoke (small byte-level models, offline)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value (dotted key), repeatable")
     ap.add_argument("--out", help="run directory (default: runs/<name>)")
