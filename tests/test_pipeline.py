@@ -121,6 +121,13 @@ def test_report_matches_graded_outputs(run_dir: Path):
             assert r["pgr"] == pytest.approx((r["accuracy"] - w) / (c - w))
     md = (run_dir / "results.md").read_text()
     assert "| model | accuracy (%) | PGR | n |" in md and "Stage I round1: kept / total" in md
+    # what ran: models with their sizes, training, data counts, seeds, machine, time per stage
+    assert "| weak model | preset tiny (random init, seed 1); " in md and "K parameters; d=32 x 1 layers" in md
+    assert "| strong SFT (Stage I, full weak FT, gold) | 1 epoch, batch 4 x 128 tokens, lr 0.001" in md
+    assert "| train_2 | 48 |" in md and "| test | 24 |" in md and "data.seed=42, weak.seed=1" in md
+    assert res["machine"]["cpu_cores"] >= 1 and res["machine"]["jax"] in md
+    assert all(f"| {st} | " in md for st in STAGE_NAMES) and "| sum of stages |" in md
+    assert res["model_info"]["strong"]["params"] > res["model_info"]["weak"]["params"] > 0
     assert (run_dir / "results.png").stat().st_size > 1000
     kept = _manifest(run_dir, "stage1")["round1"]
     assert 0 <= kept["kept"] <= 48 and (kept["kept"] > 0) == ("skipped" not in _manifest(run_dir, "stage1"))
