@@ -859,7 +859,10 @@ def build_results(p: Pipeline, rows: list[dict]) -> dict:
         "n_samples": cfg.stage2.n_samples,
         "pairs": sampling.get("pair_counts"),
         "pass_at_k": sampling.get("pass_at_k"),
-        "seconds": {s: manifests[s].get("seconds") for s in STAGE_NAMES},
+        # the stage writing this report (eval) is still running: its time so far
+        "seconds": {s: manifests[s].get("seconds") if manifests[s].get("status") != "running" or not
+                    manifests[s].get("started") else round(time.time() - manifests[s]["started"], 2)
+                    for s in STAGE_NAMES},
         "wall_seconds": None if wall is None else round(wall, 1),
     }
 
