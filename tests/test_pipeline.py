@@ -126,7 +126,8 @@ def test_report_matches_graded_outputs(run_dir: Path):
     assert "| strong SFT (Stage I, full weak FT, gold) | 1 epoch, batch 4 x 128 tokens, lr 0.001" in md
     assert "| train_2 | 48 |" in md and "| test | 24 |" in md and "data.seed=42, weak.seed=1" in md
     assert res["machine"]["cpu_cores"] >= 1 and res["machine"]["jax"] in md
-    assert all(f"| {st} | " in md for st in STAGE_NAMES) and "| sum of stages |" in md
+    assert all(f"| {st} | " in md for st in STAGE_NAMES) and "| sum of stages |" in md and "| CPU (s) |" in md
+    assert all(_manifest(run_dir, st)["cpu_seconds"] >= 0 for st in STAGE_NAMES)
     assert res["model_info"]["strong"]["params"] > res["model_info"]["weak"]["params"] > 0
     assert (run_dir / "results.png").stat().st_size > 1000
     kept = _manifest(run_dir, "stage1")["round1"]
