@@ -7,7 +7,7 @@ JSONL interchange (records joined by ``id``):
 - preference records ``{id, prompt, chosen, rejected}`` (plus ``branch``: ``weak_chosen`` /
   ``weak_rejected``).
 
-Subcommands: ``split``, ``full-weak``, ``consistency``, ``vote``, ``pairs`` (method.md, Stages I and
+Subcommands: ``split``, ``full-weak``, ``consistency``, ``vote``, ``pairs`` (docs/method.md, Stages I and
 II). Every input is validated before anything is written (malformed line, missing field, duplicate
 id, an id in one input and not another, sample files of different sizes or ids, empty input: a
 ``UserError`` naming the file and line or id) and every output is written atomically, so a failed
@@ -25,19 +25,20 @@ Majority vote: the majority prediction is the most frequent ``pred`` over the sa
 prediction seen first in sample order (file order of ``--samples``; the same rule as
 ``collections.Counter.most_common``). ``confidence = count / n``.
 
-Contrastive pairs (method.md, Stage II), per question in the order of the weak file, with one
+Contrastive pairs (docs/method.md, Stage II), per question in the order of the weak file, with one
 ``random.Random(seed)`` (seed 42) consumed in that order:
 
 1. ``confidence < 0.6`` -> skipped (low confidence); an empty majority -> skipped;
 2. weak ``pred`` == majority: chosen = the weak response, rejected = a sample whose prediction
-   differs from the majority: GSM8K ``rng.sample(negatives, 1)``; MATH/OlympicArena up to 3
-   *distinct* negatives (by response text, first occurrence kept): all of them when there are at most
-   3 (no draw), else ``rng.sample(distinct, 3)``. No negative -> skipped (no negative);
+   differs from the majority: GSM8K ``rng.sample(negatives, 1)``; MATH/OlympicArena all negatives
+   when there are at most 3 (no draw), else ``rng.sample(negatives, 3)`` -- no de-duplication of
+   equal texts. No negative -> skipped (no negative);
 3. else, ``confidence >= 0.8``: rejected = the weak response, chosen = ``rng.sample(positives, 1)``;
-   MATH/OlympicArena then add, in sample order, positives whose response differs from those already
-   chosen, up to 3 pairs;
+   MATH/OlympicArena then add, in sample order, positives whose response differs from that first
+   pick, up to 3 pairs;
 4. else skipped (weak disagrees, confidence below 0.8).
-For GSM8K this consumes the generator exactly as the paper's release does.
+This consumes the generator exactly as the release's ``construct_paired_data_gsm8k`` /
+``construct_paired_data_math`` do, so the same inputs give the same pairs (docs/method.md).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ __all__ = [
     "GEN_FIELDS",
     "full_weak_sft",
     "consistency_sets",
+    "pad_sets",
     "vote",
     "contrastive_pairs",
     "to_llamafactory",
@@ -156,6 +158,30 @@ def consistency_sets(
     return sets, stats
 
 
+def pad_sets(
+    sets: dict[str, list[dict]], weak: Sequence[dict], strong: Sequence[dict], pad_to: int
+) -> tuple[dict[str, list[dict]], int]:
+    """The released MATH padding: after the agreeing questions of :func:`consistency_sets`, append the
+    other questions (weak-file order) with both completions -- the weak one to ``weak``, the ICL one to
+    ``icl``, both to ``hybrid`` -- until the sets hold ``pad_to`` questions. Returns ``(sets, added)``."""
+    strong_by_id = {r["id"]: r for r in strong}
+    kept = {r["id"] for r in sets["weak"]}
+    out = {k: list(v) for k, v in sets.items()}
+    added = 0
+    for w in weak:
+        if len(kept) + added >= pad_to:
+            break
+        if w["id"] in kept:
+            continue
+        a = {"id": w["id"], "prompt": w["prompt"], "completion": w["response"], "source": "weak", "padded": True}
+        b = {**a, "completion": strong_by_id[w["id"]]["response"], "source": "icl"}
+        out["weak"].append(a)
+        out["icl"].append(b)
+        out["hybrid"] += [a, b]
+        added += 1
+    return out, added
+
+
 # --- Stage II -----------------------------------------------------------------------------------
 
 
@@ -224,16 +250,6 @@ _COUNT_KEYS = (
 )
 
 
-def _distinct(entries: Sequence[dict]) -> list[dict]:
-    seen: set[str] = set()
-    out = []
-    for e in entries:
-        if e["response"] not in seen:
-            seen.add(e["response"])
-            out.append(e)
-    return out
-
-
 def contrastive_pairs(
     task: Any,
     weak: Sequence[dict],
@@ -292,9 +308,8 @@ def contrastive_pairs(
                 continue
             if k == 1:
                 chosen_neg = rng.sample(negatives, 1)
-            else:
-                distinct = _distinct(negatives)
-                chosen_neg = rng.sample(distinct, k) if len(distinct) > k else distinct
+            else:  # no de-duplication: equal texts may give equal pairs, as in the release
+                chosen_neg = rng.sample(negatives, k) if len(negatives) > k else negatives
             counts["weak_chosen_questions"] += 1
             for neg in chosen_neg:
                 add(w, w["response"], neg["response"], "weak_chosen", w.get("result"))
@@ -303,13 +318,12 @@ def contrastive_pairs(
             if not positives:  # inconsistent votes file: a majority needs samples
                 raise UserError(f"{votes_path}: id {w['id']!r} has confidence {conf} but no positives")
             picked = rng.sample(positives, 1)
-            if k > 1:
-                seen = {picked[0]["response"]}
+            if k > 1:  # then positives in sample order whose text differs from the first pick (only)
+                first = picked[0]["response"]
                 for p in positives:
                     if len(picked) >= k:
                         break
-                    if p["response"] not in seen:
-                        seen.add(p["response"])
+                    if p["response"] != first:
                         picked.append(p)
             counts["weak_rejected_questions"] += 1
             for pos in picked:
