@@ -116,7 +116,7 @@ class TrainConfig:
     # LoRA (None = full fine-tuning)
     lora: LoRAConfig | None = None
     # preference optimisation
-    loss_type: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"] = "sigmoid"
+    loss_type: Literal["sigmoid", "ipo", "hinge", "orpo", "orpo_llamafactory", "simpo"] = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
