@@ -53,6 +53,7 @@ from jax.sharding import PartitionSpec as P
 from w2s_jax import distributed, optim
 from w2s_jax import losses as L
 from w2s_jax.batching import (
+    TEMPLATES,
     DataPosition,
     PreferenceBatcher,
     SFTBatcher,
@@ -103,6 +104,9 @@ class TrainConfig:
     packing: bool = True  # SFT only; preference rows are padded
     bucket_lengths: tuple[int, ...] = ()  # padded rows: shorter shapes (each compiles once)
     truncate: bool = False  # over-long sequences: False = error naming the id, True = truncate+count
+    # how an example is tokenized: `joined` = prompt + " " + completion as one text (default);
+    # `vanilla` = LLaMA-Factory's template: prompt and completion tokenized separately, concatenated
+    template: Literal["joined", "vanilla"] = "joined"
     # evaluation, logging, checkpoints
     eval_fraction: float = 0.0
     eval_every: int = 0  # 0 = only at the end
@@ -634,6 +638,8 @@ class TrainResult:
     model_dir: Path | None
     resumed_from: int | None
     compile_info: dict
+    n_truncated: int = 0  # sequences cut to seq_len (train.truncate=true)
+    n_dropped: int = 0  # of those, examples with no completion token left (not trained on)
 
 
 def _start_model(model, cfg: TrainConfig):
@@ -766,11 +772,13 @@ def run_training(kind: str, model, records, cfg: TrainConfig, out_dir, *, mesh=N
 
     # --- data
     if kind == "sft":
-        items, stats = tokenize_sft(records, tok, cfg.seq_len, cfg.truncate)
-        ev_items = tokenize_sft(eval_records, tok, cfg.seq_len, cfg.truncate)[0] if eval_records else None
+        enc = TEMPLATES[cfg.template]
+        items, stats = tokenize_sft(records, tok, cfg.seq_len, cfg.truncate, enc)
+        ev_items = tokenize_sft(eval_records, tok, cfg.seq_len, cfg.truncate, enc)[0] if eval_records else None
     else:
-        items, stats = tokenize_pairs(records, tok, cfg.seq_len, cfg.truncate)
-        ev_items = tokenize_pairs(eval_records, tok, cfg.seq_len, cfg.truncate)[0] if eval_records else None
+        enc = TEMPLATES[cfg.template]
+        items, stats = tokenize_pairs(records, tok, cfg.seq_len, cfg.truncate, enc)
+        ev_items = tokenize_pairs(eval_records, tok, cfg.seq_len, cfg.truncate, enc)[0] if eval_records else None
     if stats.n_truncated:
         log.warning("%d sequences truncated to seq_len=%d (%d examples dropped: nothing left to learn)",
                     stats.n_truncated, cfg.seq_len, stats.n_dropped)
@@ -783,7 +791,8 @@ def run_training(kind: str, model, records, cfg: TrainConfig, out_dir, *, mesh=N
     if kind == "dpo" and cfg.loss_type not in L.REFERENCE_FREE and cfg.reference == "precompute":
         have = all(("ref_chosen" in r and "ref_rejected" in r) for r in records)
         if not have:
-            fp = _params_fingerprint(base, mcfg, {"seq_len": cfg.seq_len, "tok": getattr(tok, "spec", repr(tok))})
+            fp = _params_fingerprint(base, mcfg, {"seq_len": cfg.seq_len, "tok": getattr(tok, "spec", repr(tok)),
+                                                 "template": cfg.template})
             cache = ref_cache if ref_cache is not None else out / "ref_logps.jsonl"
             both = precompute_reference(base, mcfg, items + list(ev_items or []), cfg, mesh, rules, cache, fp)
             items, ev_items = both[: len(items)], both[len(items):]
@@ -940,7 +949,7 @@ def run_training(kind: str, model, records, cfg: TrainConfig, out_dir, *, mesh=N
                    base_changed=getattr(model, "lora", None) is not None, source=hf_source)
     distributed.sync("train: model written")  # other processes may load the model process 0 wrote
     return TrainResult(params_out, lora_out, cfg.lora, step, history, eval_history, model_dir, resumed_from,
-                       compile_info)
+                       compile_info, stats.n_truncated, stats.n_dropped)
 
 
 def _export_hf(out: Path, params, lora, lora_cfg, mcfg, tok, base_changed: bool, source) -> None:
