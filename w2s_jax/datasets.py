@@ -78,6 +78,10 @@ def _pred(r: dict) -> str:
     return "" if p is None else str(p)
 
 
+def _same(a: str, b: str, equiv=None) -> bool:
+    return a == b if equiv is None else (a == b or bool(equiv(a, b)))
+
+
 def _by_id(records: Sequence[dict], path: str) -> dict:
     check_unique_ids(records, path)
     return {r["id"]: r for r in records}
@@ -117,11 +121,13 @@ def consistency_sets(
     strong: Sequence[dict],
     weak_path: str = "weak",
     strong_path: str = "strong",
+    equiv=None,
 ) -> tuple[dict[str, list[dict]], dict[str, Any]]:
     """The consistency filter: keep a question when the weak ``pred`` is non-empty and equals the
     strong-ICL ``pred``. Returns ``({"weak", "icl", "hybrid"}, stats)`` in weak-file order; all SFT
     records use the weak (zero-shot) prompt; ``hybrid`` has the weak then the ICL example of each
-    kept question (records carry ``source``: ``weak``/``icl``)."""
+    kept question (records carry ``source``: ``weak``/``icl``). ``equiv(a, b)`` replaces string
+    equality of the two predictions (OlympicArena's matching rules)."""
     _require(weak, GEN_FIELDS, weak_path)
     _require(strong, ("id", "response", "pred"), strong_path)
     strong_by_id = _by_id(strong, strong_path)
@@ -133,7 +139,7 @@ def consistency_sets(
     for w in weak:
         s = strong_by_id[w["id"]]
         wp = _pred(w)
-        if wp == "" or wp != _pred(s):
+        if wp == "" or not _same(wp, _pred(s), equiv):
             continue
         a = {"id": w["id"], "prompt": w["prompt"], "completion": w["response"], "source": "weak"}
         b = {"id": w["id"], "prompt": w["prompt"], "completion": s["response"], "source": "icl"}
@@ -185,12 +191,14 @@ def pad_sets(
 # --- Stage II -----------------------------------------------------------------------------------
 
 
-def vote(samples_lists: Sequence[Sequence[dict]], paths: Sequence[str] | None = None) -> list[dict]:
+def vote(samples_lists: Sequence[Sequence[dict]], paths: Sequence[str] | None = None, equiv=None) -> list[dict]:
     """Majority vote over ``n`` sample files (same ids, any order; output in the first file's order).
 
     Per id: ``{id, prompt, gold?, majority, count, n, confidence, positives, negatives}`` where
     ``positives``/``negatives`` are ``{sample, response, pred, result?}`` (``sample`` = index of the
     file) agreeing / disagreeing with the majority. Ties: first-seen prediction in sample order.
+    With ``equiv(a, b)`` (OlympicArena) a prediction counts for the first earlier one it is equivalent
+    to (in sample order), and the majority is that first one's text.
     """
     if not samples_lists:
         raise UserError("vote needs at least one samples file")
@@ -210,8 +218,12 @@ def vote(samples_lists: Sequence[Sequence[dict]], paths: Sequence[str] | None = 
         rid = first["id"]
         samples = [idx[rid] for idx in indexed]
         counts: dict[str, int] = {}
+        label: list[str] = []  # the class (first-seen representative) of each sample's prediction
         for s in samples:
-            counts[_pred(s)] = counts.get(_pred(s), 0) + 1
+            p = _pred(s)
+            rep = p if (equiv is None or p in counts) else next((c for c in counts if _same(p, c, equiv)), p)
+            label.append(rep)
+            counts[rep] = counts.get(rep, 0) + 1
         majority, count = max(counts.items(), key=lambda kv: kv[1])  # first max = first seen
         rec: dict[str, Any] = {"id": rid}
         if "prompt" in first:
@@ -223,7 +235,7 @@ def vote(samples_lists: Sequence[Sequence[dict]], paths: Sequence[str] | None = 
             entry = {"sample": j, "response": s["response"], "pred": _pred(s)}
             if "result" in s:
                 entry["result"] = s["result"]
-            (pos if _pred(s) == majority else neg).append(entry)
+            (pos if label[j] == majority else neg).append(entry)
         rec.update(
             majority=majority,
             count=count,
@@ -260,6 +272,7 @@ def contrastive_pairs(
     max_pairs: int | None = None,
     weak_path: str = "weak",
     votes_path: str = "votes",
+    equiv=None,
 ) -> tuple[list[dict], dict[str, Any]]:
     """Preference pairs from the weak outputs and the votes (rules in the module docstring).
 
@@ -301,7 +314,7 @@ def contrastive_pairs(
         if majority == "":
             counts["skipped_empty_majority"] += 1
             continue
-        if _pred(w) == majority:
+        if _same(_pred(w), majority, equiv):
             negatives = list(v["negatives"])
             if not negatives:
                 counts["skipped_no_negative"] += 1

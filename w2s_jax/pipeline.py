@@ -432,20 +432,31 @@ class Pipeline:
         self.log(f"[w2s] {label}: generating {len(records)} x {n}")
         kw = dict(demos=demos, grade_mode=self.cfg.grading, mesh=self.mesh, rules=self.cfg.mesh.rules_table(),
                   desc=label)
-        if not gold_free:
-            inputs = [{"id": r["id"], "question": r["question"], "gold": r["answer"]} for r in records]
-            return generate_records(model, inputs, scfg, out_path, grade_task=self.cfg.data.task, **kw)
-        from w2s_jax.grading import extract_pred, grade_records
+        from w2s_jax.grading import extract_pred, gold_answer, grade_records
+        from w2s_jax.tasks import get_task
 
-        inputs = [{"id": r["id"], "question": r["question"]} for r in records]
+        task = get_task(self.cfg.data.task)
+        kw["demos"] = None  # the prompts below already hold them
+        prompts = {r["id"]: task.prompt(r, demos) for r in records}
+
+        def gold_of(r: dict):
+            try:
+                return gold_answer(r, task)
+            except KeyError:
+                return None
+
+        if not gold_free:
+            inputs = [{"id": r["id"], "prompt": prompts[r["id"]], "gold": gold_of(r)} for r in records]
+            return generate_records(model, inputs, scfg, out_path, grade_task=task.name, **kw)
+        inputs = [{"id": r["id"], "prompt": prompts[r["id"]]} for r in records]
         recs = generate_records(model, inputs, scfg, out_path, grade_task=None, **kw)
-        task = self.cfg.data.task
         recs = [{**r, "pred": extract_pred(r["response"], task)} for r in recs]
         if self.main:
             write_jsonl_atomic(out_path, recs)
-            gold = {r["id"]: r["answer"] for r in records}
+            gold = {r["id"]: gold_of(r) for r in records}
             graded = grade_records([{"id": r["id"], "sample": r.get("sample", 0), "response": r["response"],
-                                     "gold": gold[r["id"]]} for r in recs], task, mode=self.cfg.grading)
+                                     "gold": gold[r["id"]]} for r in recs if gold[r["id"]] is not None], task,
+                                   mode=self.cfg.grading)
             write_jsonl_atomic(_scores_path(out_path),
                                [{k: g[k] for k in ("id", "sample", "gold", "pred", "result")} for g in graded])
         distributed.sync(f"pipeline: {label} written")
@@ -466,7 +477,7 @@ class Pipeline:
         splits = load_splits(self.cfg.data)
         out = {}
         for name, recs in splits.items():
-            if not recs:
+            if not recs and not (name == "train_1" and self.cfg.weak.trained):
                 raise UserError(f"data split `{name}` is empty; check the config's data section")
             if self.main:
                 write_jsonl_atomic(d / f"{name}.jsonl", recs)
@@ -618,7 +629,10 @@ class Pipeline:
         s1 = self.cfg.stage1
         weak_path, icl_path = self.path("weak_labels", "train_2.jsonl"), self.path("strong_icl", "train_2.jsonl")
         weak, icl = read_jsonl(weak_path), read_jsonl(icl_path)
-        sets, stats = consistency_sets(weak, icl)
+        from w2s_jax.grading import equivalence
+
+        eq = equivalence(self.cfg.data.task)
+        sets, stats = consistency_sets(weak, icl, equiv=eq)
         if s1.pad_to:
             sets, stats["padded_questions"] = pad_sets(sets, weak, icl, s1.pad_to)
         if self.main:
@@ -638,7 +652,7 @@ class Pipeline:
             wl, il = d / "round2_weak_ft_labels.jsonl", d / "round2_icl_ft_labels.jsonl"
             weak2 = self._generate(Path(r1["weak"]), train2, wl, "round 2 labels (round-1 weak-ft)", gold_free=True)
             icl2 = self._generate(Path(r1["icl"]), train2, il, "round 2 labels (round-1 icl-ft)", gold_free=True)
-            sets2, stats2 = consistency_sets(weak2, icl2)
+            sets2, stats2 = consistency_sets(weak2, icl2, equiv=eq)
             if self.main:
                 write_json_atomic(d / "round2_stats.json", stats2)
                 for v in ("weak", "icl", "hybrid"):
@@ -662,11 +676,10 @@ class Pipeline:
     def stage_gold(self, d: Path) -> dict:
         if not self.cfg.baselines.gold:
             return {"skipped": True}
-        from w2s_jax.prompts import zero_shot_prompt
         from w2s_jax.tasks import get_task
 
         task = get_task(self.cfg.data.task)
-        recs = [{"id": r["id"], "prompt": zero_shot_prompt(r["question"]), "completion": task.gold_completion(r)}
+        recs = [{"id": r["id"], "prompt": task.prompt(r), "completion": task.gold_completion(r)}
                 for r in self._data("train_2")]
         return {"model": str(d / "sft" / "model"),
                 **self._sft(self._strong_base(), recs, self.cfg.strong_train, d / "sft", "gold SFT ceiling")}
@@ -682,9 +695,12 @@ class Pipeline:
         per_sample: list[list[dict]] = [[] for _ in range(s2.n_samples)]
         for r in samples:
             per_sample[r["sample"]].append(r)
-        votes = vote(per_sample)
+        from w2s_jax.grading import equivalence
+
+        eq = equivalence(self.cfg.data.task)
+        votes = vote(per_sample, equiv=eq)
         weak = read_jsonl(self.path("weak_labels", "train_2.jsonl"))
-        pairs, counts = contrastive_pairs(self.cfg.data.task, weak, votes, seed=s2.pair_seed)
+        pairs, counts = contrastive_pairs(self.cfg.data.task, weak, votes, seed=s2.pair_seed, equiv=eq)
         if self.main:
             write_jsonl_atomic(d / "votes.jsonl", votes)
             write_jsonl_atomic(d / "pairs.jsonl", pairs)

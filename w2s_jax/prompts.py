@@ -65,7 +65,8 @@ def _demo_pair(demo: Any) -> tuple[str, str]:
     return str(prompt), str(completion)
 
 
-def _demo_text(demo: Any) -> str:
+def demo_text(demo: Any) -> str:
+    """One demonstration as prompt text: ``{prompt} {completion}``, or a template block verbatim."""
     if isinstance(demo, dict) and "text" in demo and "completion" not in demo and "response" not in demo:
         return str(demo["text"])  # a block of a template file, used verbatim
     return join_prompt_completion(*_demo_pair(demo))
@@ -75,7 +76,7 @@ def few_shot_prompt(question: str, demos: Sequence[Any]) -> str:
     """Demonstrations (dicts with ``prompt``/``question`` and ``completion``/``response``, dicts with a
     verbatim ``text`` block, or ``(prompt, completion)`` pairs) as ``{prompt} {completion}``, joined by
     blank lines, then the zero-shot prompt of ``question``."""
-    parts = [_demo_text(d) for d in demos]
+    parts = [demo_text(d) for d in demos]
     parts.append(zero_shot_prompt(question))
     return "\n\n".join(parts)
 
