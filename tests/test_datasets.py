@@ -412,3 +412,19 @@ def test_synthetic_reasoning_gym_and_splits():
     assert [len(s[k]) for k in ("train_1", "train_2", "test")] == [10, 12, 4]
     qs = [r["question"] for k in s for r in s[k]]
     assert len(set(qs)) == len(qs)
+
+
+def test_pad_sets_appends_disagreeing_questions_with_both_completions():
+    from w2s_jax.datasets import pad_sets
+
+    weak = _weak({"a": "1", "b": "2", "c": "", "d": "4", "e": "5"})
+    icl = [{"id": q, "prompt": f"P {q}", "response": f"icl {q}", "pred": p}
+           for q, p in {"a": "9", "b": "2", "c": "3", "d": "4", "e": "0"}.items()]
+    sets, stats = consistency_sets(weak, icl)
+    assert [r["id"] for r in sets["weak"]] == ["b", "d"]
+    padded, added = pad_sets(sets, weak, icl, 4)
+    assert added == 2 and [r["id"] for r in padded["weak"]] == ["b", "d", "a", "c"]
+    assert [r["completion"] for r in padded["icl"][2:]] == ["icl a", "icl c"]
+    assert [(r["id"], r["source"]) for r in padded["hybrid"][4:]] == [("a", "weak"), ("a", "icl"), ("c", "weak"),
+                                                                     ("c", "icl")]
+    assert pad_sets(sets, weak, icl, 2)[1] == 0 and pad_sets(sets, weak, icl, 99)[1] == 3

@@ -288,3 +288,45 @@ def test_train_2_gold_never_reaches_the_strong_model(run_dir: Path, tmp_path: Pa
     assert len(scores) == 48 and not any(s["result"] for s in scores)
     ref = [json.loads(x) for x in (run_dir / "weak_labels" / "train_2.gold_scores.jsonl").read_text().splitlines()]
     assert any(s["result"] for s in ref)
+
+
+def test_demonstration_sources_and_gold_use(tmp_path: Path):
+    """stage1.demos: `weak` reads no gold, `correct` (ablation) reads train_2 gold and says so, `file:`
+    reads a template; the report names the source, the ids and every stage that read gold."""
+    import random
+
+    from w2s_jax.jsonl import write_jsonl_atomic
+    from w2s_jax.pipeline import _gold_use
+
+    run = tmp_path / "run"
+    weak = [{"id": f"q{i}", "prompt": f"Question: {i}?\nAnswer:", "response": f"{i}\n#### {i}" if i % 4 else "no key",
+             "pred": str(i)} for i in range(12)]
+    write_jsonl_atomic(run / "weak_labels" / "train_2.jsonl", weak)
+    write_jsonl_atomic(run / "weak_labels" / "train_2.gold_scores.jsonl",
+                       [{"id": r["id"], "sample": 0, "gold": "1", "pred": r["pred"], "result": i % 3 == 0}
+                        for i, r in enumerate(weak)])
+    shuffled = list(weak)
+    random.Random(42).shuffle(shuffled)
+    p = Pipeline(load_run_config(None, [*TINY, "stage1.n_demos=2"]), run, log=_quiet)
+    demos, read_gold = p._demos()
+    assert [d["id"] for d in demos] == [r["id"] for r in shuffled if "####" in r["response"]][:2] and not read_gold
+    p = Pipeline(load_run_config(None, [*TINY, "stage1.n_demos=2", "stage1.demos=correct"]), run, log=_quiet)
+    demos, read_gold = p._demos()
+    assert [d["id"] for d in demos] == [r["id"] for r in shuffled if int(r["id"][1:]) % 3 == 0][:2] and read_gold
+    (run / "stages").mkdir(parents=True)
+    (run / "stages" / "strong_icl.json").write_text(json.dumps(
+        {"demos": [d["id"] for d in demos], "demos_source": "correct", "demos_read_gold": True}))
+    use = _gold_use(p)
+    assert use["demonstrations"] == {"source": "correct", "ids": [d["id"] for d in demos], "read_gold": True}
+    assert any("stage1.demos=correct" in x for x in use["train_2_gold_read_by"])
+    f = tmp_path / "demos.txt"
+    f.write_text("Question: A?\nAnswer: a\n#### 1\n\nQuestion: B?\nAnswer: b\n#### 2\n")
+    p = Pipeline(load_run_config(None, [*TINY, f"stage1.demos=file:{f}"]), run, log=_quiet)
+    demos, read_gold = p._demos()
+    assert [d["id"] for d in demos] == ["file:1", "file:2"] and not read_gold
+    with pytest.raises(UserError, match="stage1.demos"):
+        load_run_config(None, [*TINY, "stage1.demos=gold"])
+    with pytest.raises(UserError, match="must include weak and icl"):
+        load_run_config(None, [*TINY, "stage1.variants=[hybrid]"])  # TINY has rounds 2
+    with pytest.raises(UserError, match="must include stage1.train_set"):
+        load_run_config(None, [*TINY, "stage1.rounds=1", "stage1.variants=[weak]"])
