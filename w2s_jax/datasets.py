@@ -421,6 +421,15 @@ def _add_format(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _equiv(task: str | None):
+    """How a task's predictions are compared (OlympicArena: its matching rules; else string equality)."""
+    if task is None:
+        return None
+    from w2s_jax.grading import equivalence
+
+    return equivalence(task)
+
+
 def _cmd_split(args: argparse.Namespace) -> int:
     from w2s_jax.config import DataConfig, dump_yaml, load_config
     from w2s_jax.tasks import load_splits
@@ -470,7 +479,7 @@ def _cmd_full_weak(args: argparse.Namespace) -> int:
 def _cmd_consistency(args: argparse.Namespace) -> int:
     weak = read_jsonl(args.weak, required=GEN_FIELDS)
     strong = read_jsonl(args.strong, required=("id", "response", "pred"))
-    sets, stats = consistency_sets(weak, strong, args.weak, args.strong)
+    sets, stats = consistency_sets(weak, strong, args.weak, args.strong, equiv=_equiv(args.task))
     out = Path(args.output_dir)
     for name in ("weak", "icl", "hybrid"):
         _write_set(out / f"{name}.jsonl", sets[name], args.format)
@@ -485,7 +494,7 @@ def _cmd_consistency(args: argparse.Namespace) -> int:
 
 def _cmd_vote(args: argparse.Namespace) -> int:
     lists = [read_jsonl(p, required=("id", "response", "pred")) for p in args.samples]
-    votes = vote(lists, args.samples)
+    votes = vote(lists, args.samples, equiv=_equiv(args.task))
     write_jsonl_atomic(args.output, votes)
     hist: dict[float, int] = {}
     for v in votes:
@@ -508,6 +517,7 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
         max_pairs=args.max_pairs,
         weak_path=args.weak,
         votes_path=args.votes,
+        equiv=_equiv(args.task),
     )
     out = Path(args.output)
     _write_set(out, pairs, args.format, preference=True)
@@ -556,12 +566,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p = sub.add_parser("consistency", help="consistency filter: weak.jsonl, icl.jsonl, hybrid.jsonl, stats.json")
     p.add_argument("--weak", required=True, help="weak-model generation records")
     p.add_argument("--strong", required=True, help="strong-ICL generation records")
+    p.add_argument("--task", choices=sorted(TASKS), help="compare predictions by this task's rules (olympicarena)")
     p.add_argument("--output-dir", required=True)
     _add_format(p)
     p.set_defaults(fn=_cmd_consistency)
 
     p = sub.add_parser("vote", help="majority vote over sample files")
     p.add_argument("--samples", nargs="+", required=True)
+    p.add_argument("--task", choices=sorted(TASKS), help="compare predictions by this task's rules (olympicarena)")
     p.add_argument("--output", required=True)
     p.set_defaults(fn=_cmd_vote)
 
