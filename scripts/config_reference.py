@@ -31,7 +31,7 @@ END = "<!-- end generated -->"
 
 # What a key means where its source line has no comment (a comment in the code takes precedence).
 # tests/test_config_reference.py fails when an entry here names a key that no longer exists.
-NOTES: dict[tuple[str, str], str] = {
+DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("RunConfig", "name"): "run name; the run directory defaults to `runs/<name>`",
     ("RunConfig", "data"): "the task and its `train_1` / `train_2` / `test` splits",
     ("RunConfig", "weak"): "the weak model (supervisor)",
@@ -256,7 +256,7 @@ def _table(cls: type) -> tuple[list[str], list[type]]:
         nested += [s for s in subs if s not in nested]
         d = _default(f)
         raw_type = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        note = comments.get(f.name) or NOTES.get((cls.__name__, f.name), "")
+        meaning = comments.get(f.name) or DESCRIPTIONS.get((cls.__name__, f.name), "")
         if d is dataclasses.MISSING:
             default = "required"
         elif dataclasses.is_dataclass(d) and not isinstance(d, type):
@@ -270,8 +270,8 @@ def _table(cls: type) -> tuple[list[str], list[type]]:
             default = f"`{_value(d)}`"
             if subs:
                 link = ", ".join(f"[{s.__name__}](#{s.__name__.lower()})" for s in subs)
-                note = f"a {link} section when set" + (f"; {note}" if note else "")
-        lines.append(f"| `{f.name}` | `{_cell(raw_type)}` | {_cell(default)} | {_cell(note)} |")
+                meaning = f"a {link} section when set" + (f"; {meaning}" if meaning else "")
+        lines.append(f"| `{f.name}` | `{_cell(raw_type)}` | {_cell(default)} | {_cell(meaning)} |")
     return lines, nested
 
 

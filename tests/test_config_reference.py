@@ -23,7 +23,7 @@ def test_configs_md_matches_the_dataclasses():
     assert block == ref.render(), "docs/configs.md is out of date: run python scripts/config_reference.py --write"
 
 
-def test_every_key_is_listed_and_every_note_names_a_key():
+def test_every_key_is_listed_and_every_description_names_a_key():
     ref = _script()
     text = ref.render()
     classes = {}
@@ -37,5 +37,5 @@ def test_every_key_is_listed_and_every_note_names_a_key():
             for f in dataclasses.fields(cls):
                 assert f"| `{f.name}` |" in text, f"{cls.__name__}.{f.name} missing"
                 todo += ref._dataclasses_in(ref.typing.get_type_hints(cls)[f.name])
-    for cls_name, key in ref.NOTES:
+    for cls_name, key in ref.DESCRIPTIONS:
         assert cls_name in classes and key in {f.name for f in dataclasses.fields(classes[cls_name])}, (cls_name, key)
