@@ -103,6 +103,16 @@ def test_demo_file_blocks_and_prompt(tmp_path):
         load_demo_file(bad)
     with pytest.raises(UserError, match="does not exist"):
         load_demo_file(tmp_path / "missing.txt")
+    # OlympicArena's templates: an instruction paragraph before each `Question:`, blank lines inside
+    olympic = ("You are participating in an international Math competition.\nThis is a True or False question."
+               "\n\nQuestion: Q1?\n\nYou can solve it step by step.\n\nAnswer: a1\n\nThe final answer is "
+               "$\\boxed{True}$\n\nYou are participating in an international Physics competition.\n\n"
+               "Question: Q2?\n\nAnswer: a2. The final answer is $\\boxed{3}$\n\n")
+    f2 = tmp_path / "olympic.txt"
+    f2.write_text(olympic)
+    demos = load_demo_file(f2)
+    assert len(demos) == 2 and demos[1]["text"].startswith("You are participating in an international Physics")
+    assert "\n\n".join(d["text"] for d in demos) + "\n\n" == olympic
 
 
 def test_clean_response():

@@ -112,25 +112,41 @@ def choose_demonstrations(
     return [{"id": r.get("id"), "prompt": r["prompt"], "completion": r["response"]} for r in ok[:k]]
 
 
-_BLOCK_RE = re.compile(r"\n[ \t]*\n(?=Question:)")
+# a demonstration starts at a paragraph beginning with `Question:` or with OlympicArena's instruction
+_BLOCK_RE = re.compile(r"\n\n(?=Question:|You are participating)")
 
 
 def load_demo_file(path: str | Path) -> list[dict]:
     """Demonstrations from a plain-text template (the format of the paper's released templates):
-    ``Question: ... Answer: ...`` blocks separated by blank lines. A new block starts at a line
-    beginning with ``Question:`` after a blank line, so answers may contain blank lines. Returns
-    ``[{id: "file:N", text}]``; :func:`few_shot_prompt` joins the blocks verbatim with blank lines."""
+    ``Question: ... Answer: ...`` blocks separated by blank lines (OlympicArena's: its instruction
+    paragraph, then ``Question: ...`` and ``Answer: ...``). A block starts at a paragraph beginning
+    with ``Question:`` (or OlympicArena's ``You are participating``) and runs until the next one
+    after its ``Answer:``, so answers may contain blank lines. Returns ``[{id: "file:N", text}]``;
+    :func:`few_shot_prompt` joins the blocks verbatim with blank lines, which gives back the file's
+    text."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"demonstration file {p} does not exist")
     text = p.read_text(encoding="utf-8").strip()
     if not text:
         raise UserError(f"demonstration file {p} is empty")
-    blocks = _BLOCK_RE.split(text)
+    blocks: list[str] = []
+    pending = ""
+    for part in _BLOCK_RE.split(text):
+        cur = f"{pending}\n\n{part}" if pending else part
+        if "Answer:" in cur:
+            blocks.append(cur)
+            pending = ""
+        else:
+            pending = cur
+    if pending:
+        blocks.append(pending)
+    start = 0
     for i, b in enumerate(blocks):
         if "Question:" not in b or "Answer:" not in b:
-            line = text[: text.find(b)].count("\n") + 1
+            line = text[:start].count("\n") + 1
             raise UserError(f"{p}:{line}: demonstration {i + 1} is not a `Question: ... Answer: ...` block")
+        start += len(b) + 2
     return [{"id": f"file:{i + 1}", "text": b} for i, b in enumerate(blocks)]
 
 
