@@ -143,3 +143,19 @@ def test_splits_have_no_train_1():
 
     s = load_splits(DataConfig(task="olympicarena", source="local", train=str(FIXTURE), test=str(FIXTURE)))
     assert s["train_1"] == [] and len(s["train_2"]) == 21 and len(s["test"]) == 21
+
+
+def test_pipeline_data_stage(tmp_path: Path):
+    """`w2s run` on OlympicArena JSONL: no train_1 (the weak model is used as given), prompts kept."""
+    from w2s_jax.jsonl import read_jsonl
+    from w2s_jax.pipeline import Pipeline, load_run_config
+
+    weak_dir = tmp_path / "weak"
+    weak_dir.mkdir()
+    cfg = load_run_config(None, ["data.task=olympicarena", "data.source=local", f"data.train={FIXTURE}",
+                                 f"data.test={FIXTURE}", "weak.preset=null", f"weak.path={weak_dir}",
+                                 "weak.trained=true", "generation.stop=['<|eot_id|>']"])
+    Pipeline(cfg, tmp_path / "run", log=lambda m: None).run(until="data")
+    t2 = read_jsonl(tmp_path / "run" / "data" / "train_2.jsonl")
+    assert len(t2) == 21 and (tmp_path / "run" / "data" / "train_1.jsonl").read_text() == ""
+    assert all(r["prompt"].endswith("\n\nAnswer:") and "\n\nQuestion: " in r["prompt"] for r in t2)
