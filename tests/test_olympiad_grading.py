@@ -153,9 +153,18 @@ def test_pipeline_data_stage(tmp_path: Path):
     weak_dir = tmp_path / "weak"
     weak_dir.mkdir()
     cfg = load_run_config(None, ["data.task=olympicarena", "data.source=local", f"data.train={FIXTURE}",
-                                 f"data.test={FIXTURE}", "weak.preset=null", f"weak.path={weak_dir}",
+                                 f"data.test={FIXTURE}", "data.n_test=20", "weak.preset=null", f"weak.path={weak_dir}",
                                  "weak.trained=true", "generation.stop=['<|eot_id|>']"])
     Pipeline(cfg, tmp_path / "run", log=lambda m: None).run(until="data")
     t2 = read_jsonl(tmp_path / "run" / "data" / "train_2.jsonl")
     assert len(t2) == 21 and (tmp_path / "run" / "data" / "train_1.jsonl").read_text() == ""
     assert all(r["prompt"].endswith("\n\nAnswer:") and "\n\nQuestion: " in r["prompt"] for r in t2)
+    assert any(r["answer"] is None for r in t2)  # train_2 may lack answers (OlympicArena's test split)
+    # the test set needs gold: a record without an answer is refused before any work
+    cfg2 = load_run_config(None, ["data.task=olympicarena", "data.source=local", f"data.train={FIXTURE}",
+                                  f"data.test={FIXTURE}", "weak.preset=null", f"weak.path={weak_dir}",
+                                  "weak.trained=true"])
+    from w2s_jax.errors import UserError
+
+    with pytest.raises(UserError, match="Astronomy_24"):
+        Pipeline(cfg2, tmp_path / "run2", log=lambda m: None).run(until="data")

@@ -475,6 +475,10 @@ class Pipeline:
         from w2s_jax.tasks import load_splits
 
         splits = load_splits(self.cfg.data)
+        missing = [r["id"] for r in splits["test"] if r.get("answer") in (None, "", [])]
+        if missing:
+            raise UserError(f"config key `data.test`: {len(missing)} test records have no answer (e.g. id "
+                            f"{missing[0]!r}); the test set needs gold (OlympicArena: its `val` split)")
         out = {}
         for name, recs in splits.items():
             if not recs and not (name == "train_1" and self.cfg.weak.trained):
