@@ -168,3 +168,25 @@ def test_pipeline_data_stage(tmp_path: Path):
 
     with pytest.raises(UserError, match="Astronomy_24"):
         Pipeline(cfg2, tmp_path / "run2", log=lambda m: None).run(until="data")
+
+
+def test_hf_loader_reads_every_subject_and_filters(monkeypatch):
+    """`datasets.load_dataset(name, subject, split=...)` per subject (no CS), concatenated in subject
+    order, then English only and no CODE/OT (the hub is replaced by the fixture's rows here)."""
+    import datasets
+
+    from w2s_jax.tasks import OLYMPIC_SUBJECTS, load_hf
+
+    raw = [json.loads(x) for x in FIXTURE.read_text().splitlines()]
+    calls = []
+
+    def fake_load(name, subject, split):
+        calls.append((name, subject, split))
+        return [r for r in raw if r["subject"] == subject]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    recs = load_hf("olympicarena", "GAIR/OlympicArena", None, "val")
+    assert calls == [("GAIR/OlympicArena", s, "val") for s in OLYMPIC_SUBJECTS] and "CS" not in OLYMPIC_SUBJECTS
+    want = [r["id"] for s in OLYMPIC_SUBJECTS for r in raw
+            if r["subject"] == s and r["language"] == "EN" and r["answer_type"] not in ("CODE", "OT")]
+    assert [r["id"] for r in recs] == want
