@@ -656,37 +656,50 @@ def _params_fingerprint(params, model_cfg: ModelConfig, extra: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def pair_key(p) -> str:
+    """The content key of a tokenised pair: a hash of its chosen and rejected token ids and prompt
+    lengths. Record ids are not unique across pairs (MATH and OlympicArena give up to three pairs per
+    question, all with the question's id), so the reference cache is keyed by content."""
+    h = hashlib.sha256()
+    for ex in (p.chosen, p.rejected):
+        h.update(np.asarray(ex.ids, np.int32).tobytes())
+        h.update(b"|%d;" % int(ex.n_prompt))
+    return h.hexdigest()[:24]
+
+
 def precompute_reference(params, model_cfg: ModelConfig, pairs, cfg: TrainConfig, mesh, rules=DEFAULT_RULES,
                          cache_path: str | os.PathLike | None = None, fingerprint: str = "") -> list:
     """Reference log-probs of every pair (a scoring pass with the start weights), cached as JSONL
-    ``{id, ref_chosen, ref_rejected, fingerprint}``; a cache with another fingerprint is recomputed."""
+    ``{key, id, ref_chosen, ref_rejected, fingerprint}`` keyed by the pair's content
+    (:func:`pair_key`); a cache with another fingerprint (or without keys) is recomputed."""
     from dataclasses import replace
 
     from w2s_jax.jsonl import read_jsonl, write_jsonl_atomic
 
     if not pairs:
         return []
+    keys = [pair_key(p) for p in pairs]
     table = None
     if cache_path is not None and Path(cache_path).is_file():
         try:
-            rows = read_jsonl(cache_path, required=("id", "ref_chosen", "ref_rejected", "fingerprint"))
-            table = {str(r["id"]): r for r in rows if r["fingerprint"] == fingerprint}
-            if not all(p.id in table for p in pairs):
+            rows = read_jsonl(cache_path, required=("key", "ref_chosen", "ref_rejected", "fingerprint"))
+            table = {str(r["key"]): r for r in rows if r["fingerprint"] == fingerprint}
+            if not all(k in table for k in keys):
                 table = None
         except UserError as e:
             log.warning("ignoring unreadable reference cache %s: %s", cache_path, e)
     # every process must take the same branch (the scoring pass is one SPMD program)
     if distributed.all_true(table is not None):
         log.info("reference log-probs from cache %s", cache_path)
-        return [replace(p, ref_chosen=float(table[p.id]["ref_chosen"]),
-                        ref_rejected=float(table[p.id]["ref_rejected"])) for p in pairs]
+        return [replace(p, ref_chosen=float(table[k]["ref_chosen"]), ref_rejected=float(table[k]["ref_rejected"]))
+                for p, k in zip(pairs, keys)]
     spec = StepSpec(model_cfg, "dpo", mesh=mesh, rules=rules, logits_chunks=cfg.logits_chunks)
     batcher = PreferenceBatcher(pairs, cfg.batch_size, cfg.seq_len, grad_accum=1, shuffle=False, drop_last=False,
                                 bucket_lengths=cfg.bucket_lengths)
     p_sh = tree_shardings(mesh, param_axes(model_cfg), param_shapes(model_cfg), rules)
     params = jax.device_put(params, p_sh)
     fn = jax.jit(partial(reference_logps, spec=spec), compiler_options=dict(COMPILER_OPTIONS) or None)
-    out = {}
+    out: dict[int, tuple[float, float]] = {}  # pair index -> (chosen, rejected)
     t0 = time.perf_counter()
     for T, rows in batcher.plan(0):
         b = batcher.build(T, rows)
@@ -695,12 +708,19 @@ def precompute_reference(params, model_cfg: ModelConfig, pairs, cfg: TrainConfig
         B = len(rows)
         for r, idx in enumerate(rows):
             if idx:
-                out[pairs[idx[0]].id] = (float(lp[r]), float(lp[B + r]))
+                out[idx[0]] = (float(lp[r]), float(lp[B + r]))
+    if len(out) != len(pairs):  # never expected: every pair is in exactly one row of the plan
+        raise RuntimeError(f"reference pass scored {len(out)} of {len(pairs)} pairs")
     log.info("reference log-probs of %d pairs in %.1fs", len(out), time.perf_counter() - t0)
     if cache_path is not None and distributed.is_main_process():
-        write_jsonl_atomic(cache_path, [{"id": k, "ref_chosen": v[0], "ref_rejected": v[1], "fingerprint": fingerprint}
-                                        for k, v in out.items()])
-    return [replace(p, ref_chosen=out[p.id][0], ref_rejected=out[p.id][1]) for p in pairs]
+        rows_out, seen = [], set()
+        for i, (p, k) in enumerate(zip(pairs, keys)):
+            if k not in seen:
+                seen.add(k)
+                rows_out.append({"key": k, "id": p.id, "ref_chosen": out[i][0], "ref_rejected": out[i][1],
+                                 "fingerprint": fingerprint})
+        write_jsonl_atomic(cache_path, rows_out)
+    return [replace(p, ref_chosen=out[i][0], ref_rejected=out[i][1]) for i, p in enumerate(pairs)]
 
 
 def run_sft(model, records: Sequence[dict], cfg: TrainConfig, out_dir: str | os.PathLike, *, mesh=None,

@@ -12,7 +12,7 @@ Config sections (unknown keys are errors naming the key)::
     data:
       train: data/sft.jsonl     # sft: {id, prompt, completion}; dpo: {id, prompt, chosen, rejected}
       eval: null                # optional held-out file (else train.eval_fraction of train)
-      ref_cache: null           # dpo: reference log-probs cache (default <train>.ref.jsonl)
+      ref_cache: null           # dpo: reference log-probs cache (default <out_dir>/ref_logps.jsonl)
     train: {...}                # TrainConfig (w2s_jax.train)
     mesh: {data: -1, fsdp: 1, tensor: 1, sequence: 1, rules: null}
     out_dir: runs/sft
@@ -156,9 +156,9 @@ def main(argv: list[str] | None = None, prog: str = "w2s sft", command: str = "s
         res = T.run_sft(model, records, cfg.train, out, mesh=mesh, rules=rules, eval_records=eval_records,
                         export_hf=cfg.export_hf)
     else:
-        cache = cfg.data.ref_cache or (str(cfg.data.train) + ".ref.jsonl")
+        # the cache lives in out_dir (the training data may be read-only) unless data.ref_cache names one
         res = T.run_dpo(model, records, cfg.train, out, mesh=mesh, rules=rules, eval_records=eval_records,
-                        export_hf=cfg.export_hf, ref_cache=cache)
+                        export_hf=cfg.export_hf, ref_cache=cfg.data.ref_cache)
     last = res.history[-1] if res.history else {}
     msg = f"{prog}: {res.step} steps"
     if last:
