@@ -300,6 +300,13 @@ class Pipeline:
         return self._mesh
 
     def run(self, from_stage: str | None = None, until: str | None = None) -> dict | None:
+        """Run the stages holding the run directory's lock (a second run there is refused)."""
+        from w2s_jax.locking import LOCK_NAME, hold
+
+        with hold(self.out / LOCK_NAME, f"run directory {self.out}"):
+            return self._run_locked(from_stage, until)
+
+    def _run_locked(self, from_stage: str | None = None, until: str | None = None) -> dict | None:
         for s in (from_stage, until):
             if s is not None and s not in STAGE_NAMES:
                 import difflib

@@ -114,7 +114,7 @@ def _replace_cfg(cfg, overrides: dict):
 
 
 def main(argv: list[str] | None = None, prog: str = "w2s sft", command: str = "sft") -> int:
-    from w2s_jax.config import dump_yaml, load_config
+    from w2s_jax.config import load_config
 
     kind = "dpo" if command == "dpo" else "sft"
     ap = argparse.ArgumentParser(
@@ -140,11 +140,19 @@ def main(argv: list[str] | None = None, prog: str = "w2s sft", command: str = "s
     records = read_jsonl(cfg.data.train, required=fields)
     eval_records = read_jsonl(cfg.data.eval, required=fields) if cfg.data.eval else None
 
+    from w2s_jax.locking import LOCK_NAME, hold
+
+    out = Path(cfg.out_dir)
+    with hold(out / LOCK_NAME, f"output directory {out}"):
+        return _train(cfg, kind, prog, records, eval_records, out)
+
+
+def _train(cfg: TrainRunConfig, kind: str, prog: str, records, eval_records, out: Path) -> int:
     from w2s_jax import distributed
+    from w2s_jax.config import dump_yaml
 
     mesh = cfg.mesh.build()
     rules = cfg.mesh.rules_table()
-    out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if distributed.is_main_process():
         dump_yaml(cfg, out / "config.yaml")
