@@ -1,0 +1,312 @@
+"""Reliability: one writer per run directory / output, no silent resume with another model or settings,
+outputs never destroy inputs or unrelated files, and clean one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from w2s_jax.errors import UserError
+from w2s_jax.jsonl import read_jsonl, write_jsonl_atomic
+from w2s_jax.locking import LOCK_NAME, FileLock, hold, lock_path_for_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+HOLDER = """
+import sys, time
+from w2s_jax.locking import FileLock
+FileLock(sys.argv[1], "test").acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def start_holder(lock: Path) -> subprocess.Popen:
+    """Another process holding ``lock`` (it runs this checkout's code)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def kill(p: subprocess.Popen) -> None:
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+
+
+# ----------------------------------------------------------------------------- locks
+
+
+def test_lock_refuses_a_second_writer_naming_pid_and_host_then_takes_over_when_stale(tmp_path, capsys):
+    lock = tmp_path / "run" / LOCK_NAME
+    holder = start_holder(lock)
+    try:
+        with pytest.raises(UserError, match=rf"pid {holder.pid} on host {socket.gethostname()}"):
+            FileLock(lock, "run directory x").acquire()
+    finally:
+        kill(holder)
+    assert lock.exists()  # killed: the file is left behind, but nobody holds it
+    with FileLock(lock, "run directory x"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        assert f"stale lock {lock} left by pid {holder.pid}" in capsys.readouterr().err
+        with pytest.raises(UserError, match=f"pid {os.getpid()}"):  # a second lock in this process too
+            FileLock(lock, "run directory x").acquire()
+    assert not lock.exists()  # released: removed
+
+
+def test_lock_without_flock_decides_by_pid(tmp_path, monkeypatch, capsys):
+    """On a file system without flock: a live pid on this host or any pid on another host is refused,
+    a dead pid on this host is taken over."""
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(38, "Function not implemented")  # ENOSYS
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock = tmp_path / LOCK_NAME
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for info, refused in (({"pid": os.getppid(), "host": socket.gethostname()}, True),
+                          ({"pid": dead.pid, "host": "elsewhere"}, True),
+                          ({"pid": dead.pid, "host": socket.gethostname()}, False)):
+        lock.write_text(json.dumps(info))
+        if refused:
+            with pytest.raises(UserError, match=f"pid {info['pid']} on host {info['host']}"):
+                FileLock(lock, "x").acquire()
+        else:
+            FileLock(lock, "x").acquire().release()
+            assert "stale lock" in capsys.readouterr().err
+
+
+def test_multihost_locks_once_on_process_0(tmp_path, monkeypatch):
+    from w2s_jax import distributed
+
+    monkeypatch.setattr(distributed, "process_count", lambda: 2)
+    monkeypatch.setattr(distributed, "is_main_process", lambda: False)
+    monkeypatch.setattr(distributed, "all_true", lambda flag: flag)
+    lock = tmp_path / LOCK_NAME
+    with hold(lock, "run directory"):
+        assert not lock.exists()  # only process 0 takes it
+    monkeypatch.setattr(distributed, "all_true", lambda flag: False)  # process 0 found it held
+    with pytest.raises(UserError, match="process 0 could not take the lock"):
+        with hold(lock, "run directory"):
+            pass
+
+
+def test_w2s_run_refuses_a_second_run_in_the_same_directory(tmp_path):
+    from w2s_jax.pipeline import Pipeline, load_run_config
+
+    out = tmp_path / "run"
+    holder = start_holder(out / LOCK_NAME)
+    try:
+        with pytest.raises(UserError, match=rf"run directory {out} is in use .*pid {holder.pid}"):
+            Pipeline(load_run_config(None), out).run()
+    finally:
+        kill(holder)
+    assert not (out / "config.yaml").exists()  # nothing written by the refused run
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    import jax
+
+    from w2s_jax.checkpoint_io import save_model
+    from w2s_jax.model import get_preset, init_params
+    from w2s_jax.tokenizer import ByteTokenizer
+
+    cfg = get_preset("tiny", vocab_size=259, bos_token_id=257, eos_token_id=258, pad_token_id=256, max_seq_len=96,
+                     n_layers=1)
+    out = []
+    for seed in (0, 1):
+        d = tmp_path_factory.mktemp("models") / f"m{seed}"
+        save_model(d, init_params(cfg, jax.random.PRNGKey(seed)), cfg, ByteTokenizer())
+        out.append(d)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def fast_compile(monkeypatch):
+    import w2s_jax.sampler as sampler_mod
+
+    opts = {**sampler_mod.CPU_COMPILER_OPTIONS, "xla_backend_optimization_level": 0}
+    monkeypatch.setattr(sampler_mod, "CPU_COMPILER_OPTIONS", opts)
+
+
+INPUTS = [{"id": "a", "question": "2+3?", "gold": "5"}, {"id": "b", "question": "1+1?", "gold": "2"}]
+
+
+def generate(model, inp, out, *extra):
+    from w2s_jax.generate_cli import main
+
+    return main(["--model", str(model), "--input", str(inp), "--output", str(out), "--max-new-tokens", "4",
+                 "--no-progress", *extra])
+
+
+@pytest.fixture
+def inp(tmp_path):
+    p = tmp_path / "in.jsonl"
+    write_jsonl_atomic(p, INPUTS)
+    return p
+
+
+def no_model_load(monkeypatch):
+    import w2s_jax.checkpoint_io as cio
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(cio, "load_model", boom)
+
+
+def test_generate_resume_refuses_another_model_or_settings(model_dirs, inp, tmp_path):
+    out = tmp_path / "out.jsonl"
+    assert generate(model_dirs[0], inp, out) == 0
+    before = out.read_bytes()
+    with pytest.raises(UserError, match=r"another model or other settings \(model: "):
+        generate(model_dirs[1], inp, out)
+    with pytest.raises(UserError, match=r"temperature: 0.0 then, 0.7 now"):
+        generate(model_dirs[0], inp, out, "--temperature", "0.7")
+    with pytest.raises(UserError, match=r"max_new_tokens"):
+        generate(model_dirs[0], inp, out, "--max-new-tokens", "5")
+    assert out.read_bytes() == before
+    assert generate(model_dirs[0], inp, out, "--n", "2") == 0  # more samples: same settings
+    assert len(read_jsonl(out)) == 4
+
+
+def test_generate_refuses_a_locked_output(model_dirs, inp, tmp_path):
+    out = tmp_path / "out.jsonl"
+    holder = start_holder(lock_path_for_file(out))
+    try:
+        with pytest.raises(UserError, match=rf"output {out} is in use .*pid {holder.pid}"):
+            generate(model_dirs[0], inp, out)
+    finally:
+        kill(holder)
+    assert not out.exists()
+
+
+def test_generate_leaves_a_file_that_is_not_an_output_unchanged(model_dirs, inp, tmp_path, monkeypatch):
+    no_model_load(monkeypatch)
+    for text in ('{"id": "a", "sample": 0}\nmy notes without a newline', "just notes\nno newline here"):
+        notes = tmp_path / "notes.txt"
+        notes.write_text(text)
+        with pytest.raises(UserError, match=r"notes.txt:\d"):
+            generate(model_dirs[0], inp, notes)
+        assert notes.read_text() == text
+
+
+def test_generate_output_equal_to_an_input_is_refused(model_dirs, inp, tmp_path, monkeypatch):
+    no_model_load(monkeypatch)
+    demos = tmp_path / "demos.jsonl"
+    write_jsonl_atomic(demos, [{"question": "1+2?", "response": "3"}])
+    link = tmp_path / "hard.jsonl"
+    os.link(inp, link)
+    before = {p: p.read_bytes() for p in (inp, demos)}
+    for out, msg in ((inp, "--input"), (demos, "--few-shot"), (link, "--input"),
+                     (tmp_path / "sub" / ".." / "in.jsonl", "--input")):
+        with pytest.raises(UserError, match=f"same file as {msg}"):
+            generate(model_dirs[0], inp, out, "--few-shot", str(demos))
+    assert {p: p.read_bytes() for p in (inp, demos)} == before
+
+
+def test_generate_checks_input_before_loading_the_model(model_dirs, tmp_path, monkeypatch):
+    no_model_load(monkeypatch)
+    dup = tmp_path / "dup.jsonl"
+    write_jsonl_atomic(dup, [*INPUTS, {"id": "a", "question": "again"}])
+    with pytest.raises(UserError, match=rf"{dup}: duplicate id 'a'"):
+        generate(model_dirs[0], dup, tmp_path / "o.jsonl")
+    nogold = tmp_path / "nogold.jsonl"
+    write_jsonl_atomic(nogold, [{"id": "q", "question": "?"}])
+    with pytest.raises(UserError, match=rf"{nogold}: record 1 \(id 'q'\) has no `gold`"):
+        generate(model_dirs[0], nogold, tmp_path / "o.jsonl", "--grade", "gsm8k")
+    with pytest.raises(UserError, match=r"streamed as JSONL"):  # .json is one JSON list: refused up front
+        generate(model_dirs[0], nogold, tmp_path / "o.json")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a directory"):
+        generate(model_dirs[0], nogold, tmp_path / "afile" / "o.jsonl")
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.json").exists()
+
+
+# ----------------------------------------------------------------------------- JSONL
+
+
+def test_json_suffix_means_a_json_list_for_writers_and_readers(tmp_path):
+    recs = [{"id": 1, "x": "a"}, {"id": 2, "x": "b"}]
+    write_jsonl_atomic(tmp_path / "v.json", recs)
+    assert json.loads((tmp_path / "v.json").read_text()) == recs
+    assert read_jsonl(tmp_path / "v.json") == recs
+    write_jsonl_atomic(tmp_path / "v.jsonl", recs)
+    assert read_jsonl(tmp_path / "v.jsonl") == recs
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + b'{"id": 1}\n{"id": 2}\n')
+    assert read_jsonl(p) == [{"id": 1}, {"id": 2}]
+    q = tmp_path / "bom.json"
+    q.write_bytes(b"\xef\xbb\xbf" + b'[{"id": 1}]')
+    assert read_jsonl(q) == [{"id": 1}]
+
+
+def test_atomic_outputs_get_the_umask_mode(tmp_path):
+    from w2s_jax.jsonl import write_json_atomic, write_text_atomic
+
+    old = os.umask(0o027)
+    try:
+        write_jsonl_atomic(tmp_path / "a.jsonl", [{"id": 1}])
+        write_json_atomic(tmp_path / "b.json", {"x": 1})
+        write_text_atomic(tmp_path / "c.md", "# hi\n")
+        (tmp_path / "ref").write_text("")
+    finally:
+        os.umask(old)
+    want = (tmp_path / "ref").stat().st_mode & 0o777
+    assert want == 0o640
+    for name in ("a.jsonl", "b.json", "c.md"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == want, name
+
+
+def test_write_errors_name_the_path(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match=r"afile/out.jsonl: cannot write: a parent of it is a file"):
+        write_jsonl_atomic(tmp_path / "afile" / "out.jsonl", [{"id": 1}])
+
+    import errno
+
+    import w2s_jax.jsonl as J
+
+    real = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(J.os, "fsync", full)
+    try:
+        with pytest.raises(UserError, match=r"full.jsonl: cannot write: No space left on device"):
+            write_jsonl_atomic(tmp_path / "full.jsonl", [{"id": 1}])
+    finally:
+        monkeypatch.setattr(J.os, "fsync", real)
+    assert not (tmp_path / "full.jsonl").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".full")]  # no temp file left
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    """A user error through the real entry point: one `w2s CMD: error:` line, exit 2."""
+    write_jsonl_atomic(tmp_path / "s.jsonl", [{"id": 1, "response": "5", "gold": "5"}])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-m", "w2s_jax.cli", "data", "vote", "--samples", str(tmp_path / "s.jsonl"),
+                        "--output", str(tmp_path / "s.jsonl")], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("w2s data: error: --output"), r.stderr
+    assert "Traceback" not in r.stderr
