@@ -310,3 +310,43 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("w2s data: error: --output"), r.stderr
     assert "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- model directories
+
+
+def test_native_model_bit_flip_is_detected_naming_the_file(model_dirs, tmp_path):
+    import shutil
+
+    from w2s_jax.checkpoint_io import PARAMS_FILE, load_model
+
+    d = tmp_path / "m"
+    shutil.copytree(model_dirs[0], d)
+    load_model(d)  # intact: loads
+    f = d / PARAMS_FILE
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x10  # one bit in the middle of the tensors
+    f.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=rf"{f}: checksum mismatch"):
+        load_model(d)
+
+
+def test_convert_never_deletes_a_directory_it_did_not_write(model_dirs, tmp_path, capsys):
+    from w2s_jax.convert import main as convert
+
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "code.py").write_text("print('hi')\n")
+    (project / "notes.txt").write_text("notes\n")
+    (project / "config.json").write_text("{}\n")
+    before = sorted(str(p.relative_to(project)) for p in project.rglob("*"))
+    args = ["--from", "native", "--to", "hf", "--input", str(model_dirs[0]), "--output", str(project)]
+    with pytest.raises(UserError, match=rf"refusing to overwrite {project}: .*--overwrite"):
+        convert(args)
+    assert sorted(str(p.relative_to(project)) for p in project.rglob("*")) == before
+    assert (project / "notes.txt").read_text() == "notes\n"
+    out = tmp_path / "hf"
+    assert convert([*args[:-1], str(out)]) == 0
+    assert convert([*args[:-1], str(out)]) == 0  # a directory it wrote is replaced
+    assert convert([*args, "--overwrite"]) == 0  # asked for explicitly
+    assert (project / "config.json").read_text() != "{}\n" and not (project / "notes.txt").exists()
