@@ -350,3 +350,62 @@ def test_convert_never_deletes_a_directory_it_did_not_write(model_dirs, tmp_path
     assert convert([*args[:-1], str(out)]) == 0  # a directory it wrote is replaced
     assert convert([*args, "--overwrite"]) == 0  # asked for explicitly
     assert (project / "config.json").read_text() != "{}\n" and not (project / "notes.txt").exists()
+
+
+# ----------------------------------------------------------------------------- config and user errors
+
+
+@pytest.mark.parametrize("override,key", [
+    ("weak_train.lr=-1", "weak_train.lr"), ("strong_train.lr=.nan", "strong_train.lr"),
+    ("stage2.train.lr=-0.5", "stage2.train.lr"), ("stage2.n_samples=0", "stage2.n_samples"),
+    ("mesh.data=0", "mesh.data"), ("stage1.n_demos=0", "stage1.n_demos"),
+    ("weak_train.max_steps=0", "weak_train.max_steps"), ("generation.max_new_tokens=0", "generation.max_new_tokens"),
+])
+def test_bad_config_values_are_rejected_at_load_naming_the_key(override, key):
+    from w2s_jax.pipeline import load_run_config
+
+    with pytest.raises(UserError, match=f"config key `{key}` must be"):
+        load_run_config(None, [override])
+
+
+def test_train_config_lr_rejected_naming_the_key():
+    from w2s_jax.config import load_config
+    from w2s_jax.train_cli import TrainRunConfig
+
+    with pytest.raises(UserError, match="config key `train.lr` must be a finite number >= 0, got -1"):
+        load_config(TrainRunConfig, None, ["train.lr=-1"])
+
+
+def test_sft_non_string_completion_is_a_one_line_error(tmp_path, capsys):
+    from w2s_jax.cli import main
+
+    data = tmp_path / "sft.jsonl"
+    write_jsonl_atomic(data, [{"id": "a", "prompt": "1+1=", "completion": "2"},
+                              {"id": "b", "prompt": "x", "completion": 5}])
+    rc = main(["sft", "--set", "model.preset=tiny", "--set", f"data.train={data}",
+               "--set", f"out_dir={tmp_path / 'o'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"w2s sft: error: {data}: record 2 (id 'b'): `completion` must be a string, got int 5"]
+
+
+def test_corrupt_run_directory_config_is_a_user_error(tmp_path):
+    from w2s_jax.pipeline import Pipeline, load_run_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(UserError, match=rf"{out / 'config.yaml'}: corrupt"):
+        Pipeline(load_run_config(None), out).run()
+
+
+@pytest.mark.parametrize("err", [(28, "No space left on device"), (30, "Read-only file system")])
+def test_disk_errors_are_one_line_naming_the_path(err, monkeypatch, capsys):
+    import w2s_jax.grading as grading
+    from w2s_jax.cli import main
+
+    def fail(*a, **k):
+        raise OSError(err[0], err[1], "/data/out.jsonl")
+
+    monkeypatch.setattr(grading, "main", fail)
+    assert main(["grade", "--input", "x", "--output", "y"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"w2s grade: error: /data/out.jsonl: {err[1]}"]

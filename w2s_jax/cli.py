@@ -6,6 +6,7 @@ imported only when its command runs, so `w2s grade` never pays for importing JAX
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -27,6 +28,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("w2s_jax.bench", "benchmarks against PyTorch baselines"),
 }
 
+
+# OSErrors that mean a problem with the user's disk or paths rather than a bug
+_ENVIRONMENT_ERRNOS = frozenset(
+    getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "ENOTDIR", "EISDIR", "EEXIST",
+                                "ENOENT", "ENAMETOOLONG", "EMFILE") if hasattr(errno, n)
+)
 
 # commands that run one JAX program across all hosts of a multi-host slice
 MULTIHOST_COMMANDS = ("run", "generate", "logprobs", "sft", "dpo")
@@ -86,6 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(argv[1:], prog=f"w2s {name}", command=name) or 0)
     except UserError as e:
         print(f"w2s {name}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # the machine's side of a user error: disk full, read-only file system, no permission, a path
+        # component that is a file. One line naming the path; anything else stays a traceback (a bug).
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = e.filename or "output"
+        print(f"w2s {name}: error: {where}: {e.strerror or e}", file=sys.stderr)
         return 2
 
 

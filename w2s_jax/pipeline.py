@@ -167,6 +167,11 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"config key `stage1.demos_from`: `{cfg.stage1.demos_from}` is not weak or train_1_gold")
     if cfg.stage1.rounds not in (1, 2):
         raise UserError(f"config key `stage1.rounds` must be 1 or 2 (got {cfg.stage1.rounds})")
+    for key, v in (("stage1.n_demos", cfg.stage1.n_demos), ("stage2.n_samples", cfg.stage2.n_samples)):
+        if v < 1:
+            raise UserError(f"config key `{key}` must be >= 1 (got {v})")
+    if cfg.stage2.max_new_tokens is not None and cfg.stage2.max_new_tokens < 1:
+        raise UserError(f"config key `stage2.max_new_tokens` must be >= 1 or null (got {cfg.stage2.max_new_tokens})")
     for role in ("weak", "strong"):
         spec: ModelSpec = getattr(cfg, role)
         if (spec.path is None) == (spec.preset is None):
@@ -283,7 +288,13 @@ class Pipeline:
             return
         import yaml
 
-        old = yaml.safe_load(prev.read_text()) or {}
+        try:
+            old = yaml.safe_load(prev.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise UserError(f"{prev}: corrupt ({str(e).splitlines()[0]}); fix or delete it, or choose another --out") \
+                from None
+        if not isinstance(old, dict):
+            raise UserError(f"{prev}: corrupt (not a mapping of keys); fix or delete it, or choose another --out")
         for key in ("name", "data.task"):
             a = _get(old, key) if _has(old, key) else None
             b = _get(to_dict(self.cfg), key)

@@ -136,8 +136,25 @@ class TrainConfig:
             raise ValueError("batch_size and grad_accum must be >= 1 and seq_len >= 2")
         if self.max_steps is None and self.epochs < 1:
             raise ValueError("set epochs >= 1 or max_steps")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 (or null: train for `epochs`), got {self.max_steps}")
         if self.beta <= 0:
             raise ValueError("beta must be > 0")
+        finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)  # noqa: E731
+        for name, ok, want in (
+            ("lr", finite(self.lr) and self.lr >= 0, "a finite number >= 0"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("warmup_ratio", finite(self.warmup_ratio) and 0 <= self.warmup_ratio <= 1, "in [0, 1]"),
+            ("min_lr_ratio", finite(self.min_lr_ratio) and self.min_lr_ratio >= 0, "a finite number >= 0"),
+            ("weight_decay", finite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
+            ("max_grad_norm", finite(self.max_grad_norm) and self.max_grad_norm >= 0, "a finite number >= 0"),
+            ("eps", finite(self.eps) and self.eps > 0, "a finite number > 0"),
+            ("eval_fraction", finite(self.eval_fraction) and 0 <= self.eval_fraction < 1, "in [0, 1)"),
+            ("keep", self.keep >= 1, ">= 1"),
+            ("logits_chunks", self.logits_chunks >= 1, ">= 1"),
+        ):
+            if not ok:
+                raise ValueError(f"{name} must be {want}, got {getattr(self, name)}")
 
 
 # ----------------------------------------------------------------------------- optimizer

@@ -68,6 +68,16 @@ SFT_FIELDS = ("id", "prompt", "completion")
 PREF_FIELDS = ("id", "prompt", "chosen", "rejected")
 
 
+def check_text_fields(records: list[dict], fields: tuple[str, ...], path) -> list[dict]:
+    """Every text field (all of ``fields`` but ``id``) is a string; else a UserError naming the file, record and id."""
+    for i, r in enumerate(records):
+        for k in fields:
+            if k != "id" and not isinstance(r[k], str):
+                raise UserError(f"{path}: record {i + 1} (id {r.get('id')!r}): `{k}` must be a string, got "
+                                f"{type(r[k]).__name__} {r[k]!r}")
+    return records
+
+
 def load_run_model(m: ModelSection, mesh, rules):
     """A ``LoadedModel``-like object from the model section."""
     from w2s_jax.model import get_preset
@@ -137,8 +147,9 @@ def main(argv: list[str] | None = None, prog: str = "w2s sft", command: str = "s
     from w2s_jax.jsonl import read_jsonl
 
     fields = SFT_FIELDS if kind == "sft" else PREF_FIELDS
-    records = read_jsonl(cfg.data.train, required=fields)
-    eval_records = read_jsonl(cfg.data.eval, required=fields) if cfg.data.eval else None
+    records = check_text_fields(read_jsonl(cfg.data.train, required=fields), fields, cfg.data.train)
+    eval_records = (check_text_fields(read_jsonl(cfg.data.eval, required=fields), fields, cfg.data.eval)
+                    if cfg.data.eval else None)
 
     from w2s_jax.locking import LOCK_NAME, hold
 
