@@ -670,7 +670,9 @@ class Pipeline:
         results = build_results(self, rows)
         if self.main:
             write_json_atomic(self.path("results.json"), results)
-            self.path("results.md").write_text(results_markdown(results))
+            from w2s_jax.jsonl import write_text_atomic
+
+            write_text_atomic(self.path("results.md"), results_markdown(results))
             try:
                 plot_results(results, self.path("results.png"))
             except Exception as e:  # the chart is a convenience; never lose the results for it
