@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -409,3 +410,31 @@ def test_disk_errors_are_one_line_naming_the_path(err, monkeypatch, capsys):
     monkeypatch.setattr(grading, "main", fail)
     assert main(["grade", "--input", "x", "--output", "y"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"w2s grade: error: /data/out.jsonl: {err[1]}"]
+
+
+# ----------------------------------------------------------------------------- TPU scripts
+
+
+def _shell_words(command: str) -> list[str]:
+    lex = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lex.whitespace_split = True
+    return list(lex)
+
+
+def test_launch_quotes_every_user_value_for_the_remote_shell(tmp_path):
+    """A config path and an --out holding a space and `;` stay single words on the workers."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("W2S_")}
+    env["W2S_REMOTE_DIR"] = "w2s dir;x"
+    cfg, out = "gs://b/my dir/c;touch pwned.yaml", "/mnt/gcs/run a;b"
+    p = subprocess.run(["bash", str(REPO / "tpu_scripts" / "launch.sh"), "--dry-run", "--config", cfg, "--out", out,
+                        "--set", "name=a b;c", "--no-follow"], env=env, capture_output=True, text=True, timeout=30,
+                       cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    remote = [shlex.split(line[2:])[-1] for line in p.stdout.splitlines() if line.startswith("+ ")]
+    words = [_shell_words(r) for r in remote]
+    assert words[0] == ["mkdir", "-p", "w2s dir;x/configs", "w2s dir;x/logs"]
+    assert words[1] == ["gsutil", "-q", "cp", cfg, "w2s dir;x/configs/c_touch_pwned.yaml"]
+    start = words[2]
+    for word in (out, "name=a b;c", "w2s dir;x/configs/c_touch_pwned.yaml", "w2s dir;x/logs/run.log"):
+        assert word in start, word
+    assert "pwned.yaml" not in " ".join(w for w in start if w not in (cfg,)).replace("c_touch_pwned.yaml", "")
