@@ -438,3 +438,29 @@ def test_launch_quotes_every_user_value_for_the_remote_shell(tmp_path):
     for word in (out, "name=a b;c", "w2s dir;x/configs/c_touch_pwned.yaml", "w2s dir;x/logs/run.log"):
         assert word in start, word
     assert "pwned.yaml" not in " ".join(w for w in start if w not in (cfg,)).replace("c_touch_pwned.yaml", "")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_fallback_warning_names_step_and_path_without_tensorstore_dump(tmp_path, monkeypatch):
+    from w2s_jax.checkpoint import Checkpointer, CheckpointWarning
+
+    ck = Checkpointer(tmp_path / "ck", async_save=False)
+    dump = ("INVALID_ARGUMENT: Error opening \"zarr\" driver: Error reading chunk state.params.embed/0.0 "
+            "[source locations='tensorstore/driver/zarr/driver.cc:566\ntensorstore/driver/driver.cc:112'] "
+            "[tensorstore_spec='{\"driver\":\"zarr\",\"kvstore\":{\"driver\":\"file\",\"path\":\"/x/\"}}']")
+
+    def restore(step, abstract):
+        if step == 3:
+            raise ValueError(dump)
+        return ("restored", step)
+
+    monkeypatch.setattr(ck, "all_steps", lambda: [2, 3])
+    monkeypatch.setattr(ck, "restore", restore)
+    with pytest.warns(CheckpointWarning) as rec:
+        assert ck.restore_latest(None) == ("restored", 2)
+    ck.close()
+    msg = str(rec[0].message)
+    assert msg.startswith(f"checkpoint step 3 ({tmp_path / 'ck' / '3'}) is unusable: ValueError: INVALID_ARGUMENT")
+    assert "tensorstore_spec" not in msg and "source locations" not in msg and "\n" not in msg
