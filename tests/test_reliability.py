@@ -464,3 +464,29 @@ def test_checkpoint_fallback_warning_names_step_and_path_without_tensorstore_dum
     msg = str(rec[0].message)
     assert msg.startswith(f"checkpoint step 3 ({tmp_path / 'ck' / '3'}) is unusable: ValueError: INVALID_ARGUMENT")
     assert "tensorstore_spec" not in msg and "source locations" not in msg and "\n" not in msg
+
+
+# ----------------------------------------------------------------------------- JAX platforms
+
+
+def test_cpu_commands_keep_jax_away_from_libtpu(monkeypatch):
+    import importlib.util
+
+    from w2s_jax import cli
+
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed (it comes with the [test] extra on Linux x86-64)")
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(cli, "_tpu_chips_present", lambda: False)
+    cli._platform_defaults("generate")
+    platforms = os.environ.pop("JAX_PLATFORMS").split(",")
+    assert "tpu" not in platforms and platforms[-1] == "cpu"
+    cli._platform_defaults("compile-check")  # asks for a TPU topology: libtpu stays available
+    assert "JAX_PLATFORMS" not in os.environ
+    monkeypatch.setattr(cli, "_tpu_chips_present", lambda: True)  # a TPU VM: JAX picks the TPU
+    cli._platform_defaults("run")
+    assert "JAX_PLATFORMS" not in os.environ
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu,tpu")  # the user's choice is kept
+    monkeypatch.setattr(cli, "_tpu_chips_present", lambda: False)
+    cli._platform_defaults("run")
+    assert os.environ["JAX_PLATFORMS"] == "cpu,tpu"

@@ -52,6 +52,54 @@ def _compile_cache_defaults() -> None:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
+def _tpu_chips_present() -> bool:
+    """Whether this machine has TPU chips (Google PCI devices, as JAX itself checks)."""
+    import glob
+
+    for f in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(f) as fh:
+                if fh.read().strip() == "0x1ae0":
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def _platform_defaults(command: str) -> None:
+    """Keep JAX away from libtpu on a machine without TPU chips.
+
+    With libtpu installed (the ``[test]`` extra installs it for compile-only TPU topologies), JAX loads
+    and initialises its TPU plugin on every start, which costs about a second and on some machines
+    prints an ``E0000 ... INVALID_ARGUMENT`` block. Unless ``JAX_PLATFORMS`` is set, or the command
+    asks for a TPU topology (``compile-check``), the platforms are then the GPU ones whose plugins are
+    installed (skipped by JAX when no GPU is visible) and the CPU."""
+    import importlib.util
+
+    if "JAX_PLATFORMS" in os.environ or command == "compile-check":
+        return
+    if importlib.util.find_spec("libtpu") is None or _tpu_chips_present():
+        return
+    platforms = []
+    try:
+        from importlib.metadata import entry_points
+
+        names = [ep.name for ep in entry_points(group="jax_plugins")]
+    except Exception:  # noqa: BLE001 -- metadata of a broken install: CPU only
+        names = []
+    for mod in ("jax_cuda12_plugin", "jax_cuda13_plugin"):
+        try:
+            if importlib.util.find_spec(mod) is not None:
+                names.append(mod)
+        except (ImportError, ValueError):
+            pass
+    if any("cuda" in n for n in names):
+        platforms.append("cuda")
+    if any("rocm" in n for n in names) and os.path.exists("/dev/kfd"):
+        platforms.append("rocm")
+    os.environ["JAX_PLATFORMS"] = ",".join([*platforms, "cpu"])
+
+
 def _usage() -> str:
     lines = ["usage: w2s COMMAND [options]", "", "commands:"]
     width = max(len(c) for c in COMMANDS)
@@ -81,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"w2s: unknown command `{name}`{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     _compile_cache_defaults()
+    _platform_defaults(name)
     from w2s_jax.hostmem import tune_host_malloc
 
     tune_host_malloc()  # before JAX/torch start their threads (see w2s_jax/hostmem.py)
