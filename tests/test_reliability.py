@@ -238,6 +238,41 @@ def test_generate_checks_input_before_loading_the_model(model_dirs, tmp_path, mo
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.json").exists()
 
 
+@pytest.mark.parametrize("sub", ["vote", "full-weak", "pairs"])
+def test_data_commands_refuse_an_output_that_is_an_input(sub, tmp_path):
+    from w2s_jax.datasets import main as data
+
+    recs = [{"id": 1, "prompt": "Q", "response": "5", "pred": "5", "result": True}]
+    s = tmp_path / "s.jsonl"
+    write_jsonl_atomic(s, recs)
+    link = tmp_path / "link.jsonl"
+    os.link(s, link)
+    before = s.read_bytes()
+    for out in (s, link):
+        args = {"vote": ["vote", "--samples", str(s), "--output", str(out)],
+                "full-weak": ["full-weak", "--weak", str(s), "--output", str(out)],
+                "pairs": ["pairs", "--task", "gsm8k", "--weak", str(tmp_path / "w.jsonl"), "--votes", str(s),
+                          "--output", str(out)]}[sub]
+        with pytest.raises(UserError, match="is the same file as"):
+            data(args)
+    assert s.read_bytes() == before and not (tmp_path / "link.stats.json").exists()
+
+
+def test_sft_refuses_a_locked_out_dir(tmp_path):
+    from w2s_jax.train_cli import main as sft
+
+    data = tmp_path / "sft.jsonl"
+    write_jsonl_atomic(data, [{"id": "a", "prompt": "1+1=", "completion": "2"}])
+    out = tmp_path / "o"
+    holder = start_holder(out / LOCK_NAME)
+    try:
+        with pytest.raises(UserError, match=rf"output directory {out} is in use .*pid {holder.pid}"):
+            sft(["--set", "model.preset=tiny", "--set", f"data.train={data}", "--set", f"out_dir={out}"])
+    finally:
+        kill(holder)
+    assert not (out / "config.yaml").exists()
+
+
 # ----------------------------------------------------------------------------- JSONL
 
 
