@@ -19,7 +19,8 @@ Config sections (unknown keys are errors naming the key)::
     export_hf: false            # also write a Hugging Face dir (full FT) or PEFT adapter (LoRA)
 
 The resolved config is written to ``<out_dir>/config.yaml``. Re-running the same command resumes
-from the newest valid checkpoint in ``<out_dir>/checkpoints``. Multi-host: every host runs the same
+from the newest valid checkpoint in ``<out_dir>/checkpoints``. While a command runs, ``out_dir`` is
+locked (``<out_dir>/.w2s.lock``): a second one there is refused, naming the first one's pid and host. Multi-host: every host runs the same
 command with the same ``out_dir``; process 0 writes the config, metrics and model, all hosts write
 their checkpoint shards.
 """
