@@ -63,6 +63,15 @@ def test_lock_refuses_a_second_writer_naming_pid_and_host_then_takes_over_when_s
     assert not lock.exists()  # released: removed
 
 
+def test_lock_leaves_no_directory_it_made_for_nothing(tmp_path):
+    with FileLock(tmp_path / "new" / "run" / LOCK_NAME, "run directory"):
+        assert (tmp_path / "new" / "run").is_dir()
+    assert not (tmp_path / "new").exists()
+    with FileLock(tmp_path / "kept" / LOCK_NAME, "run directory"):
+        (tmp_path / "kept" / "results.md").write_text("x")
+    assert (tmp_path / "kept" / "results.md").exists() and not (tmp_path / "kept" / LOCK_NAME).exists()
+
+
 def test_lock_without_flock_decides_by_pid(tmp_path, monkeypatch, capsys):
     """On a file system without flock: a live pid on this host or any pid on another host is refused,
     a dead pid on this host is taken over."""

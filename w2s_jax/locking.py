@@ -72,10 +72,16 @@ class FileLock:
         self.path = Path(path)
         self.what = what
         self._fd: int | None = None
+        self._made: list[Path] = []
 
     def acquire(self) -> FileLock:
         import fcntl
 
+        self._made = []  # directories created for the lock, deepest first: removed again if left empty
+        d = self.path.parent
+        while not d.exists() and d != d.parent:
+            self._made.append(d)
+            d = d.parent
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -141,6 +147,11 @@ class FileLock:
             pass
         os.close(self._fd)
         self._fd = None
+        for d in self._made:  # a refused or empty run leaves no directory behind
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
     def __enter__(self) -> FileLock:
         return self.acquire()

@@ -20,9 +20,9 @@ Config sections (unknown keys are errors naming the key)::
 
 The resolved config is written to ``<out_dir>/config.yaml``. Re-running the same command resumes
 from the newest valid checkpoint in ``<out_dir>/checkpoints``. While a command runs, ``out_dir`` is
-locked (``<out_dir>/.w2s.lock``): a second one there is refused, naming the first one's pid and host. Multi-host: every host runs the same
-command with the same ``out_dir``; process 0 writes the config, metrics and model, all hosts write
-their checkpoint shards.
+locked (``<out_dir>/.w2s.lock``): a second one there is refused, naming the first one's pid and host.
+Multi-host: every host runs the same command with the same ``out_dir``; process 0 writes the config,
+metrics and model (and takes the lock), all hosts write their checkpoint shards.
 """
 
 from __future__ import annotations
