@@ -28,11 +28,10 @@ def test_embedded_default_is_the_demo():
     assert cfg.name == "demo" and cfg.data.source == "synthetic"
 
 
-def test_paper_gsm8k_data_stage(shared_dir: Path, tmp_path: Path):
-    data = shared_dir / "data" / "gsm8k"
-    cfg = load_config(RunConfig, str(CONFIGS[0].parent / "paper" / "gsm8k-base.yaml"),
-                      [f"data.train_1={data / 'train_1.jsonl'}", f"data.train_2={data / 'train_2.jsonl'}",
-                       f"data.test={data / 'test.jsonl'}", "weak.preset=tiny"])
+def test_paper_gsm8k_data_stage(shared_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(shared_dir)  # the config's data paths are relative to the repository root
+    cfg = load_config(RunConfig, str(CONFIGS[0].parent / "paper" / "gsm8k-base.yaml"), ["weak.preset=tiny"])
+    assert cfg.data.train_1 == "data/gsm8k/train_1.jsonl"
     Pipeline(cfg, tmp_path, log=lambda m: None).run(until="data")
     splits = ("train_1", "train_2", "test")
     counts = {s: len(read_jsonl(tmp_path / "data" / f"{s}.jsonl")) for s in splits}

@@ -65,7 +65,7 @@ def test_gsm8k_gold_from_worked_solution(shared_dir, weak_outputs):
 
 
 def test_symbolic_mode_differs_only_on_trailing_zero_decimals(weak_outputs):
-    """method.md: symbolic comparison would call 13 of the 7,000 records right that the release calls
+    """docs/method.md: symbolic comparison would call 13 of the 7,000 records right that the release calls
     wrong, all of them `0.50` vs `0.5`-style decimals."""
     wrong = [o for o in weak_outputs if not o["result"] and o["pred"] != ""]
 

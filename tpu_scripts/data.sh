@@ -2,7 +2,7 @@
 # Data and checkpoints in Cloud Storage: upload from here, mount the bucket on every worker with
 # gcsfuse, or copy from the bucket onto every worker's disk.
 #
-#   tpu_scripts/data.sh upload ../shared/data data          # here -> gs://BUCKET/data
+#   tpu_scripts/data.sh upload data data                    # here -> gs://BUCKET/data
 #   tpu_scripts/data.sh upload checkpoints/llama2-70b ckpt/llama2-70b
 #   tpu_scripts/data.sh mount                               # gs://BUCKET on /mnt/gcs, all workers
 #   tpu_scripts/data.sh download ckpt/llama2-70b /tmp/llama2-70b   # gs://BUCKET/... -> each worker

@@ -7,7 +7,7 @@ JSONL interchange (records joined by ``id``):
 - preference records ``{id, prompt, chosen, rejected}`` (plus ``branch``: ``weak_chosen`` /
   ``weak_rejected``).
 
-Subcommands: ``split``, ``full-weak``, ``consistency``, ``vote``, ``pairs`` (method.md, Stages I and
+Subcommands: ``split``, ``full-weak``, ``consistency``, ``vote``, ``pairs`` (docs/method.md, Stages I and
 II). Every input is validated before anything is written (malformed line, missing field, duplicate
 id, an id in one input and not another, sample files of different sizes or ids, empty input: a
 ``UserError`` naming the file and line or id) and every output is written atomically, so a failed
@@ -25,7 +25,7 @@ Majority vote: the majority prediction is the most frequent ``pred`` over the sa
 prediction seen first in sample order (file order of ``--samples``; the same rule as
 ``collections.Counter.most_common``). ``confidence = count / n``.
 
-Contrastive pairs (method.md, Stage II), per question in the order of the weak file, with one
+Contrastive pairs (docs/method.md, Stage II), per question in the order of the weak file, with one
 ``random.Random(seed)`` (seed 42) consumed in that order:
 
 1. ``confidence < 0.6`` -> skipped (low confidence); an empty majority -> skipped;

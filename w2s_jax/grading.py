@@ -1,6 +1,6 @@
 """Answer extraction, normalization and grading, as the paper's released grader does them.
 
-Everything here follows ``shared/docs/method.md`` ("Answer extraction and grading") step by step:
+Everything here follows ``docs/method.md`` ("Answer extraction and grading") step by step:
 
 1. cut the response at the first ``Question`` and strip it;
 2. the prediction is the last match of ``KEY (.*)$`` (no multiline flag: only a key on the last line
@@ -64,7 +64,7 @@ __all__ = [
 MODES = ("paper", "symbolic")
 DEFAULT_TIMEOUT = 5.0
 
-# --- normalization tables (method.md, step 4; order matters) ---------------------------------------
+# --- normalization tables (docs/method.md, step 4; order matters) ----------------------------------
 SUBSTITUTIONS: tuple[tuple[str, str], ...] = (
     ("an ", ""),
     ("a ", ""),
@@ -177,7 +177,7 @@ def extract_answer(response: str, task: Any) -> str:
 
 
 def normalize(ans: str) -> str:
-    """Normalize a final answer (method.md step 4; Minerva's normalization plus the release's additions)."""
+    """Normalize a final answer (docs/method.md step 4; Minerva's normalization plus the release's additions)."""
     s = str(ans).split("=")[-1]
     for before, after in SUBSTITUTIONS:
         s = s.replace(before, after)

@@ -1,4 +1,4 @@
-"""Prompt formats of the paper (method.md, "Prompt and answer format").
+"""Prompt formats of the paper (docs/method.md, "Prompt and answer format").
 
 - Zero-shot: ``Question: {question}\\nAnswer:``; the completion follows after one space, so the text a
   model is trained on is ``f"{prompt} {completion}"`` (:func:`join_prompt_completion`).
