@@ -534,3 +534,20 @@ def test_cpu_commands_keep_jax_away_from_libtpu(monkeypatch):
     monkeypatch.setattr(cli, "_tpu_chips_present", lambda: False)
     cli._platform_defaults("run")
     assert os.environ["JAX_PLATFORMS"] == "cpu,tpu"
+
+
+def test_data_and_logs_scripts_quote_user_values(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("W2S_")}
+    env["W2S_REMOTE_DIR"] = "w2s dir;x"
+
+    def remote(script, *args):
+        p = subprocess.run(["bash", str(REPO / "tpu_scripts" / script), "--dry-run", *args], env=env,
+                           capture_output=True, text=True, timeout=30, cwd=REPO)
+        assert p.returncode == 0, p.stderr
+        return [_shell_words(shlex.split(line[2:])[-1]) for line in p.stdout.splitlines() if line.startswith("+ ")]
+
+    words = remote("data.sh", "--bucket", "b", "download", "ck pt;x", "/tmp/a b;c")[0]
+    assert "/tmp/a b;c" in words and "gs://b/ck pt;x" in words
+    words = remote("data.sh", "--bucket", "b", "--mount-dir", "/mnt/g s;x", "unmount")[0]
+    assert words.count("/mnt/g s;x") == 2
+    assert remote("logs.sh", "--stage", "sft")[0] == ["tail", "-n", "+1", "-F", "w2s dir;x/logs/sft.log"]
