@@ -267,6 +267,20 @@ def test_data_commands_refuse_an_output_that_is_an_input(sub, tmp_path):
     assert s.read_bytes() == before and not (tmp_path / "link.stats.json").exists()
 
 
+def test_grade_refuses_an_output_that_is_its_input(tmp_path, capsys):
+    from w2s_jax.cli import main
+
+    s = tmp_path / "s.jsonl"
+    write_jsonl_atomic(s, [{"id": 1, "response": "#### 5", "gold": "5"}])
+    os.link(s, tmp_path / "link.jsonl")
+    before = s.read_bytes()
+    for out in (f"--output={s}", f"--out={tmp_path / 'link.jsonl'}"):
+        assert main(["grade", "--task", "gsm8k", "--input", str(s), out]) == 2
+        assert "is the same file as --input" in capsys.readouterr().err
+    assert s.read_bytes() == before
+    assert main(["grade", "--task", "gsm8k", "--input", str(s), "--output", str(tmp_path / "g.jsonl")]) == 0
+
+
 def test_sft_refuses_a_locked_out_dir(tmp_path):
     from w2s_jax.train_cli import main as sft
 

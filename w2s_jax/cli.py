@@ -100,6 +100,34 @@ def _platform_defaults(command: str) -> None:
     os.environ["JAX_PLATFORMS"] = ",".join([*platforms, "cpu"])
 
 
+# commands that take an input and an output file and do not check them themselves (the others do:
+# generate, logprobs, data, convert): input flags, output flags
+_OUTPUT_GUARDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {"grade": (("--input",), ("--output",))}
+
+
+def _guard_outputs(name: str, args: list[str]) -> None:
+    """Refuse an output that is one of the inputs (same path or same file) before the command runs."""
+    spec = _OUTPUT_GUARDS.get(name)
+    if spec is None or any(a in ("-h", "--help") for a in args):
+        return
+    import argparse
+    import contextlib
+    import io
+
+    ap = argparse.ArgumentParser(add_help=False)
+    for flag in (*spec[0], *spec[1]):
+        ap.add_argument(flag)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            ns, _ = ap.parse_known_args(args)
+    except SystemExit:  # malformed: the command's own parser reports it
+        return
+    from w2s_jax.paths import check_output_not_input
+
+    get = lambda f: getattr(ns, f[2:].replace("-", "_"))  # noqa: E731
+    check_output_not_input({f: get(f) for f in spec[1]}, {f: get(f) for f in spec[0]})
+
+
 def _usage() -> str:
     lines = ["usage: w2s COMMAND [options]", "", "commands:"]
     width = max(len(c) for c in COMMANDS)
@@ -139,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
         distributed.initialize()  # joins a multi-host run (TPU pod, W2S_COORDINATOR, ...); else does nothing
     try:
+        _guard_outputs(name, argv[1:])
         return int(module.main(argv[1:], prog=f"w2s {name}", command=name) or 0)
     except UserError as e:
         print(f"w2s {name}: error: {e}", file=sys.stderr)
