@@ -113,7 +113,7 @@ def check_settings(output: Path, settings: dict, write: bool, log=print) -> None
         except (OSError, ValueError) as e:
             raise UserError(f"{sp}: unreadable ({e}); delete it together with {output} to start over") from None
         diff = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
-        if diff and output.exists():
+        if diff and output.exists() and output.stat().st_size > 0:
             shown = "; ".join(f"{k}: {old.get(k)!r} then, {settings.get(k)!r} now" for k in diff)
             raise UserError(
                 f"{output} was generated with another model or other settings ({shown}); resuming would mix "
