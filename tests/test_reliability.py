@@ -457,6 +457,37 @@ def test_corrupt_run_directory_config_is_a_user_error(tmp_path):
         Pipeline(load_run_config(None), out).run()
 
 
+def test_wrapped_disk_errors_are_one_line(monkeypatch, capsys):
+    """A library that wraps the OSError (Orbax, TensorStore) still gives one line; a bug stays a traceback."""
+    import w2s_jax.grading as grading
+    from w2s_jax.cli import main
+
+    def wrapped(*a, **k):
+        try:
+            raise OSError(28, "No space left on device", "/ckpt/3/state")
+        except OSError as e:
+            raise RuntimeError("commit failed") from e
+
+    monkeypatch.setattr(grading, "main", wrapped)
+    assert main(["grade"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["w2s grade: error: /ckpt/3/state: No space left on device"]
+
+    def tensorstore(*a, **k):
+        raise ValueError('UNKNOWN: Error writing "/ckpt/3/x": No space left on device [source locations=...]\nmore')
+
+    monkeypatch.setattr(grading, "main", tensorstore)
+    assert main(["grade"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('w2s grade: error: UNKNOWN: Error writing "/ckpt/3/x"')
+
+    def bug(*a, **k):
+        raise KeyError("x")
+
+    monkeypatch.setattr(grading, "main", bug)
+    with pytest.raises(KeyError):
+        main(["grade"])
+
+
 @pytest.mark.parametrize("err", [(28, "No space left on device"), (30, "Read-only file system")])
 def test_disk_errors_are_one_line_naming_the_path(err, monkeypatch, capsys):
     import w2s_jax.grading as grading

@@ -172,14 +172,35 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"w2s {name}: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
+    except Exception as e:
         # the machine's side of a user error: disk full, read-only file system, no permission, a path
         # component that is a file. One line naming the path; anything else stays a traceback (a bug).
-        if e.errno not in _ENVIRONMENT_ERRNOS:
+        line = _environment_error(e)
+        if line is None:
             raise
-        where = e.filename or "output"
-        print(f"w2s {name}: error: {where}: {e.strerror or e}", file=sys.stderr)
+        print(f"w2s {name}: error: {line}", file=sys.stderr)
         return 2
+
+
+# what libraries that do their own I/O (Orbax/TensorStore, safetensors) say for the same conditions
+_ENVIRONMENT_MESSAGES = ("No space left on device", "Disk quota exceeded", "Read-only file system",
+                         "Permission denied")
+
+
+def _environment_error(e: BaseException) -> str | None:
+    """One line for an exception caused by the disk or a path (an OSError with one of the errnos
+    above anywhere in its chain, or a library error quoting one), else None."""
+    seen = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in _ENVIRONMENT_ERRNOS:
+            return f"{x.filename or 'output'}: {x.strerror or x}"
+        x = x.__cause__ or x.__context__
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    if any(m in first for m in _ENVIRONMENT_MESSAGES):
+        return first if len(first) <= 300 else first[:297] + "..."
+    return None
 
 
 if __name__ == "__main__":
