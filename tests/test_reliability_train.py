@@ -67,3 +67,16 @@ def test_dpo_cli_writes_the_reference_cache_in_out_dir(tmp_path, capsys):
     assert main(["dpo", "--config", str(tmp_path / "c.yaml"), "--log-level", "WARNING"]) == 0
     assert sorted(p.name for p in data.iterdir()) == before
     assert (tmp_path / "dpo" / "ref_logps.jsonl").is_file()
+
+
+def test_training_refuses_a_model_dir_it_did_not_write_before_training(tmp_path):
+    from w2s_jax.errors import UserError
+
+    out = tmp_path / "run"
+    (out / "hf").mkdir(parents=True)
+    (out / "hf" / "config.json").write_text("{}")  # someone else's files
+    c = T.TrainConfig(batch_size=2, seq_len=32, max_steps=1, progress=False, tensorboard=False)
+    records = [{"id": str(i), "prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(4)]
+    with pytest.raises(UserError, match=f"refusing to overwrite {out / 'hf'}"):
+        T.run_sft(T.TrainModel(init_params(CFG, 1), CFG, TOK), records, c, out, export_hf=True)
+    assert not (out / "checkpoints").exists() and (out / "hf" / "config.json").read_text() == "{}"

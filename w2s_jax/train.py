@@ -791,6 +791,12 @@ def run_training(kind: str, model, records, cfg: TrainConfig, out_dir, *, mesh=N
     if kind not in ("sft", "dpo"):
         raise ValueError(kind)
     out = Path(out_dir)
+    from w2s_jax.checkpoint_io import META_FILE, check_output_dir
+
+    # model directories are replaced only when w2s-jax wrote them: refuse now, not after training
+    check_output_dir(out / "model", (META_FILE,))
+    for sub in ("hf", "peft", "hf_base") if export_hf else ():
+        check_output_dir(out / sub)
     out.mkdir(parents=True, exist_ok=True)  # (on every process: checkpoints may go under it)
     main = distributed.is_main_process()
     mesh = mesh if mesh is not None else _single_mesh()
