@@ -143,7 +143,7 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("ModelSection", "seed"): "initialisation seed of a preset",
     ("DataSection", "train"): "JSONL: `{id, prompt, completion}` (sft) or `{id, prompt, chosen, rejected}` (dpo)",
     ("DataSection", "eval"): "held-out file (else `train.eval_fraction` of `train`)",
-    ("DataSection", "ref_cache"): "dpo: reference log-probs cache (default `<train>.ref.jsonl`)",
+    ("DataSection", "ref_cache"): "dpo: reference log-probs cache (default `<out_dir>/ref_logps.jsonl`)",
     ("TrainRunConfig", "out_dir"): "model, checkpoints, metrics and the resolved config",
     ("TrainRunConfig", "export_hf"): "also write a Hugging Face dir (full fine-tuning) or a PEFT adapter (LoRA)",
     ("CheckConfig", "model"): "a preset name of `w2s_jax/model.py`",

@@ -591,6 +591,49 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return ap
 
 
+def _set_files(path: Path, formats: Sequence[str]) -> list[Path]:
+    """The files :func:`_write_set` writes for ``path``."""
+    stem = _stem(path)
+    out = [path]
+    for fmt in formats or ():
+        if fmt == "llamafactory":
+            out += [stem.with_name(stem.name + ".llamafactory.json"),
+                    stem.with_name(stem.name + ".llamafactory.dataset_info.json")]
+        elif fmt == "trl":
+            out.append(stem.with_name(stem.name + ".trl.jsonl"))
+    return out
+
+
+def _planned_outputs(args: argparse.Namespace) -> list[Path]:
+    fmt = getattr(args, "format", ())
+    if args.sub == "split":
+        d = Path(args.output_dir)
+        return [d / f"{n}.jsonl" for n in ("train_1", "train_2", "test")] + [d / "data_config.yaml"]
+    if args.sub == "consistency":
+        d = Path(args.output_dir)
+        return [f for n in ("weak", "icl", "hybrid") for f in _set_files(d / f"{n}.jsonl", fmt)] + [d / "stats.json"]
+    out = Path(args.output)
+    files = _set_files(out, fmt) if args.sub in ("full-weak", "pairs") else [out]
+    if args.sub == "pairs":
+        files.append(_stem(out).with_name(_stem(out).name + ".stats.json"))
+    return files
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Before any work: no output may be one of the inputs, and every output must be writable as a file."""
+    from w2s_jax.paths import check_output_file, check_output_not_input
+
+    inputs = {f"--{k.replace('_', '-')}": getattr(args, k, None)
+              for k in ("weak", "strong", "samples", "votes", "train", "train_1", "train_2", "test", "config")}
+    inputs = {k: v for k, v in inputs.items() if v}
+    outputs = _planned_outputs(args)
+    flag = "--output" if getattr(args, "output", None) else "--output-dir"
+    for o in outputs:
+        check_output_file(o, flag)
+    check_output_not_input({flag: outputs}, inputs)
+
+
 def main(argv: list[str], prog: str = "w2s data", command: str = "data") -> int:
     args = _parser(prog).parse_args(argv)
+    _check_outputs(args)
     return int(args.fn(args) or 0)

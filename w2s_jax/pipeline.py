@@ -191,6 +191,11 @@ def validate(cfg: RunConfig) -> None:
                         f"so the variants must include weak and icl (got {s1.variants})")
     if s1.pad_to < 0:
         raise UserError(f"config key `stage1.pad_to` must be >= 0 (got {s1.pad_to})")
+    for key, v in (("stage1.n_demos", cfg.stage1.n_demos), ("stage2.n_samples", cfg.stage2.n_samples)):
+        if v < 1:
+            raise UserError(f"config key `{key}` must be >= 1 (got {v})")
+    if cfg.stage2.max_new_tokens is not None and cfg.stage2.max_new_tokens < 1:
+        raise UserError(f"config key `stage2.max_new_tokens` must be >= 1 or null (got {cfg.stage2.max_new_tokens})")
     for role in ("weak", "strong"):
         spec: ModelSpec = getattr(cfg, role)
         if (spec.path is None) == (spec.preset is None):
@@ -308,7 +313,13 @@ class Pipeline:
             return
         import yaml
 
-        old = yaml.safe_load(prev.read_text()) or {}
+        try:
+            old = yaml.safe_load(prev.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise UserError(f"{prev}: corrupt ({str(e).splitlines()[0]}); fix or delete it, or choose another --out") \
+                from None
+        if not isinstance(old, dict):
+            raise UserError(f"{prev}: corrupt (not a mapping of keys); fix or delete it, or choose another --out")
         for key in ("name", "data.task"):
             a = _get(old, key) if _has(old, key) else None
             b = _get(to_dict(self.cfg), key)
@@ -325,6 +336,13 @@ class Pipeline:
         return self._mesh
 
     def run(self, from_stage: str | None = None, until: str | None = None) -> dict | None:
+        """Run the stages holding the run directory's lock (a second run there is refused)."""
+        from w2s_jax.locking import LOCK_NAME, hold
+
+        with hold(self.out / LOCK_NAME, f"run directory {self.out}"):
+            return self._run_locked(from_stage, until)
+
+    def _run_locked(self, from_stage: str | None = None, until: str | None = None) -> dict | None:
         for s in (from_stage, until):
             if s is not None and s not in STAGE_NAMES:
                 import difflib
@@ -763,7 +781,9 @@ class Pipeline:
         results = build_results(self, rows)
         if self.main:
             write_json_atomic(self.path("results.json"), results)
-            self.path("results.md").write_text(results_markdown(results))
+            from w2s_jax.jsonl import write_text_atomic
+
+            write_text_atomic(self.path("results.md"), results_markdown(results))
             try:
                 plot_results(results, self.path("results.png"))
             except Exception as e:  # the chart is a convenience; never lose the results for it
