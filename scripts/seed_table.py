@@ -14,14 +14,16 @@ import sys
 from pathlib import Path
 
 
-def _stage(acc: dict, prefix: str) -> str | None:
-    return next((m for m in acc if m.startswith(prefix) and "round 2" not in m and "skipped" not in m), None) or \
-        next((m for m in acc if m.startswith(prefix)), None)
+def _stage1(acc: dict) -> str:
+    """The final Stage I model's row: round 2 if there is one, the hybrid-ft variant if there are several."""
+    rows = [m for m in acc if m.startswith("Stage I ") or m == "Stage I"]
+    rows.sort(key=lambda m: ("round 2" in m, "hybrid" in m))
+    return rows[-1]
 
 
 def checks(acc: dict, pgr: dict) -> dict[str, bool]:
-    s1 = _stage(acc, "Stage I ") or _stage(acc, "Stage I")
-    s2 = _stage(acc, "Stage II")
+    s1 = _stage1(acc)
+    s2 = next(m for m in acc if m.startswith("Stage II"))
     a = {k: 100 * v for k, v in acc.items()}
     return {
         "Stage I >= weak + 10": a[s1] >= a["weak"] + 10,
