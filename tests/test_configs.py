@@ -29,6 +29,7 @@ def test_default_config_is_smollm2_and_smoke_is_offline():
     assert cfg.name == "default" and cfg.data.source == "synthetic" and cfg.data.n_test >= 200
     assert cfg.strong.path.startswith("hf://") and cfg.strong.path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     assert cfg.weak.tokenizer == "byte" and cfg.weak.preset is not None
+    assert cfg.stage1.variants == [cfg.stage1.train_set] and cfg.stage1.train is not None and cfg.eval_samples == 0
     smoke = load_run_config("smoke", [])  # a packaged config by name
     assert smoke.name == "smoke" and smoke.strong.preset is not None and smoke.strong.path is None
     assert (root / "configs" / "smoke.yaml").resolve() == config_path("smoke").resolve()

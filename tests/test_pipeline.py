@@ -141,7 +141,8 @@ def test_report_matches_graded_outputs(run_dir: Path):
     assert "| model | accuracy (%) | PGR | n |" in md and "Stage I round1: kept / total" in md
     # what ran: models with their sizes, training, data counts, seeds, machine, time per stage
     assert "| weak model | preset tiny (random init, seed 1); " in md and "K parameters; d=32 x 1 layers" in md
-    assert "| strong SFT (Stage I, full weak FT, gold) | 1 epoch, batch 4 x 128 tokens, lr 0.001" in md
+    assert "| strong SFT: full weak FT, gold | 1 epoch, batch 4 x 128 tokens, lr 0.001" in md
+    assert "| strong SFT: Stage I | 1 epoch, batch 4 x 128 tokens, lr 0.001" in md  # stage1.train unset
     assert "| train_2 | 48 |" in md and "| test | 24 |" in md and "data.seed=42, weak.seed=1" in md
     assert res["machine"]["cpu_cores"] >= 1 and res["machine"]["jax"] in md
     assert all(f"| {st} | " in md for st in STAGE_NAMES) and "| sum of stages |" in md and "| CPU (s) |" in md

@@ -98,6 +98,9 @@ class Stage1Config:
     # only gold-correct outputs (ablation: reads train_2 gold); `train_1_gold` = gold solutions of
     # train_1; `file:PATH` = a plain-text template of `Question: ... Answer: ...` blocks
     demos: str = "weak"
+    # the Stage I SFT's own settings (default: strong_train). Its set (the agreeing questions) is often a few
+    # dozen examples, far smaller than the full-weak and gold sets that strong_train is sized for
+    train: TrainConfig | None = None
 
 
 @dataclass
@@ -679,7 +682,8 @@ class Pipeline:
                 info.setdefault("skipped", msg)
                 models[v] = str(self._strong_base())
                 continue
-            info[f"round{rnd}"][f"{v}_ft"] = self._sft(self._strong_base(), recs, self.cfg.strong_train, out,
+            info[f"round{rnd}"][f"{v}_ft"] = self._sft(self._strong_base(), recs,
+                                                       self.cfg.stage1.train or self.cfg.strong_train, out,
                                                        f"Stage I round {rnd}: {v}-ft")
             models[v] = str(out / "model")
         return models
@@ -1007,6 +1011,7 @@ def build_results(p: Pipeline, rows: list[dict]) -> dict:
         "models": rows,
         "model_info": {"weak": _model_info(p, "weak"), "strong": _model_info(p, "strong")},
         "training": {"weak": _train_summary(cfg.weak_train), "strong": _train_summary(cfg.strong_train),
+                     "stage1": _train_summary(cfg.stage1.train or cfg.strong_train),
                      "stage2": f"{cfg.stage2.train.loss_type}, " + _train_summary(cfg.stage2.train)},
         "seeds": {"data.seed": cfg.data.seed, "weak.seed": cfg.weak.seed, "strong.seed": cfg.strong.seed,
                   "weak_train.seed": cfg.weak_train.seed, "strong_train.seed": cfg.strong_train.seed,
@@ -1084,7 +1089,8 @@ def results_markdown(res: dict) -> str:
         lines.append(f"| weak model | {_model_line(info.get('weak', {}))} |")
         lines.append(f"| weak training (train_1 gold) | {tr.get('weak', '-')} |")
         lines.append(f"| strong model | {_model_line(info.get('strong', {}))} |")
-        lines.append(f"| strong SFT (Stage I, full weak FT, gold) | {tr.get('strong', '-')} |")
+        lines.append(f"| strong SFT: full weak FT, gold | {tr.get('strong', '-')} |")
+        lines.append(f"| strong SFT: Stage I | {tr.get('stage1', tr.get('strong', '-'))} |")
         lines.append(f"| Stage II | {tr.get('stage2', '-')} |")
         lines.append(f"| strong ICL | {res.get('n_demos', '-')} demonstrations |")
         lines.append(f"| Stage I training set | {res.get('stage1_train_set', '-')} |")
