@@ -90,6 +90,9 @@ class Stage1Config:
     # where the ICL demonstrations come from: `weak` = correct weak outputs on train_2 (the paper);
     # `train_1_gold` = gold solutions of train_1 (for weak models too poor to supply 4 correct answers)
     demos_from: str = "weak"
+    # the Stage I SFT's own settings (default: strong_train). Its set (the agreeing questions) is often a few
+    # dozen examples, far smaller than the full-weak and gold sets that strong_train is sized for
+    train: TrainConfig | None = None
 
 
 @dataclass
@@ -584,7 +587,7 @@ class Pipeline:
             self.log(f"[w2s] WARNING stage stage1: {msg}")
             base = str(self._strong_base())
             return {**info, "skipped": msg, "models": {"stage1_round1": base}, "final": base}
-        info["round1"].update(self._sft(self._strong_base(), chosen, self.cfg.strong_train, d / "round1",
+        info["round1"].update(self._sft(self._strong_base(), chosen, self._stage1_train, d / "round1",
                                         "Stage I SFT (round 1)"))
         models = {"stage1_round1": str(d / "round1" / "model")}
         if self.cfg.stage1.rounds == 2:
@@ -601,12 +604,16 @@ class Pipeline:
             if self.main:
                 write_jsonl_atomic(d / "round2_train.jsonl", chosen2)
             info["round2"] = {**stats2, "label_accuracy": _kept_accuracy(sets2, weak2)}
-            info["round2"].update(self._sft(self._strong_base(), chosen2, self.cfg.strong_train, d / "round2",
+            info["round2"].update(self._sft(self._strong_base(), chosen2, self._stage1_train, d / "round2",
                                             "Stage I SFT (round 2)"))
             models["stage1_round2"] = str(d / "round2" / "model")
         info["models"] = models
         info["final"] = models["stage1_round2" if self.cfg.stage1.rounds == 2 else "stage1_round1"]
         return info
+
+    @property
+    def _stage1_train(self) -> TrainConfig:
+        return self.cfg.stage1.train or self.cfg.strong_train
 
     def stage_full_weak(self, d: Path) -> dict:
         if not self.cfg.baselines.full_weak:
