@@ -744,9 +744,13 @@ class Sampler:
         matmul_split: int = 1,
         head_chunks: int = 1,
         cpu_kernels: bool | None = None,
+        engine: str = "continuous",
     ):
         if layer_loop not in ("auto", "unroll", "scan"):
             raise UserError(f"layer_loop must be auto, unroll or scan, got {layer_loop!r}")
+        if engine not in ("continuous", "static"):
+            raise UserError(f"engine must be continuous or static, got {engine!r}")
+        self.engine = engine
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.mesh = mesh
@@ -804,8 +808,16 @@ class Sampler:
         self._stop_matchers: dict[tuple[str, ...], StopMatcher] = {}
         self._stop_tables: dict[tuple[str, ...], jax.Array] = {}
         self._pieces: list[str] | None = None
+        self._prefixes: dict[tuple, Any] = {}  # shared prefix token ids -> its prefilled keys/values
+        self._init_fns: dict[Any, Any] = {}
         self.compile_seconds = 0.0
-        self.stats = {"rows": 0, "tokens": 0, "seconds": 0.0, "truncated": 0}
+        self.stats = {"rows": 0, "tokens": 0, "seconds": 0.0, "truncated": 0, "slot_steps": 0,
+                      "live_slot_steps": 0, "prefill_tokens": 0}
+
+    @property
+    def occupancy(self) -> float:
+        """Share of decode slot-steps spent on live rows so far (1.0 before any decoding)."""
+        return self.stats["live_slot_steps"] / self.stats["slot_steps"] if self.stats["slot_steps"] else 1.0
 
     # -- bookkeeping
 
@@ -918,6 +930,45 @@ class Sampler:
             )
         return prog
 
+    def _engine_program(self, kind: str, fn, spec, args: tuple, donate: bool = False, detail: str = ""):
+        """The compiled continuous-batching program ``kind`` for these argument shapes (see engine.py)."""
+        from w2s_jax import engine as E
+
+        leaves, treedef = jax.tree.flatten(args)
+        key = (kind, spec, self.mesh, self.rules, tuple(sorted(self.compiler_options.items())), treedef,
+               tuple((a.shape, str(a.dtype)) for a in leaves))
+        prog = self._programs.get(key)
+        if prog is None and key in _COMPILED:
+            prog = self._programs[key] = _COMPILED[key]
+        if prog is None:
+            out_sh = None
+            if donate and self.mesh is not None:  # the state keeps its layout from call to call
+                out_sh = E.state_shardings(spec, self.mesh, self.rules, args[0])
+            prog, dt, self.compiler_options = E.compile_program(
+                kind, fn, spec, self.mesh, self.rules, args, self.compiler_options, donate=donate,
+                out_shardings=out_sh)
+            self.compile_seconds += dt
+            self._programs[key] = prog
+            if len(_COMPILED) >= _COMPILED_MAX:
+                _COMPILED.pop(next(iter(_COMPILED)))
+            _COMPILED[key] = prog
+            log.info("compiled generation program #%d (%s, %s) in %.1fs", len(self._programs), detail,
+                     "greedy" if spec.greedy else "sampling", dt)
+        return prog
+
+    def _engine_init(self, spec):
+        """A fresh decode state for ``spec`` (every slot empty), laid out on the mesh."""
+        from w2s_jax import engine as E
+
+        key = (spec, self.mesh)
+        fn = self._init_fns.get(key)
+        if fn is None:
+            shapes = jax.eval_shape(lambda: E.init_state(spec, self.mesh, self.rules))
+            fn = jax.jit(lambda: E.init_state(spec, self.mesh, self.rules),
+                         out_shardings=E.state_shardings(spec, self.mesh, self.rules, shapes))
+            self._init_fns = {key: fn}  # (one at a time: a state's buffers are freed with the call)
+        return fn()
+
     def _place(self, x: np.ndarray, names):
         if self.mesh is None:
             return jax.device_put(x)  # (jnp.asarray would compile a tiny program per new shape)
@@ -967,17 +1018,23 @@ class Sampler:
         results = []
         for r, (i, j) in enumerate(rows):
             k = int(ntok[r])
-            gen = [int(t) for t in toks[r, :k]]
-            reason = FINISH_NAMES.get(int(finish[r]), "length")
-            text = ""
-            if self.tokenizer is not None:
-                body = gen[:-1] if reason == "eos" else gen
-                text, found = cut_at_stop(self.tokenizer.decode(body), sc.stop)
-                if found:
-                    reason = "stop"
-                text = text.strip()
-            results.append((i, j, Completion(text, gen, k, reason, sc.seed + j)))
+            results.append((i, j, self._completion([int(t) for t in toks[r, :k]], int(finish[r]), sc, j)))
+        if rows:  # decode-slot occupancy: tokens of the decode steps over slots x steps
+            steps = int(ntok[: len(rows)].max()) - 1
+            self.stats["slot_steps"] += steps * len(ntok)
+            self.stats["live_slot_steps"] += int(np.maximum(ntok[: len(rows)] - 1, 0).sum())
         return results
+
+    def _completion(self, gen: list[int], code: int, sc: SampleConfig, j: int) -> Completion:
+        reason = FINISH_NAMES.get(code, "length")
+        text = ""
+        if self.tokenizer is not None:
+            body = gen[:-1] if reason == "eos" else gen
+            text, found = cut_at_stop(self.tokenizer.decode(body), sc.stop)
+            if found:
+                reason = "stop"
+            text = text.strip()
+        return Completion(text, gen, len(gen), reason, sc.seed + j)
 
     # -- public API
 
@@ -1006,7 +1063,6 @@ class Sampler:
         prompt_buckets = tuple(sorted(sc.prompt_buckets)) if sc.prompt_buckets else default_prompt_buckets(limit)
         if max(prompt_buckets) < max((len(t) for t in ids), default=0):
             raise UserError(f"prompt buckets {prompt_buckets} do not cover the longest prompt")
-        batches = [rows[k:k + bs] for k in range(0, len(rows), bs)]
         bar = None
         if progress and rows:
             from tqdm.auto import tqdm
@@ -1016,6 +1072,23 @@ class Sampler:
         c0 = self.compile_seconds
         tokens = 0
         try:
+            if self.engine == "continuous":
+                from w2s_jax.engine import Engine
+
+                eng = Engine(self, sc, ids, rows, batch_buckets, prompt_buckets, bs)
+                for i, j, gen, code in eng.run():
+                    c = self._completion(gen, code, sc, j)
+                    tokens += c.num_tokens
+                    self.stats["rows"] += 1
+                    self.stats["tokens"] += c.num_tokens
+                    if bar is not None:
+                        bar.update(1)
+                        el = time.perf_counter() - t0 - (self.compile_seconds - c0)
+                        bar.set_postfix(tok_s=f"{tokens / max(el, 1e-9):.1f}", programs=self.num_compiled,
+                                        occupancy=f"{self.occupancy:.2f}")
+                    yield i, j, c
+                return
+            batches = [rows[k:k + bs] for k in range(0, len(rows), bs)]
             pending = None
             for k in range(len(batches) + 1):
                 launched = None
