@@ -489,6 +489,9 @@ class Engine:
 
     def _prefill(self, spec, tokens, lengths, prefix, prefix_len):
         s = self.s
+        # (only the model, the layer loop and the prefix bucket matter: one program for every sampling mode)
+        spec = _replace(spec, slots=0, cache_len=0, max_new=0, greedy=True, top_k=0, use_top_p=False,
+                        has_stop=False, eos_ids=(), cpu_kernels=False)
         args = (s.weights, s.lora, jnp.float32(s.lora_scale), prefix, jnp.int32(prefix_len),
                 s._place(tokens, ("batch", "length")), s._place(lengths, ("batch",)))
         prog = s._engine_program("prefill", prefill, spec, args, detail=f"prefill {tokens.shape[0]}x{tokens.shape[1]}")
@@ -505,7 +508,8 @@ class Engine:
         tokens = np.full((1, self.prefix_bucket), self.pad, np.int32)
         tokens[0, :Sp] = self.prefix
         kv, _ = self._prefill(spec0, tokens, np.asarray([Sp], np.int32), None, 0)
-        pre = jax.jit(partial(prefix_from_kv, spec0, s.mesh, s.rules))(kv)
+        s.stats["prefill_tokens"] += Sp
+        pre = s._engine_program("prefix", prefix_from_kv, spec0, (kv,), detail="shared prefix")(kv)
         if len(s._prefixes) >= PREFIX_CACHE_MAX:
             s._prefixes.pop(next(iter(s._prefixes)))
         s._prefixes[key] = pre
@@ -583,6 +587,7 @@ class Engine:
             tokens[r, : len(t)] = t
             lengths[r] = len(t)
             out.extend((r, i, j) for j in js)
+        self.s.stats["prefill_tokens"] += int(lengths[: len(picked)].sum())
         spec = _replace(self.spec, slots=R)
         kv, logits = self._prefill(spec, tokens, lengths, prefix, Sp)
         return _Group(kv, logits, self.s._place(lengths, ("batch",)), out)

@@ -809,7 +809,6 @@ class Sampler:
         self._stop_tables: dict[tuple[str, ...], jax.Array] = {}
         self._pieces: list[str] | None = None
         self._prefixes: dict[tuple, Any] = {}  # shared prefix token ids -> its prefilled keys/values
-        self._init_fns: dict[Any, Any] = {}
         self.compile_seconds = 0.0
         self.stats = {"rows": 0, "tokens": 0, "seconds": 0.0, "truncated": 0, "slot_steps": 0,
                       "live_slot_steps": 0, "prefill_tokens": 0}
@@ -942,8 +941,9 @@ class Sampler:
             prog = self._programs[key] = _COMPILED[key]
         if prog is None:
             out_sh = None
-            if donate and self.mesh is not None:  # the state keeps its layout from call to call
-                out_sh = E.state_shardings(spec, self.mesh, self.rules, args[0])
+            if (donate or kind == "init") and self.mesh is not None:  # the state keeps its layout
+                shapes = args[0] if donate else jax.eval_shape(partial(fn, spec, self.mesh, self.rules))
+                out_sh = E.state_shardings(spec, self.mesh, self.rules, shapes)
             prog, dt, self.compiler_options = E.compile_program(
                 kind, fn, spec, self.mesh, self.rules, args, self.compiler_options, donate=donate,
                 out_shardings=out_sh)
@@ -960,14 +960,8 @@ class Sampler:
         """A fresh decode state for ``spec`` (every slot empty), laid out on the mesh."""
         from w2s_jax import engine as E
 
-        key = (spec, self.mesh)
-        fn = self._init_fns.get(key)
-        if fn is None:
-            shapes = jax.eval_shape(lambda: E.init_state(spec, self.mesh, self.rules))
-            fn = jax.jit(lambda: E.init_state(spec, self.mesh, self.rules),
-                         out_shardings=E.state_shardings(spec, self.mesh, self.rules, shapes))
-            self._init_fns = {key: fn}  # (one at a time: a state's buffers are freed with the call)
-        return fn()
+        return self._engine_program("init", lambda spec, mesh, rules: E.init_state(spec, mesh, rules), spec, (),
+                                    detail="empty state")()
 
     def _place(self, x: np.ndarray, names):
         if self.mesh is None:
@@ -977,6 +971,7 @@ class Sampler:
     def _launch(self, rows, ids, sc: SampleConfig, batch_buckets, prompt_buckets, return_logits=False):
         """Dispatch one batch (asynchronously); returns the device outputs."""
         n = len(rows)
+        self.stats["prefill_tokens"] += sum(len(ids[i]) for i, _ in rows)
         B = pick_bucket(n, batch_buckets)
         P = pick_bucket(max(len(ids[i]) for i, _ in rows), prompt_buckets)
         pad = self.tokenizer.pad_id if self.tokenizer is not None else (self.cfg.pad_token_id or 0)
