@@ -417,7 +417,7 @@ def _generate_target(cfg: CheckConfig, gcfg, gparams_abs, mesh, rules, rows_shar
     scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=rep)  # noqa: E731
     fn = jax.jit(lambda *a: E.decode(spec, mesh, rules, *a), donate_argnums=0, out_shardings=state_sh)
     args = (state_abs, gparams_abs, None, scalar(jnp.float32), None, scalar(jnp.int32), None, scalar(jnp.float32),
-            scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.bool_))
+            scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.int32))
     cache = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(state["caches"]))
     return Target("generate", fn, args, 0.0, 0,
                   f"Sampler decode program: {GB} slots x ({Pn} prompt + {g.max_new_tokens} new) tokens "

@@ -10,11 +10,11 @@ See ``docs/generation.md`` for the design and the measured speed-ups. In short:
 - **n samples of one prompt** prefill the prompt once; its keys/values are copied into n decode slots.
 - **Continuous batching.** ``slots`` decode slots, each with its own ``[K, Ss, Dh]`` cache
   (``Ss = suffix bucket + max_new_tokens``), filled from position 0 (right-padded; no left padding).
-  A compiled ``lax.while_loop`` decodes until some row finishes while requests are waiting (or all
-  rows finish); the host then harvests the finished rows and inserts the next requests into their
-  slots (prefill program, then an insert program that copies the prefilled rows into the free slots
-  and samples their first token), JetStream-style. The decode state is donated between the programs,
-  so the caches are updated in place.
+  A compiled ``lax.while_loop`` decodes until ``max(1, slots // 8)`` rows have finished while
+  requests are waiting (or all rows finish); the host then harvests the finished rows and inserts
+  the next requests into their slots (prefill program, then an insert program that copies the
+  prefilled rows into the free slots and samples their first token), JetStream-style. The decode
+  state is donated between the programs, so the caches are updated in place.
 - **Static shapes.** Prefill shapes are bucketed (rows: 1, 2, 4, ...; suffix length: the prompt
   buckets), the decode program has one shape per call, so a run compiles a small, bounded number of
   programs (counted in ``Sampler.num_compiled``).
@@ -45,6 +45,9 @@ log = logging.getLogger("w2s_jax.sampler")
 
 MIN_PREFIX = 16  # shortest common prefix (tokens) that is prefilled once and shared
 PREFIX_CACHE_MAX = 4  # shared prefixes kept per Sampler
+# while requests wait, the decode loop returns to the host once slots // REFILL_FRACTION slots (at
+# least one) have finished, and they are refilled together (one prefill for several prompts)
+REFILL_FRACTION = 8
 RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
 CACHE_NAMES = ("batch", "kv_heads", "cache_length", "head_dim")
 PREFIX_NAMES = ("kv_heads", "cache_length", "head_dim")
@@ -320,21 +323,21 @@ def _decode_attn(cfg, q, k, v, ck, cv, valid, pk, pv, pvalid):
 
 
 def decode(spec: _ESpec, mesh, rules, state, weights, lora, lora_scale, prefix, prefix_len, stop_table,
-           temperature, top_p, max_steps, pending):
-    """Decode every live slot until one finishes while ``pending`` (requests wait for a slot), all
-    finish, or ``max_steps`` steps. Returns the new state."""
+           temperature, top_p, max_steps, refill):
+    """Decode every live slot until ``refill`` slots have finished (``0``: no request waits; then until
+    all finish), or ``max_steps`` steps. Returns the new state."""
     from w2s_jax import sampler as S
 
     token = S._SKINNY.set(spec.cpu_kernels)
     try:
         return _decode(spec, mesh, rules, state, weights, lora, lora_scale, prefix, prefix_len, stop_table,
-                       temperature, top_p, max_steps, pending)
+                       temperature, top_p, max_steps, refill)
     finally:
         S._SKINNY.reset(token)
 
 
 def _decode(spec, mesh, rules, state, weights, lora, lora_scale, prefix, prefix_len, stop_table, temperature,
-            top_p, max_steps, pending):
+            top_p, max_steps, refill):
     from w2s_jax.sampler import _out_mlp, _qkv, _rope_tables
 
     cfg = spec.cfg
@@ -350,8 +353,8 @@ def _decode(spec, mesh, rules, state, weights, lora, lora_scale, prefix, prefix_
 
     def cond(c):
         i, st = c
-        newly = jnp.any(st["done"] & ~done0)
-        return (i < max_steps) & ~jnp.all(st["done"]) & ~(pending & newly)
+        newly = jnp.sum(st["done"] & ~done0, dtype=jnp.int32)
+        return (i < max_steps) & ~jnp.all(st["done"]) & ~((refill > 0) & (newly >= refill))
 
     def body(c):
         i, st = c
@@ -522,6 +525,8 @@ class Engine:
         from w2s_jax.distributed import to_host
 
         s, sc, spec, B = self.s, self.sc, self.spec, self.B
+        if not self.queue:
+            return
         prefix = self._prefix_cache()
         Sp = len(self.prefix)
         state = s._engine_init(spec)
@@ -549,9 +554,10 @@ class Engine:
                 state = prog(*args)
             if all(x is None for x in slot):
                 break
-            pending = bool(self.queue or (group is not None and group.rows))
+            waiting = sum(len(js) for _, js in self.queue) + (len(group.rows) if group is not None else 0)
+            refill = min(waiting, max(1, B // REFILL_FRACTION))
             args = (state, s.weights, s.lora, jnp.float32(s.lora_scale), prefix, jnp.int32(Sp), stop_table,
-                    temperature, top_p, jnp.int32(sc.max_new_tokens), jnp.bool_(pending))
+                    temperature, top_p, jnp.int32(sc.max_new_tokens), jnp.int32(refill))
             prog = s._engine_program("decode", decode, spec, args, donate=True,
                                      detail=f"decode {B} slots x {spec.cache_len}")
             state = prog(*args)

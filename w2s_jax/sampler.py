@@ -1,4 +1,4 @@
-"""Fast batched generation: a preallocated KV cache, prefill and decode in ONE compiled program.
+"""Fast batched generation: continuous batching with shared-prefix prefill, or static batches.
 
 Usage::
 
@@ -7,8 +7,19 @@ Usage::
                             temperature=1.0, seed=0, stop=("Question", "Answer")))
     outs[0][3].text, outs[0][3].finish_reason        # prompt 0, sample 3 (seed 0 + 3)
 
-Design
-------
+Engines
+-------
+``Sampler(engine="continuous")`` (the default, used by ``w2s generate`` and every pipeline stage) runs
+:mod:`w2s_jax.engine`: a prefix common to all prompts of a call (the few-shot demonstrations) is
+prefilled once and shared by every row, the ``n`` samples of a prompt share one prefill, and a fixed
+set of decode slots is refilled as rows finish (continuous batching); see ``docs/generation.md``.
+``engine="static"`` keeps the static batches described below (one prefill + decode program per
+batch; ``generate_with_logits`` always uses it). Both use the same weights layout, layer code,
+sampling, stop-string automaton and PRNG keys, so greedy outputs are the same token for token
+(up to float rounding of near-ties) and a sample's key depends only on (seed, prompt, sample).
+
+Design of the static engine
+---------------------------
 - **One program per bucket.** Rows (prompt, sample) are sorted by prompt length and cut into batches
   of ``batch_size``; a batch is padded up to a *batch bucket* (default 1, 2, 4, ..., batch_size; with
   a mesh, multiples of the data-parallel size) and its prompts are LEFT-padded to a *prompt-length
@@ -125,7 +136,7 @@ CPU_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 # compiled programs shared by all Samplers (weights are arguments, so a program only depends on
 # shapes, shardings and the static spec); keyed by everything that goes into compilation
 _COMPILED: dict[tuple, Any] = {}
-_COMPILED_MAX = 64
+_COMPILED_MAX = 128
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -138,7 +149,8 @@ class SampleConfig:
     ``temperature == 0`` is greedy (``top_k``/``top_p`` ignored); ``top_k == 0`` and ``top_p == 1``
     are off. ``n`` samples per prompt use seeds ``seed .. seed + n - 1``. ``stop`` defaults to the
     paper's ``("Question", "Answer")`` (``()``: none; ignored without a tokenizer, since there is no
-    text then). ``batch_size`` rows (prompt x sample) per program; buckets default to
+    text then). ``batch_size``: decode slots of the continuous engine (rows decoded at once), rows
+    (prompt x sample) per program of the static one; buckets default to
     :func:`default_prompt_buckets` / :func:`default_batch_buckets`; ``max_prompt_len`` defaults to
     ``max_seq_len - max_new_tokens``. A longer prompt is an error unless ``truncate_prompts`` (then
     its left part is dropped, keeping a leading BOS)."""
