@@ -348,8 +348,10 @@ def _while_bodies(hlo: str) -> list[str]:
 
 
 def test_decode_loop_does_not_copy_the_cache():
+    """Static engine (the continuous engine's decode loop: tests/test_engine.py)."""
     cfg = tiny("tiny-gqa")
-    sampler = Sampler(init_params(cfg, jax.random.PRNGKey(0)), cfg, eos_ids=[], compiler_options=REAL_OPTIONS)
+    sampler = Sampler(init_params(cfg, jax.random.PRNGKey(0)), cfg, eos_ids=[], compiler_options=REAL_OPTIONS,
+                      engine="static")
     sampler.generate([[1, 2, 3]], SampleConfig(max_new_tokens=5, batch_size=2, prompt_buckets=(16,)), progress=False)
     (prog,) = sampler._programs.values()
     bodies = _while_bodies(prog.as_text())

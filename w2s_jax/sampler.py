@@ -90,7 +90,10 @@ tokens in any batch composition and position *with the same batch and prompt-len
 of a program are computed independently; tested). Across different bucket shapes the float
 reductions may be ordered differently, so logits can differ in the last bits: greedy text is then
 identical unless two top logits are within rounding of each other, and a sampled text can differ.
-The CLI keeps shapes stable by sorting rows by length and using fixed buckets.
+The CLI keeps shapes stable by sorting rows by length and using fixed buckets. The continuous engine
+uses the same keys; a row never mixes with the other rows of its slots, so the same (prompt, seed)
+gives the same tokens whichever requests share the run, in any order, with samples skipped
+(resuming) and against the static engine (all tested); the same float caveat applies across shapes.
 """
 
 from __future__ import annotations
