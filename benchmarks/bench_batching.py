@@ -121,10 +121,12 @@ def main(argv=None):
             k0 = s.num_compiled
             c0 = s.compile_seconds
             runs[e].append(run_once(s, prompts, sc))
+            print(f"  {name} {e} (first run): {runs[e][-1]['tok_s']:.1f} tok/s", flush=True)
             compiled[e] = {"programs": s.num_compiled - k0, "seconds": round(s.compile_seconds - c0, 1)}
         for _ in range(args.repeats):
             for e, s in engines.items():
                 runs[e].append(run_once(s, prompts, sc))
+                print(f"  {name} {e}: {runs[e][-1]['tok_s']:.1f} tok/s", flush=True)
         timed = {e: r[1:] or r for e, r in runs.items()}
         med = {e: statistics.median(x["tok_s"] for x in r) for e, r in timed.items()}
         same = runs["static"][0]["ids"] == runs["continuous"][0]["ids"]
