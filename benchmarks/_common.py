@@ -24,7 +24,7 @@ def openmp_passive() -> str:
     The training benchmarks run a JAX step and a torch step in turn in one process. With libgomp's
     default wait policy the JAX SFT step took 5.57 to 5.67 s interleaved with torch against 5.28 s
     alone; with PASSIVE it takes 5.23 s interleaved, while torch's own step is unchanged (5.50 to 5.51 s
-    default and alone, 5.53 s passive; session 5, 2-core EPYC). Must run before torch is imported;
+    default and alone, 5.53 s passive; 2026-11-26, 2-core AMD EPYC). Must run before torch is imported;
     returns the policy in effect. The generation benchmark keeps torch's default (many small
     parallel regions per token, where sleeping threads could cost torch wake-ups)."""
     return os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -3,9 +3,9 @@
 # (what `w2s bench --mode gpu` runs, then the variants behind the defaults: scanned against unrolled
 # decode layers, XLA's against cuDNN's training attention, the SFT step under two XLA GPU flags often
 # tuned for LLM training (not yet measured here), and `generate` with a static cache), so
-# that one failing or slow workload cannot take the others with it. Session 6 (one H200, 15 minutes):
-# JAX compiled a 7B decode program in 32 to 42 s and the 8-layer SFT step in 35 s (66 s with XLA's
-# attention); plan the budget around those. Written for a lent single-GPU machine:
+# that one failing or slow workload cannot take the others with it. On one H200 (2026-11-26) JAX
+# compiled a 7B decode program in 32 to 42 s and the 8-layer SFT step in 35 s (66 s with XLA's
+# attention); plan the budget around those. Written for a single-GPU machine:
 #
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh   # suite.log, results.tgz (a JSON per workload) under $OUT
 #
@@ -25,8 +25,8 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 XLA_PYTHON_
     TOKENIZERS_PARALLELISM=false
 unset JAX_PLATFORMS
 LOG=$OUT/suite.log
-# one JSON per workload in a folder beside $OUT, packed into $OUT/results.tgz after every stage (a lent
-# machine returns at most 8 files from $OUT, so it holds only suite.log, results.tgz and the profile)
+# one JSON per workload in a folder beside $OUT, packed into $OUT/results.tgz after every stage (so $OUT
+# holds only a few files to copy back: suite.log, results.tgz and the profile)
 J=${OUT%/}.json
 rm -rf "$J" && mkdir -p "$J"  # no JSON of an earlier run gets packed
 : >"$LOG"

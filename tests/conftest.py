@@ -1,7 +1,7 @@
 """Shared test setup.
 
-8 simulated CPU devices for mesh/sharding tests (must be set before JAX is imported), and the path
-of ../shared (read-only reference data; tests that need it skip when it is absent).
+8 simulated CPU devices for mesh/sharding tests (must be set before JAX is imported), and the
+repository root whose ``data/`` holds the paper's data (see ``data/README.md``).
 """
 
 import os
@@ -14,11 +14,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED = Path(os.environ.get("W2S_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def shared_dir() -> Path:
-    if not (SHARED / "data").is_dir():
-        pytest.skip(f"shared data not found at {SHARED} (set W2S_SHARED)")
-    return SHARED
+    """The repository root: ``shared_dir / "data"`` is the in-repository data directory."""
+    assert (REPO / "data" / "gsm8k" / "train_1.jsonl").is_file(), f"{REPO / 'data'} is incomplete (see data/README.md)"
+    return REPO

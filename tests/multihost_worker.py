@@ -203,9 +203,19 @@ def main() -> int:
         shared_error = None
     except UserError as e:
         shared_error = str(e)
+    # the run-directory lock: taken once, by process 0, in the shared directory
+    from w2s_jax.locking import hold
+
+    lock = Path(args.ckpt_dir) / ".w2s.lock"
+    with hold(lock, "the shared run directory"):
+        D.sync("locked")
+        lock_holder = json.loads(lock.read_text())["pid"]
+        D.sync("lock read")
     D.sync("worker-done")
 
     result = {
+        "pid": os.getpid(),
+        "lock_holder": lock_holder,
         "process_index": D.process_index(),
         "process_count": D.process_count(),
         "multi": multi,

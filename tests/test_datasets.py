@@ -89,36 +89,107 @@ def test_pairs_thresholds_are_inclusive():
 
 
 MATH_SAMPLES = {
-    "m1": ["a"] * 6 + ["b", "c", "d", "e"],  # weak agrees; 4 distinct negatives -> 3 drawn
-    "m2": ["a"] * 6 + ["b", "c", "b", "d"],  # weak agrees; s6 and s8 same text -> 3 distinct, no draw
-    "m3": ["x"] * 9 + ["y"],  # weak "z" disagrees, confidence 0.9: up to 3 distinct positives
+    "m1": ["a"] * 6 + ["b", "c", "d", "e"],  # weak agrees; 4 negatives -> 3 drawn
+    "m2": ["a"] * 6 + ["b", "c", "b", "d"],  # weak agrees; s6 and s8 same text, still 4 negatives -> 3 drawn
+    "m3": ["x"] * 9 + ["y"],  # weak "z" disagrees, confidence 0.9: up to 3 positives
+    "m4": ["a"] * 7 + ["b", "b", "c"],  # weak agrees; 3 negatives, s7 and s8 same text: all 3, no draw
 }
-MATH_TEXTS = {("m2", 8): "m2 s6 -> b", ("m3", 0): "m3 s3 -> x"}  # duplicated response texts
+MATH_TEXTS = {("m2", 8): "m2 s6 -> b", ("m3", 0): "m3 s3 -> x", ("m3", 2): "m3 s1 -> x", ("m4", 8): "m4 s7 -> b"}
 
 
-def test_pairs_math_up_to_three_distinct():
+def test_pairs_math_exactly_as_released():
     votes = vote(_samples(MATH_SAMPLES, MATH_TEXTS))
-    pairs, counts = contrastive_pairs("math", _weak({"m1": "a", "m2": "a", "m3": "z"}), votes)
+    weak = _weak({"m1": "a", "m2": "a", "m3": "z", "m4": "a"})
+    pairs, counts = contrastive_pairs("math", weak, votes)
     got = [(p["id"], p["chosen"], p["rejected"]) for p in pairs]
-    # Random(42): sample(m1's 4 distinct negatives, 3) -> indices [0, 3, 1]; m2: all 3 distinct, no draw;
-    # m3: sample(9 positives, 1) -> index 3 (s3), then in sample order positives with another text:
-    # s0 has s3's text (skipped), s1, s2.
+    # random.seed(42): m1 sample(4 negatives, 3) -> indices [0, 3, 1]; m2 sample(4 negatives, 3) ->
+    # [1, 0, 2] (s8 has s6's text: not de-duplicated, so s6's text appears twice); m3 sample(9
+    # positives, 1) -> s1, then in sample order every positive whose text differs from s1's: s0 and s3
+    # (both with the text "m3 s3 -> x": compared with the first pick only; s2 has s1's text); m4 all 3
+    # negatives (no draw; the two equal texts give two equal pairs)
+    rng = __import__("random").Random(42)
+    i1, i2, i3 = rng.sample(range(4), 3), rng.sample(range(4), 3), rng.sample(range(9), 1)[0]
+    assert (i1, i2, i3) == ([0, 3, 1], [1, 0, 2], 1)
     assert got == [
         ("m1", "weak m1 -> a", "m1 s6 -> b"),
         ("m1", "weak m1 -> a", "m1 s9 -> e"),
         ("m1", "weak m1 -> a", "m1 s7 -> c"),
-        ("m2", "weak m2 -> a", "m2 s6 -> b"),
         ("m2", "weak m2 -> a", "m2 s7 -> c"),
-        ("m2", "weak m2 -> a", "m2 s9 -> d"),
-        ("m3", "m3 s3 -> x", "weak m3 -> z"),
+        ("m2", "weak m2 -> a", "m2 s6 -> b"),
+        ("m2", "weak m2 -> a", "m2 s6 -> b"),
         ("m3", "m3 s1 -> x", "weak m3 -> z"),
-        ("m3", "m3 s2 -> x", "weak m3 -> z"),
+        ("m3", "m3 s3 -> x", "weak m3 -> z"),
+        ("m3", "m3 s3 -> x", "weak m3 -> z"),
+        ("m4", "weak m4 -> a", "m4 s7 -> b"),
+        ("m4", "weak m4 -> a", "m4 s7 -> b"),
+        ("m4", "weak m4 -> a", "m4 s9 -> c"),
     ]
-    assert (counts["weak_chosen_questions"], counts["pairs_weak_chosen"]) == (2, 6)
+    assert (counts["weak_chosen_questions"], counts["pairs_weak_chosen"]) == (3, 9)
     assert (counts["weak_rejected_questions"], counts["pairs_weak_rejected"]) == (1, 3)
     # OlympicArena uses the same rule; gsm8k would give one pair per question
-    assert contrastive_pairs("olympicarena", _weak({"m1": "a", "m2": "a", "m3": "z"}), votes)[0] == pairs
-    assert len(contrastive_pairs("gsm8k", _weak({"m1": "a", "m2": "a", "m3": "z"}), votes)[0]) == 3
+    assert contrastive_pairs("olympicarena", weak, votes)[0] == pairs
+    assert len(contrastive_pairs("gsm8k", weak, votes)[0]) == 4
+
+
+def _reference_pairs_math(weak, majority_voting, confidence=0.8):
+    """The release's construct_paired_data_math, re-written here from its description (docs/method.md):
+    one global random.seed(42); per question in order; `pos_responses`/`neg_responses` in sample order."""
+    import random
+
+    random.seed(42)
+    out = []
+    for w, mv in zip(weak, majority_voting):
+        if mv["confidence"] < 0.6 or mv["pos_responses"][0]["pred"] == "":
+            continue
+        if w["pred"] == mv["pos_responses"][0]["pred"]:
+            if not mv["neg_responses"]:
+                continue
+            negs = random.sample(mv["neg_responses"], 3) if len(mv["neg_responses"]) > 3 else mv["neg_responses"]
+            out += [(w["id"], w["response"], n["response"]) for n in negs]
+        elif mv["confidence"] >= confidence:
+            first = random.sample(mv["pos_responses"], 1)[0]["response"]
+            out.append((w["id"], first, w["response"]))
+            num = 1
+            for pos in mv["pos_responses"]:
+                if pos["response"] != first:
+                    out.append((w["id"], pos["response"], w["response"]))
+                    num += 1
+                    if num >= 3:
+                        break
+    return out
+
+
+def test_pairs_math_match_reference_on_random_inputs():
+    """Several hundred random questions with few distinct answers and texts (so ties, duplicates,
+    empty majorities and every branch occur): w2s and the reference give the same pair list."""
+    import random
+    from collections import Counter
+
+    gen = random.Random(7)
+    preds_by_id, texts, weak_preds = {}, {}, {}
+    for q in range(600):
+        qid = f"q{q}"
+        alphabet = gen.choice(["a", "ab", "abc", "abcd", "a" + " " * 1])
+        preds = [gen.choice(alphabet).strip() for _ in range(10)]
+        preds_by_id[qid] = preds
+        for j in range(10):
+            if gen.random() < 0.4:  # a repeated text among samples of the same prediction
+                texts[(qid, j)] = f"{qid} text {preds[j]} {gen.randint(0, 1)}"
+        weak_preds[qid] = gen.choice(["a", "b", "c", "", "e"])
+    files = _samples(preds_by_id, texts)
+    weak = _weak(weak_preds)
+    mv = []
+    for q in preds_by_id:
+        recs = [f[int(q[1:])] for f in files]
+        top, cnt = Counter(r["pred"] for r in recs).most_common(1)[0]
+        mv.append({"confidence": cnt / 10,
+                   "pos_responses": [{"response": r["response"], "pred": r["pred"]} for r in recs if r["pred"] == top],
+                   "neg_responses": [{"response": r["response"], "pred": r["pred"]} for r in recs if r["pred"] != top]})
+    expected = _reference_pairs_math(weak, mv)
+    pairs, counts = contrastive_pairs("math", weak, vote(files))
+    assert [(p["id"], p["chosen"], p["rejected"]) for p in pairs] == expected
+    assert len(expected) > 300 and counts["weak_chosen_questions"] > 20 and counts["weak_rejected_questions"] > 20
+    assert any(a == b for a, b in zip(expected, expected[1:]))  # equal pairs do occur (no de-duplication)
 
 
 def test_pairs_chosen_correct_counts():
@@ -341,3 +412,19 @@ def test_synthetic_reasoning_gym_and_splits():
     assert [len(s[k]) for k in ("train_1", "train_2", "test")] == [10, 12, 4]
     qs = [r["question"] for k in s for r in s[k]]
     assert len(set(qs)) == len(qs)
+
+
+def test_pad_sets_appends_disagreeing_questions_with_both_completions():
+    from w2s_jax.datasets import pad_sets
+
+    weak = _weak({"a": "1", "b": "2", "c": "", "d": "4", "e": "5"})
+    icl = [{"id": q, "prompt": f"P {q}", "response": f"icl {q}", "pred": p}
+           for q, p in {"a": "9", "b": "2", "c": "3", "d": "4", "e": "0"}.items()]
+    sets, stats = consistency_sets(weak, icl)
+    assert [r["id"] for r in sets["weak"]] == ["b", "d"]
+    padded, added = pad_sets(sets, weak, icl, 4)
+    assert added == 2 and [r["id"] for r in padded["weak"]] == ["b", "d", "a", "c"]
+    assert [r["completion"] for r in padded["icl"][2:]] == ["icl a", "icl c"]
+    assert [(r["id"], r["source"]) for r in padded["hybrid"][4:]] == [("a", "weak"), ("a", "icl"), ("c", "weak"),
+                                                                     ("c", "icl")]
+    assert pad_sets(sets, weak, icl, 2)[1] == 0 and pad_sets(sets, weak, icl, 99)[1] == 3

@@ -169,6 +169,14 @@ def test_check_shared_dir(runs):
         assert r["shared_error"] and "not shared by all 2 processes (processes [1]" in r["shared_error"]
 
 
+def test_run_lock_taken_once_on_process_0(runs):
+    """Every process sees the lock that process 0 took in the shared directory; process 1 took none."""
+    single, parts, tmp_path = runs
+    assert single["lock_holder"] == single["pid"]
+    assert [r["lock_holder"] for r in parts] == [parts[0]["pid"]] * 2
+    assert not (tmp_path / "multi_ckpt" / ".w2s.lock").exists()  # released
+
+
 def test_generate_records_two_processes(runs):
     """generate_records: every process returns the single-process records; the output file is complete."""
     single, parts, tmp_path = runs

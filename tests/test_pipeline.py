@@ -41,7 +41,8 @@ TINY = [
     "stage2.train={loss_type: sigmoid, beta: 0.1, lr: 1.0e-4, epochs: 1, batch_size: 4, seq_len: 128, log_every: 10,"
     " progress: false}",
     "stage2.n_samples=4",
-    "stage1.demos_from=train_1_gold",
+    "stage1.rounds=2",  # round 1 trains weak-ft, icl-ft and hybrid-ft; round 2 labels with the first two
+    "eval_samples=2",
     "generation.max_new_tokens=24",
     "mesh.data=1",  # one device: the same numbers under pytest's 8 simulated devices and in a subprocess
 ]
@@ -73,19 +74,22 @@ def test_every_stage_and_artifact(run_dir: Path):
         lines = (run_dir / "data" / f"{split}.jsonl").read_text().splitlines()
         assert len(lines) == n
     weak = [json.loads(x) for x in (run_dir / "weak_labels" / "train_2.jsonl").read_text().splitlines()]
-    assert len(weak) == 48 and all({"id", "prompt", "response", "pred", "result"} <= set(r) for r in weak)
+    assert len(weak) == 48 and all({"id", "prompt", "response", "pred"} <= set(r) for r in weak)
+    assert not any({"gold", "result"} & set(r) for r in weak)  # train_2 labels carry no gold
+    scores = [json.loads(x) for x in (run_dir / "weak_labels" / "train_2.gold_scores.jsonl").read_text().splitlines()]
+    assert [s["id"] for s in scores] == [r["id"] for r in weak] and all("result" in s for s in scores)
     assert len((run_dir / "strong_icl" / "demos.jsonl").read_text().splitlines()) == 1  # stage1.n_demos
     for model_dir in ("weak_model/sft/model", "strong_model/pretrain/model", "full_weak/sft/model", "gold/sft/model"):
         assert (run_dir / model_dir / "w2s_model.json").exists(), model_dir
     # Stage I / II train when the filter keeps questions / the votes give pairs; otherwise they carry the
     # previous model forward and say so (tiny models make either outcome possible)
     trained = ["weak_model/sft"]
-    for st, sub in (("stage1", "stage1/round1"), ("stage2", "stage2/train")):
+    for st, sub in (("stage1", "stage1/round2_hybrid"), ("stage2", "stage2/train")):
         m = _manifest(run_dir, st)
         model = m["final"] if st == "stage1" else m["model"]
         assert (Path(model) / "w2s_model.json").exists(), st
         if "skipped" in m:
-            assert "Stage I" in m["skipped"] or "no contrastive pairs" in m["skipped"]
+            assert "consistency filter" in m["skipped"] or "no contrastive pairs" in m["skipped"]
         else:
             trained.append(sub)
     for train_dir in trained:
@@ -104,7 +108,21 @@ def test_report_matches_graded_outputs(run_dir: Path):
     res = json.loads((run_dir / "results.json").read_text())
     names = [r["model"] for r in res["models"]]
     assert names[0] == "weak" and "strong (ICL)" in names and "gold SFT (ceiling)" in names
-    assert any(n.startswith("Stage I") for n in names) and any(n.startswith("Stage II") for n in names)
+    stage1 = ["Stage I round 1 (weak-ft)", "Stage I round 1 (icl-ft)", "Stage I round 1 (hybrid-ft)",
+              "Stage I round 2 (hybrid-ft)"]
+    assert [n for n in names if n.startswith("Stage I ")] == stage1 and any(n.startswith("Stage II") for n in names)
+    for r in res["models"]:  # test-set pass@k from the sampled completions, Stage I and II models only
+        assert (r["model"].startswith("Stage I")) == ("pass_at_k" in r), r["model"]
+        if "pass_at_k" in r:
+            outs = [json.loads(x) for x in (run_dir / r["outputs"].replace(".jsonl", ".samples.jsonl")).read_text()
+                    .splitlines()]
+            per_id: dict = {}
+            for o in outs:
+                per_id.setdefault(o["id"], []).append(bool(o["result"]))
+            assert len(outs) == 48 and all(len(v) == 2 for v in per_id.values())
+            assert r["pass_at_k"]["pass@1"] == pytest.approx(np.mean([np.mean(v) for v in per_id.values()]))
+    assert res["demonstrations"]["source"] == "weak" and res["demonstrations"]["read_gold"] is False
+    assert res["train_2_gold_read_by"] == ["gold: the ceiling baseline is trained on train_2 gold solutions"]
     test = [json.loads(x) for x in (run_dir / "data/test.jsonl").read_text().splitlines()]
     gold = {r["id"]: r["answer"] for r in test}
     acc = {}
@@ -120,6 +138,7 @@ def test_report_matches_graded_outputs(run_dir: Path):
             assert r["pgr"] == pytest.approx((r["accuracy"] - w) / (c - w))
     md = (run_dir / "results.md").read_text()
     assert "| model | accuracy (%) | PGR | n |" in md and "Stage I round1: kept / total" in md
+    assert "Stage I round2: kept / total" in md and "ICL demonstrations (weak): ids" in md
     assert (run_dir / "results.png").stat().st_size > 1000
     kept = _manifest(run_dir, "stage1")["round1"]
     assert 0 <= kept["kept"] <= 48 and (kept["kept"] > 0) == ("skipped" not in _manifest(run_dir, "stage1"))
@@ -129,7 +148,7 @@ def test_rerun_skips_everything(run_dir: Path):
     before = {st: _manifest(run_dir, st)["started"] for st in STAGE_NAMES}
     logs: list[str] = []
     res = Pipeline(load_run_config(None, TINY), run_dir, log=logs.append).run()
-    assert res is not None and len(res["models"]) == 7
+    assert res is not None and len(res["models"]) == 10
     assert sum("skipping" in x for x in logs) == len(STAGE_NAMES)
     assert {st: _manifest(run_dir, st)["started"] for st in STAGE_NAMES} == before
 
@@ -227,3 +246,87 @@ def test_notebook_runs_the_demo_api(run_dir: Path, tmp_path: Path):
         os.environ.pop("W2S_NOTEBOOK_OUT")
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "weak" in text and "Stage II" in text
+
+
+def _tree(root: Path, skip) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not skip(p.relative_to(root))}
+
+
+def test_train_2_gold_never_reaches_the_strong_model(run_dir: Path, tmp_path: Path):
+    """The same config with every train_2 gold answer replaced by a wrong one: every artifact up to and
+    including the Stage II pairs and trained models is byte-identical; only the gold scores differ."""
+    run = tmp_path / "run"
+    cfg = load_run_config(None, TINY)
+    Pipeline(cfg, run, log=_quiet).run(until="data")
+    path = run / "data" / "train_2.jsonl"
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    for r in recs:
+        wrong = str(int(r["answer"]) + 1000)
+        assert r["solution"].rstrip().endswith(f"#### {r['answer']}")
+        r["solution"] = r["solution"].rstrip()[: -len(r["answer"])] + wrong
+        r["answer"] = wrong
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    Pipeline(cfg, run, log=_quiet).run(until="stage2")
+
+    stages = ("weak_model", "strong_model", "weak_labels", "strong_icl", "stage1", "full_weak", "sampling", "stage2")
+    # run-time logs, compile timings and checkpoint bookkeeping are not artifacts; gold scores are meant to differ
+    noise = ("metrics.jsonl", "tensorboard", "checkpoints", "compile.json")
+
+    def skip(rel: Path) -> bool:
+        return rel.parts[0] not in stages or any(n in rel.parts for n in noise) or rel.name.endswith(
+            ".gold_scores.jsonl")
+
+    a, b = _tree(run_dir, skip), _tree(run, skip)
+    assert a.keys() == b.keys()
+    assert any(k.endswith("params.safetensors") and k.startswith("stage2") for k in a) or not (
+        run_dir / "stage2" / "train").exists()
+    assert any(k == "sampling/pairs.jsonl" for k in a) and any(k.startswith("stage1/round2_hybrid") for k in a)
+    assert [k for k in a if a[k] != b[k]] == []
+    # the scores did see the changed gold: no weak label is right against the wrong answers
+    scores = [json.loads(x) for x in (run / "weak_labels" / "train_2.gold_scores.jsonl").read_text().splitlines()]
+    assert len(scores) == 48 and not any(s["result"] for s in scores)
+    ref = [json.loads(x) for x in (run_dir / "weak_labels" / "train_2.gold_scores.jsonl").read_text().splitlines()]
+    assert any(s["result"] for s in ref)
+
+
+def test_demonstration_sources_and_gold_use(tmp_path: Path):
+    """stage1.demos: `weak` reads no gold, `correct` (ablation) reads train_2 gold and says so, `file:`
+    reads a template; the report names the source, the ids and every stage that read gold."""
+    import random
+
+    from w2s_jax.jsonl import write_jsonl_atomic
+    from w2s_jax.pipeline import _gold_use
+
+    run = tmp_path / "run"
+    weak = [{"id": f"q{i}", "prompt": f"Question: {i}?\nAnswer:", "response": f"{i}\n#### {i}" if i % 4 else "no key",
+             "pred": str(i)} for i in range(12)]
+    write_jsonl_atomic(run / "weak_labels" / "train_2.jsonl", weak)
+    write_jsonl_atomic(run / "weak_labels" / "train_2.gold_scores.jsonl",
+                       [{"id": r["id"], "sample": 0, "gold": "1", "pred": r["pred"], "result": i % 3 == 0}
+                        for i, r in enumerate(weak)])
+    shuffled = list(weak)
+    random.Random(42).shuffle(shuffled)
+    p = Pipeline(load_run_config(None, [*TINY, "stage1.n_demos=2"]), run, log=_quiet)
+    demos, read_gold = p._demos()
+    assert [d["id"] for d in demos] == [r["id"] for r in shuffled if "####" in r["response"]][:2] and not read_gold
+    p = Pipeline(load_run_config(None, [*TINY, "stage1.n_demos=2", "stage1.demos=correct"]), run, log=_quiet)
+    demos, read_gold = p._demos()
+    assert [d["id"] for d in demos] == [r["id"] for r in shuffled if int(r["id"][1:]) % 3 == 0][:2] and read_gold
+    (run / "stages").mkdir(parents=True)
+    (run / "stages" / "strong_icl.json").write_text(json.dumps(
+        {"demos": [d["id"] for d in demos], "demos_source": "correct", "demos_read_gold": True}))
+    use = _gold_use(p)
+    assert use["demonstrations"] == {"source": "correct", "ids": [d["id"] for d in demos], "read_gold": True}
+    assert any("stage1.demos=correct" in x for x in use["train_2_gold_read_by"])
+    f = tmp_path / "demos.txt"
+    f.write_text("Question: A?\nAnswer: a\n#### 1\n\nQuestion: B?\nAnswer: b\n#### 2\n")
+    p = Pipeline(load_run_config(None, [*TINY, f"stage1.demos=file:{f}"]), run, log=_quiet)
+    demos, read_gold = p._demos()
+    assert [d["id"] for d in demos] == ["file:1", "file:2"] and not read_gold
+    with pytest.raises(UserError, match="stage1.demos"):
+        load_run_config(None, [*TINY, "stage1.demos=gold"])
+    with pytest.raises(UserError, match="must include weak and icl"):
+        load_run_config(None, [*TINY, "stage1.variants=[hybrid]"])  # TINY has rounds 2
+    with pytest.raises(UserError, match="must include stage1.train_set"):
+        load_run_config(None, [*TINY, "stage1.rounds=1", "stage1.variants=[weak]"])

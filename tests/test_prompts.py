@@ -9,6 +9,7 @@ from w2s_jax.prompts import (
     clean_response,
     few_shot_prompt,
     join_prompt_completion,
+    load_demo_file,
     zero_shot_prompt,
 )
 
@@ -41,18 +42,77 @@ def _weak(n=20):
     ]
 
 
-def test_choose_demonstrations_procedure_and_determinism():
+def test_choose_demonstrations_is_gold_free_shuffle_then_first_with_key():
     weak = _weak()
+    for i in (2, 5, 11):
+        weak[i]["response"] = f"r{i} without a final answer line"
+    ref = [dict(r) for r in weak]
+    random.seed(42)  # the release's own calls, on the global generator
+    random.shuffle(ref)
+    expected = [r["id"] for r in ref if "####" in r["response"]][:4]
     demos = choose_demonstrations(weak)
-    correct = [r for r in weak if r["result"]]  # ids 0, 3, ..., 18 in file order
-    expected = random.Random(42).sample(correct, 4)
-    assert [d["id"] for d in demos] == [r["id"] for r in expected]
+    assert [d["id"] for d in demos] == expected
     assert demos == choose_demonstrations(weak)
-    assert all(d["id"] % 3 == 0 for d in demos)
     assert demos[0]["completion"] == f"r{demos[0]['id']}\n#### {demos[0]['id']}"
+    # no gold is read: flipping every `result` changes nothing
+    assert choose_demonstrations([{**r, "result": not r["result"]} for r in weak]) == demos
     assert [d["id"] for d in choose_demonstrations(weak, seed=0)] != [d["id"] for d in demos]
+    assert [d["id"] for d in choose_demonstrations(weak, answer_key="r1")] == [
+        r["id"] for r in ref if "r1" in r["response"]][:4]
+    with pytest.raises(UserError, match="need 4 weak outputs whose response contains"):
+        choose_demonstrations(_weak(3))
+
+
+def test_choose_demonstrations_correct_ablation_reads_gold():
+    weak = _weak()
+    ref = list(weak)
+    random.Random(42).shuffle(ref)
+    demos = choose_demonstrations(weak, use_gold=True)
+    assert [d["id"] for d in demos] == [r["id"] for r in ref if r["result"]][:4]
+    assert all(d["id"] % 3 == 0 for d in demos)
     with pytest.raises(UserError, match="need 4 correct"):
-        choose_demonstrations(_weak(6))  # only ids 0 and 3 are correct
+        choose_demonstrations(_weak(6), use_gold=True)  # only ids 0 and 3 are correct
+
+
+def test_choose_demonstrations_reproduces_the_released_gemma_2b_set(shared_dir):
+    """The released GSM8K Gemma-2B demonstrations are the 3rd to 6th records of the seed-42 shuffle of
+    train_2's weak outputs (the first two, ids 434 and 2772, gave no `####` line for Gemma-2B)."""
+    from w2s_jax.jsonl import read_jsonl
+
+    weak = read_jsonl(shared_dir / "data/weak_outputs/gsm8k_train_2/llama2_7b.jsonl")
+    released = ("Sara sent letters to her friend in China", "Berry wants to make sure he reads",
+                "Two white socks cost 25 cents more", "Sally bought three cupcakes for $6")
+    gemma_like = [{**r, "response": "no final line"} if r["id"] in (434, 2772) else r for r in weak]
+    demos = choose_demonstrations(gemma_like)
+    assert [d["prompt"][len("Question: "):][: len(q)] for d, q in zip(demos, released)] == list(released)
+
+
+def test_demo_file_blocks_and_prompt(tmp_path):
+    text = ("Question: A?\nAnswer: a\n\nstill a\n#### 1\n\n"
+            "Question: B?\nAnswer: b\n#### 2\n\n")
+    f = tmp_path / "demos.txt"
+    f.write_text(text)
+    demos = load_demo_file(f)
+    assert [d["id"] for d in demos] == ["file:1", "file:2"]
+    assert demos[0]["text"] == "Question: A?\nAnswer: a\n\nstill a\n#### 1"
+    # the template followed by the zero-shot prompt, as the release builds its few-shot prompts
+    assert few_shot_prompt("C?", demos) == text + "Question: C?\nAnswer:"
+    bad = tmp_path / "bad.txt"
+    bad.write_text("Question: A?\nAnswer: a\n\nQuestion: no answer here\n")
+    with pytest.raises(UserError, match=r"bad.txt:4: demonstration 2"):
+        load_demo_file(bad)
+    with pytest.raises(UserError, match="does not exist"):
+        load_demo_file(tmp_path / "missing.txt")
+    # OlympicArena's templates: an instruction paragraph before each `Question:`, blank lines inside
+    olympic = ("You are participating in an international Math competition.\nThis is a True or False question."
+               "\n\nQuestion: Q1?\n\nYou can solve it step by step.\n\nAnswer: a1\n\nThe final answer is "
+               "$\\boxed{True}$\n\nYou are participating in an international Physics competition.\n\n"
+               "Question: Q2?\n\nAnswer: a2. The final answer is $\\boxed{3}$\n\n")
+    f2 = tmp_path / "olympic.txt"
+    f2.write_text(olympic)
+    demos = load_demo_file(f2)
+    assert len(demos) == 2 and demos[1]["text"].startswith("You are participating in an international Physics")
+    assert "\n\n".join(d["text"] for d in demos) + "\n\n" == olympic
 
 
 def test_clean_response():

@@ -2,7 +2,7 @@
 # Data and checkpoints in Cloud Storage: upload from here, mount the bucket on every worker with
 # gcsfuse, or copy from the bucket onto every worker's disk.
 #
-#   tpu_scripts/data.sh upload ../shared/data data          # here -> gs://BUCKET/data
+#   tpu_scripts/data.sh upload data data                    # here -> gs://BUCKET/data
 #   tpu_scripts/data.sh upload checkpoints/llama2-70b ckpt/llama2-70b
 #   tpu_scripts/data.sh mount                               # gs://BUCKET on /mnt/gcs, all workers
 #   tpu_scripts/data.sh download ckpt/llama2-70b /tmp/llama2-70b   # gs://BUCKET/... -> each worker
@@ -66,15 +66,18 @@ case "$action" in
     # shellcheck disable=SC2016  # expanded by the workers' shell
     repo='deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -cs) main'
     install="if ! command -v gcsfuse >/dev/null; then echo \"$repo\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null; curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null; sudo apt-get update -qq; sudo apt-get install -y -qq gcsfuse; fi"
-    on_workers all "set -e; $install; sudo mkdir -p $W2S_MOUNT; sudo chown \$(id -u):\$(id -g) $W2S_MOUNT; mountpoint -q $W2S_MOUNT || gcsfuse --implicit-dirs $bucket $W2S_MOUNT; ls $W2S_MOUNT | head -n 5"
+    m="$(quote "$W2S_MOUNT")"
+    on_workers all "set -e; $install; sudo mkdir -p $m; sudo chown \$(id -u):\$(id -g) $m; mountpoint -q $m || gcsfuse --implicit-dirs $(quote "$bucket") $m; ls $m | head -n 5"
     ;;
   unmount)
-    on_workers all "if mountpoint -q $W2S_MOUNT; then fusermount -u $W2S_MOUNT; fi"
+    m="$(quote "$W2S_MOUNT")"
+    on_workers all "if mountpoint -q $m; then fusermount -u $m; fi"
     ;;
   download)
     ((${#args[@]} == 2)) || die "usage: download SRC DEST"
     src="$(gs_url "${args[0]}")"
-    on_workers all "set -e; mkdir -p ${args[1]}; gsutil -m -q rsync -r $src ${args[1]}"
+    dest="$(quote "${args[1]}")"
+    on_workers all "set -e; mkdir -p $dest; gsutil -m -q rsync -r $(quote "$src") $dest"
     ;;
   *)
     die "unknown action '$action' (upload, mount, unmount, download)"

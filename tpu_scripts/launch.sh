@@ -61,9 +61,12 @@ done
 check_no_rest
 [[ "$STAGE" =~ ^[a-z][a-z0-9-]*$ ]] || die "bad --stage '$STAGE'"
 
+# every user value that reaches the workers' shell goes through `quote` (a path with a space or `;`
+# stays one word); the remote config file gets a name of safe characters
 R="$W2S_REMOTE_DIR"
-LOG="$R/logs/$STAGE.log"
-PID="$R/logs/$STAGE.pid"
+qR="$(quote "$R")"
+LOG="$(quote "$R/logs/$STAGE.log")"
+PID="$(quote "$R/logs/$STAGE.pid")"
 
 if [[ "$STOP" == 1 ]]; then
   on_workers all "if [ -f $PID ]; then kill \$(cat $PID) 2>/dev/null && echo stopped \$(cat $PID) || echo not running; rm -f $PID; fi"
@@ -73,10 +76,11 @@ fi
 [[ -n "$W2S_CONFIG" ]] || die "no config: give --config FILE or set W2S_CONFIG"
 
 # 1. the config on every worker
-remote_config="$R/configs/$(basename "$W2S_CONFIG")"
-on_workers all "mkdir -p $R/configs $R/logs"
+config_name="$(basename "$W2S_CONFIG")"
+remote_config="$R/configs/${config_name//[^A-Za-z0-9._-]/_}"
+on_workers all "mkdir -p $qR/configs $qR/logs"
 if [[ "$W2S_CONFIG" == gs://* ]]; then
-  on_workers all "gsutil -q cp $W2S_CONFIG $remote_config"
+  on_workers all "gsutil -q cp $(quote "$W2S_CONFIG") $(quote "$remote_config")"
 else
   if [[ "$W2S_DRY_RUN" != 1 && ! -f "$W2S_CONFIG" ]]; then die "config $W2S_CONFIG does not exist"; fi
   copy_to_workers "$W2S_CONFIG" "$remote_config"
@@ -105,7 +109,7 @@ done
 if [[ "$MODE" == foreground ]]; then
   on_workers all "set -o pipefail; cd ~ && $line 2>&1 | tee $LOG"
 else
-  on_workers all "cd ~ && if [ -f $PID ] && kill -0 \$(cat $PID) 2>/dev/null; then echo 'already running (pid file $PID); use --stop' >&2; exit 1; fi; nohup $line > $LOG 2>&1 < /dev/null & echo \$! > $PID; echo started \$(cat $PID)"
+  on_workers all "cd ~ && if [ -f $PID ] && kill -0 \$(cat $PID) 2>/dev/null; then echo \"already running (pid file \"$PID\"); use --stop\" >&2; exit 1; fi; nohup $line > $LOG 2>&1 < /dev/null & echo \$! > $PID; echo started \$(cat $PID)"
   if [[ "$MODE" == follow ]]; then
     on_workers 0 "tail -n +1 -F $LOG"
   fi

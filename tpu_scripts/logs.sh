@@ -45,4 +45,4 @@ from="+1"
 if [[ -n "$LINES" ]]; then from="$LINES"; fi
 follow=""
 if [[ "$FOLLOW" == 1 ]]; then follow=" -F"; fi
-on_workers "$WORKER" "tail -n $from$follow $W2S_REMOTE_DIR/logs/$STAGE.log"
+on_workers "$WORKER" "tail -n $from$follow $(quote "$W2S_REMOTE_DIR/logs/$STAGE.log")"

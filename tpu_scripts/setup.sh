@@ -44,7 +44,8 @@ done
 check_no_rest
 
 R="$W2S_REMOTE_DIR"
-on_workers all "mkdir -p $R/configs $R/logs $R/dist"
+qR="$(quote "$R")"
+on_workers all "mkdir -p $qR/configs $qR/logs $qR/dist"
 
 case "$PACKAGE" in
   git+* | http://* | https://*)
@@ -65,9 +66,9 @@ case "$PACKAGE" in
     ;;
 esac
 
-on_workers all "set -e; $PY -m pip install --upgrade --quiet pip; $PY -m pip install --upgrade \"$spec\""
+on_workers all "set -e; $(quote "$PY") -m pip install --upgrade --quiet pip; $(quote "$PY") -m pip install --upgrade \"$spec\""
 
 if [[ "$VERIFY" == 1 ]]; then
   # all workers must start JAX together: each prints its process index and the slice's chip count
-  on_workers all "W2S_DISTRIBUTED=1 $PY -c 'from w2s_jax import distributed; distributed.initialize(); import jax; print(\"worker\", jax.process_index(), \"of\", jax.process_count(), \"devices\", jax.device_count(), jax.devices()[0].device_kind)'"
+  on_workers all "W2S_DISTRIBUTED=1 $(quote "$PY") -c 'from w2s_jax import distributed; distributed.initialize(); import jax; print(\"worker\", jax.process_index(), \"of\", jax.process_count(), \"devices\", jax.device_count(), jax.devices()[0].device_kind)'"
 fi

@@ -74,6 +74,18 @@ def _encode(tok, prompt: str, completion: str):
     return encode_example(tok, prompt, completion)
 
 
+def encode_vanilla(tok, prompt: str, completion: str) -> tuple[list[int], int]:
+    """LLaMA-Factory's ``vanilla`` template (the paper's training): ``[bos] + encode(prompt)`` and
+    ``encode(completion) + [eos]`` tokenized *separately* and concatenated, so nothing merges across
+    the boundary and the prompt ids are exactly what generation conditions on. No joining space is
+    inserted: a sentencepiece tokenizer (Llama 2) adds its own word-start marker to the completion,
+    a byte-level BPE (Llama 3) does not -- as in the release."""
+    from w2s_jax.tokenizer import encode_prompt
+
+    p_ids = encode_prompt(tok, prompt)
+    return p_ids + list(tok.encode(completion)) + [tok.eos_id], len(p_ids)
+
+
 def _fit(rid, ids, n_prompt, seq_len, truncate, stats, what="") -> Example | None:
     ids = np.asarray(ids, np.int32)
     if len(ids) > seq_len:
@@ -88,6 +100,9 @@ def _fit(rid, ids, n_prompt, seq_len, truncate, stats, what="") -> Example | Non
             stats.n_dropped += 1
             return None
     return Example(str(rid), ids, int(n_prompt))
+
+
+TEMPLATES = {"joined": _encode, "vanilla": encode_vanilla}
 
 
 def tokenize_sft(

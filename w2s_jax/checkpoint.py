@@ -155,9 +155,9 @@ class Checkpointer:
             try:
                 return self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 -- any failure means: use the previous one
-                errors.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
-                msg = (f"checkpoint step {step} in {self.directory} is unusable ({errors[-1]}); "
-                       "falling back to the previous checkpoint")
+                errors.append(f"step {step}: {failure_reason(e)}")
+                msg = (f"checkpoint step {step} ({os.path.join(str(self.directory), str(step))}) is unusable: "
+                       f"{failure_reason(e)}; falling back to the previous checkpoint")
                 warnings.warn(msg, CheckpointWarning, stacklevel=2)
                 log.warning(msg)
                 self._broken.add(step)
@@ -185,6 +185,20 @@ class Checkpointer:
             log.warning("could not move aside broken checkpoint %s: %s", path, e)
         self._broken.discard(step)
         self.mngr.reload()
+
+
+def failure_reason(e: BaseException, limit: int = 160) -> str:
+    """One short line for why a checkpoint failed to restore: the first line of the message without
+    TensorStore's ``[source locations=...]`` / ``[tensorstore_spec=...]`` dumps."""
+    import re
+
+    text = str(e)
+    text = re.sub(r"\s*\[(source locations|tensorstore_spec|tensorstore_status)=.*?\](?=\s*(\[|$))", "", text,
+                  flags=re.S)
+    line = next((x.strip() for x in text.splitlines() if x.strip()), "")
+    if len(line) > limit:
+        line = line[: limit - 3] + "..."
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
 def to_host_meta(obj) -> Any:

@@ -3,7 +3,9 @@
 Native model directory (``save_model``)::
 
     w2s_model.json       {"format": "w2s-jax", "version": 1, "model": ModelConfig fields,
-                          "tokenizer": tokenizer spec (see tokenizer.py), "lora": LoRAConfig fields | null}
+                          "tokenizer": tokenizer spec (see tokenizer.py), "lora": LoRAConfig fields | null,
+                          "checksums": {"params.safetensors": SHA-256, ...}}  (verified on load)
+    .w2s-written         marker: a directory w2s-jax wrote (only such a directory is replaced)
     params.safetensors   flattened parameter tree: "embed", "layers.wq", ..., "final_norm", "lm_head"
     lora.safetensors     optional adapters: "layers.wq.a", "layers.wq.b", ...
     tokenizer files      (Hugging Face tokenizers) or w2s_tokenizer.json (the byte tokenizer)
@@ -70,6 +72,8 @@ __all__ = [
     "write_safetensors",
     "to_host",
     "atomic_directory",
+    "check_output_dir",
+    "WRITTEN_MARKER",
     "check_tokenizer_vocab",
 ]
 
@@ -176,10 +180,14 @@ def dtype_name(code: str) -> str:
 Entry = tuple[str, tuple[int, ...], Any, Callable[[], Iterable[np.ndarray]]]
 
 
-def write_safetensors(path: str | os.PathLike, entries: list[Entry], metadata: dict | None = None) -> None:
+def write_safetensors(path: str | os.PathLike, entries: list[Entry], metadata: dict | None = None) -> str:
     """Stream tensors into a safetensors file: ``entries`` are ``(name, shape, dtype, chunks)`` where
     ``chunks()`` yields arrays whose bytes, concatenated, are the tensor (row-major). The header is
-    written first from the shapes, so only one chunk is ever in memory."""
+    written first from the shapes, so only one chunk is ever in memory. Returns the file's SHA-256
+    (hex; computed while writing, on process 0)."""
+    import hashlib
+
+    digest = hashlib.sha256()
     header: dict[str, Any] = {}
     off = 0
     for name, shape, dtype, _ in entries:
@@ -199,6 +207,8 @@ def write_safetensors(path: str | os.PathLike, entries: list[Entry], metadata: d
         if f:
             f.write(struct.pack("<Q", len(hb)))
             f.write(hb)
+            digest.update(struct.pack("<Q", len(hb)))
+            digest.update(hb)
         for name, shape, dtype, chunks in entries:
             dt = np.dtype(dtype)
             want = math.prod(shape) * dt.itemsize
@@ -209,7 +219,9 @@ def write_safetensors(path: str | os.PathLike, entries: list[Entry], metadata: d
                     c = c.astype(dt)
                 got += c.nbytes
                 if f:
-                    f.write(c.tobytes())
+                    b = c.tobytes()
+                    f.write(b)
+                    digest.update(b)
             if got != want:
                 raise ValueError(f"tensor `{name}`: wrote {got} bytes, expected {want} for shape {shape} {dt}")
         if f:
@@ -218,6 +230,32 @@ def write_safetensors(path: str | os.PathLike, entries: list[Entry], metadata: d
     finally:
         if f:
             f.close()
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_checksums(directory: Path, checksums: dict, where: str) -> None:
+    """Every tensor file recorded in a native model's ``checksums`` has that SHA-256; a mismatch names
+    the file (a bit flip or a partial copy)."""
+    if not isinstance(checksums, dict):
+        raise UserError(f"{where}: `checksums` must be an object of file -> SHA-256")
+    for name, want in checksums.items():
+        f = directory / name
+        if not f.is_file():
+            raise UserError(f"{f}: missing (listed in {where})")
+        got = file_sha256(f)
+        if got != want:
+            raise UserError(f"{f}: checksum mismatch (SHA-256 {got[:16]}..., {where} records {str(want)[:16]}...); "
+                            "the file is corrupt or was changed after it was written")
 
 
 class SafetensorsStore:
@@ -344,28 +382,30 @@ def materialize(
 # ----------------------------------------------------------------------------- directories
 
 
-def atomic_directory(out: str | os.PathLike, markers: tuple[str, ...]):
+WRITTEN_MARKER = ".w2s-written"  # in every model directory this tool writes
+
+
+def atomic_directory(out: str | os.PathLike, markers: tuple[str, ...] = (), overwrite: bool = False):
     """Context manager yielding a temporary sibling directory that replaces ``out`` on success.
 
-    An existing ``out`` is replaced only when it is empty or holds one of ``markers`` (a model
-    directory written earlier); anything else is refused rather than deleted."""
+    Every directory written this way holds :data:`WRITTEN_MARKER`. An existing ``out`` is replaced
+    only when it is empty, holds that marker or one of ``markers`` (a native model directory written
+    by an earlier version), or ``overwrite`` is set; anything else is refused, before any work,
+    rather than deleted."""
     import contextlib
 
     out = Path(out)
 
     @contextlib.contextmanager
     def cm():
-        if out.exists():
-            if not out.is_dir():
-                raise UserError(f"output {out} exists and is not a directory")
-            if any(out.iterdir()) and not any((out / m).exists() for m in markers):
-                raise UserError(f"refusing to overwrite {out}: it exists and is not a model directory")
+        check_output_dir(out, markers, overwrite)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
         if jax.process_index() == 0:
             tmp.mkdir()
+            (tmp / WRITTEN_MARKER).write_text("written by w2s-jax; the directory is replaced when rewritten\n")
         try:
             yield tmp
         except BaseException:
@@ -381,6 +421,26 @@ def atomic_directory(out: str | os.PathLike, markers: tuple[str, ...]):
                 shutil.rmtree(old, ignore_errors=True)
 
     return cm()
+
+
+def check_output_dir(out: str | os.PathLike, markers: tuple[str, ...] = (), overwrite: bool = False) -> None:
+    """Refuse an output directory that exists and holds files this tool did not write (see
+    :func:`atomic_directory`); ``overwrite`` allows replacing it."""
+    out = Path(out)
+    if not out.exists():
+        for parent in out.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise UserError(f"output {out}: its parent {parent} is a file, not a directory")
+                break
+        return
+    if not out.is_dir():
+        raise UserError(f"output {out} exists and is not a directory")
+    if overwrite or not any(out.iterdir()):
+        return
+    if not any((out / m).exists() for m in (WRITTEN_MARKER, *markers)):
+        raise UserError(f"refusing to overwrite {out}: it exists, is not empty and was not written by w2s-jax "
+                        "(choose an empty or new directory, or pass --overwrite to replace it)")
 
 
 def check_tokenizer_vocab(tok: Tokenizer | None, cfg: ModelConfig, where: str) -> None:
@@ -433,6 +493,7 @@ def save_model(
     tokenizer: Tokenizer | None,
     lora: dict | None = None,
     lora_cfg: LoRAConfig | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a native model directory (see the module docstring); returns its path.
 
@@ -442,7 +503,7 @@ def save_model(
     if (lora is None) != (lora_cfg is None):
         raise UserError("save_model: pass both `lora` and `lora_cfg`, or neither")
     out = Path(directory)
-    with atomic_directory(out, (META_FILE,)) as tmp:
+    with atomic_directory(out, (META_FILE,), overwrite) as tmp:
         tok_spec = None
         if tokenizer is not None and jax.process_index() == 0:
             tok_spec = tokenizer.save(tmp)
@@ -450,19 +511,20 @@ def save_model(
             (k, tuple(v.shape), np.dtype(v.dtype), (lambda v=v: _layer_chunks(v)))
             for k, v in flatten_tree(params).items()
         ]
-        write_safetensors(tmp / PARAMS_FILE, entries, {"format": "w2s-jax"})
+        sums = {PARAMS_FILE: write_safetensors(tmp / PARAMS_FILE, entries, {"format": "w2s-jax"})}
         if lora is not None:
             entries = [
                 (k, tuple(v.shape), np.dtype(v.dtype), (lambda v=v: _layer_chunks(v)))
                 for k, v in flatten_tree(lora).items()
             ]
-            write_safetensors(tmp / LORA_FILE, entries, {"format": "w2s-jax"})
+            sums[LORA_FILE] = write_safetensors(tmp / LORA_FILE, entries, {"format": "w2s-jax"})
         meta = {
             "format": "w2s-jax",
             "version": FORMAT_VERSION,
             "model": dataclasses.asdict(cfg),
             "tokenizer": tok_spec,
             "lora": None if lora_cfg is None else {**dataclasses.asdict(lora_cfg), "targets": list(lora_cfg.targets)},
+            "checksums": sums,  # SHA-256 of each tensor file, verified when loading
         }
         if jax.process_index() == 0:
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -560,6 +622,8 @@ def _load_native(path: Path, mesh, rules, dtype, tokenizer) -> LoadedModel:
     else:
         tok = None
     check_tokenizer_vocab(tok, cfg, str(path))
+    if "checksums" in meta:  # (directories written before checksums were recorded have none)
+        verify_checksums(path, meta["checksums"], str(meta_path))
     with SafetensorsStore([path / PARAMS_FILE], what=str(path / PARAMS_FILE)) as store:
         params = load_tree_from_store(store, param_shapes(cfg), param_axes(cfg), mesh, rules, str(path / PARAMS_FILE))
     lora = lora_cfg = None
@@ -611,3 +675,30 @@ def tokenizer_of(model: LoadedModel) -> Tokenizer:
 
 
 __all__ += ["tokenizer_of", "materialize", "shardings_for", "load_tree_from_store", "check_params"]
+
+
+def model_fingerprint(path: str | os.PathLike, base: str | os.PathLike | None = None) -> str:
+    """A fingerprint of the model files at ``path`` (and of ``base`` for a PEFT adapter), cheap to take
+    before loading: every file's name and size plus a hash of its first and last MiB (for a native
+    directory the recorded per-file checksums cover the whole content). Different models give
+    different fingerprints; copying or moving a model keeps its fingerprint."""
+    import hashlib
+
+    p = Path(path)
+    h = hashlib.sha256()
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()
+                                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name if p.is_file() else f.relative_to(p).as_posix()}:{size};".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(size - (1 << 20))
+                h.update(fh.read(1 << 20))
+    if base is not None:
+        h.update(model_fingerprint(base).encode())
+    return h.hexdigest()[:16]
+
+
+__all__ += ["model_fingerprint"]

@@ -192,8 +192,14 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
             raise UserError(f"missing required value `{key}`")
     try:
         return cls(**kwargs)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"`{_name(path)}`: {e}") from None
+    except (ValueError, TypeError, UserError) as e:
+        # a check in the dataclass (``__post_init__``): name the dotted key when the message starts with a field
+        msg = str(e)
+        first = msg.split(" ", 1)[0].strip("`:")
+        if first in fields:
+            raise UserError(f"config key `{path + '.' if path else ''}{first}`{msg[len(msg.split(' ', 1)[0]):]}") \
+                from None
+        raise UserError(f"`{_name(path)}`: {msg}") from None
 
 
 def _is_dc_type(tp: Any) -> bool:

@@ -492,6 +492,7 @@ def params_to_hf(
     cfg: ModelConfig,
     tokenizer: Tokenizer | None = None,
     max_shard_size: str | int | None = "5GB",
+    overwrite: bool = False,
 ) -> Path:
     """Write a Hugging Face directory (config.json, generation_config.json, model.safetensors or
     sharded ``model-0000i-of-0000n.safetensors`` + index, tokenizer files) that
@@ -513,7 +514,7 @@ def params_to_hf(
         shards[-1].append(e)
         size += n
     out = Path(directory)
-    with atomic_directory(out, ("config.json",)) as tmp:
+    with atomic_directory(out, (), overwrite) as tmp:
         hf_cfg.save_pretrained(str(tmp))
         GenerationConfig(
             bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id
@@ -837,6 +838,7 @@ def lora_to_peft(
     cfg: ModelConfig,
     base_model_name_or_path: str | None = None,
     tokenizer: Tokenizer | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors) that
     ``peft.PeftModel.from_pretrained(base_hf_model, dir)`` loads with the same function."""
@@ -871,7 +873,7 @@ def lora_to_peft(
         "alpha_pattern": {},
     }
     out = Path(directory)
-    with atomic_directory(out, ("adapter_config.json",)) as tmp:
+    with atomic_directory(out, (), overwrite) as tmp:
         write_safetensors(tmp / "adapter_model.safetensors", entries, {"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(conf, indent=2) + "\n")
         _save_tokenizer_hf(tokenizer, tmp)
@@ -887,7 +889,10 @@ def main(argv: list[str] | None = None, prog: str = "w2s convert", command: str 
     )
     ap.add_argument("--from", dest="src", required=True, choices=["hf", "gguf", "native", "peft"])
     ap.add_argument("--input", required=True, help="model directory, .gguf file or PEFT adapter directory")
-    ap.add_argument("--output", required=True, help="output directory (replaced atomically)")
+    ap.add_argument("--output", required=True, help="output directory (new, empty, or one w2s-jax wrote; written "
+                    "under a temporary name and renamed into place)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace --output even when it holds files w2s-jax did not write")
     ap.add_argument("--to", choices=["native", "hf", "peft"], default=None,
                     help="output format (default: hf when --from native, else native)")
     ap.add_argument("--base", default=None, help="base model of a PEFT adapter (default: its base_model_name_or_path); "
@@ -904,6 +909,14 @@ def main(argv: list[str] | None = None, prog: str = "w2s convert", command: str 
     found = detect_format(inp)
     if found != args.src:
         raise UserError(f"--from {args.src}, but {inp} looks like a {found} checkpoint")
+    from w2s_jax.checkpoint_io import META_FILE, check_output_dir
+    from w2s_jax.paths import same_file
+
+    out = Path(args.output)
+    if same_file(out, inp) or inp.resolve() in out.resolve().parents or out.resolve() in inp.resolve().parents:
+        raise UserError(f"--output {out} overlaps --input {inp}; choose another output directory")
+    # before loading: refuse a directory w2s-jax did not write
+    check_output_dir(out, (META_FILE,) if to == "native" else (), args.overwrite)
     m = load_model(inp, dtype=args.dtype, base=args.base, tokenizer=args.tokenizer)
     params, lora, lcfg = m.params, m.lora, m.lora_cfg
     if to == "peft":
@@ -912,7 +925,8 @@ def main(argv: list[str] | None = None, prog: str = "w2s convert", command: str 
         base = args.base
         if base is None and args.src == "peft":
             base = _peft_config(inp).get("base_model_name_or_path")
-        lora_to_peft(args.output, lora, lcfg, m.cfg, base_model_name_or_path=base, tokenizer=None)
+        lora_to_peft(args.output, lora, lcfg, m.cfg, base_model_name_or_path=base, tokenizer=None,
+                     overwrite=args.overwrite)
         print(f"wrote PEFT adapter ({lcfg.rank=}, targets {list(lcfg.targets)}) to {args.output}")
         return 0
     if lora is not None and (to == "hf" or args.merge_lora):
@@ -921,9 +935,10 @@ def main(argv: list[str] | None = None, prog: str = "w2s convert", command: str 
         params = merge_lora(params, lora, m.cfg, lcfg.scale)
         lora = lcfg = None
     if to == "hf":
-        params_to_hf(args.output, params, m.cfg, m.tokenizer, max_shard_size=args.max_shard_size)
+        params_to_hf(args.output, params, m.cfg, m.tokenizer, max_shard_size=args.max_shard_size,
+                     overwrite=args.overwrite)
     else:
-        save_model(args.output, params, m.cfg, m.tokenizer, lora=lora, lora_cfg=lcfg)
+        save_model(args.output, params, m.cfg, m.tokenizer, lora=lora, lora_cfg=lcfg, overwrite=args.overwrite)
     n = sum(int(np.prod(x.shape)) for x in flatten_tree(params).values())
     print(f"wrote {to} model ({m.cfg.n_layers} layers, {n:,} parameters, {m.cfg.param_dtype}) to {args.output}")
     return 0

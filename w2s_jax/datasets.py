@@ -7,7 +7,7 @@ JSONL interchange (records joined by ``id``):
 - preference records ``{id, prompt, chosen, rejected}`` (plus ``branch``: ``weak_chosen`` /
   ``weak_rejected``).
 
-Subcommands: ``split``, ``full-weak``, ``consistency``, ``vote``, ``pairs`` (method.md, Stages I and
+Subcommands: ``split``, ``full-weak``, ``consistency``, ``vote``, ``pairs`` (docs/method.md, Stages I and
 II). Every input is validated before anything is written (malformed line, missing field, duplicate
 id, an id in one input and not another, sample files of different sizes or ids, empty input: a
 ``UserError`` naming the file and line or id) and every output is written atomically, so a failed
@@ -25,19 +25,20 @@ Majority vote: the majority prediction is the most frequent ``pred`` over the sa
 prediction seen first in sample order (file order of ``--samples``; the same rule as
 ``collections.Counter.most_common``). ``confidence = count / n``.
 
-Contrastive pairs (method.md, Stage II), per question in the order of the weak file, with one
+Contrastive pairs (docs/method.md, Stage II), per question in the order of the weak file, with one
 ``random.Random(seed)`` (seed 42) consumed in that order:
 
 1. ``confidence < 0.6`` -> skipped (low confidence); an empty majority -> skipped;
 2. weak ``pred`` == majority: chosen = the weak response, rejected = a sample whose prediction
-   differs from the majority: GSM8K ``rng.sample(negatives, 1)``; MATH/OlympicArena up to 3
-   *distinct* negatives (by response text, first occurrence kept): all of them when there are at most
-   3 (no draw), else ``rng.sample(distinct, 3)``. No negative -> skipped (no negative);
+   differs from the majority: GSM8K ``rng.sample(negatives, 1)``; MATH/OlympicArena all negatives
+   when there are at most 3 (no draw), else ``rng.sample(negatives, 3)`` -- no de-duplication of
+   equal texts. No negative -> skipped (no negative);
 3. else, ``confidence >= 0.8``: rejected = the weak response, chosen = ``rng.sample(positives, 1)``;
-   MATH/OlympicArena then add, in sample order, positives whose response differs from those already
-   chosen, up to 3 pairs;
+   MATH/OlympicArena then add, in sample order, positives whose response differs from that first
+   pick, up to 3 pairs;
 4. else skipped (weak disagrees, confidence below 0.8).
-For GSM8K this consumes the generator exactly as the paper's release does.
+This consumes the generator exactly as the release's ``construct_paired_data_gsm8k`` /
+``construct_paired_data_math`` do, so the same inputs give the same pairs (docs/method.md).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ __all__ = [
     "GEN_FIELDS",
     "full_weak_sft",
     "consistency_sets",
+    "pad_sets",
     "vote",
     "contrastive_pairs",
     "to_llamafactory",
@@ -74,6 +76,10 @@ PAIR_SEED = 42
 def _pred(r: dict) -> str:
     p = r.get("pred")
     return "" if p is None else str(p)
+
+
+def _same(a: str, b: str, equiv=None) -> bool:
+    return a == b if equiv is None else (a == b or bool(equiv(a, b)))
 
 
 def _by_id(records: Sequence[dict], path: str) -> dict:
@@ -115,11 +121,13 @@ def consistency_sets(
     strong: Sequence[dict],
     weak_path: str = "weak",
     strong_path: str = "strong",
+    equiv=None,
 ) -> tuple[dict[str, list[dict]], dict[str, Any]]:
     """The consistency filter: keep a question when the weak ``pred`` is non-empty and equals the
     strong-ICL ``pred``. Returns ``({"weak", "icl", "hybrid"}, stats)`` in weak-file order; all SFT
     records use the weak (zero-shot) prompt; ``hybrid`` has the weak then the ICL example of each
-    kept question (records carry ``source``: ``weak``/``icl``)."""
+    kept question (records carry ``source``: ``weak``/``icl``). ``equiv(a, b)`` replaces string
+    equality of the two predictions (OlympicArena's matching rules)."""
     _require(weak, GEN_FIELDS, weak_path)
     _require(strong, ("id", "response", "pred"), strong_path)
     strong_by_id = _by_id(strong, strong_path)
@@ -131,7 +139,7 @@ def consistency_sets(
     for w in weak:
         s = strong_by_id[w["id"]]
         wp = _pred(w)
-        if wp == "" or wp != _pred(s):
+        if wp == "" or not _same(wp, _pred(s), equiv):
             continue
         a = {"id": w["id"], "prompt": w["prompt"], "completion": w["response"], "source": "weak"}
         b = {"id": w["id"], "prompt": w["prompt"], "completion": s["response"], "source": "icl"}
@@ -156,15 +164,41 @@ def consistency_sets(
     return sets, stats
 
 
+def pad_sets(
+    sets: dict[str, list[dict]], weak: Sequence[dict], strong: Sequence[dict], pad_to: int
+) -> tuple[dict[str, list[dict]], int]:
+    """The released MATH padding: after the agreeing questions of :func:`consistency_sets`, append the
+    other questions (weak-file order) with both completions -- the weak one to ``weak``, the ICL one to
+    ``icl``, both to ``hybrid`` -- until the sets hold ``pad_to`` questions. Returns ``(sets, added)``."""
+    strong_by_id = {r["id"]: r for r in strong}
+    kept = {r["id"] for r in sets["weak"]}
+    out = {k: list(v) for k, v in sets.items()}
+    added = 0
+    for w in weak:
+        if len(kept) + added >= pad_to:
+            break
+        if w["id"] in kept:
+            continue
+        a = {"id": w["id"], "prompt": w["prompt"], "completion": w["response"], "source": "weak", "padded": True}
+        b = {**a, "completion": strong_by_id[w["id"]]["response"], "source": "icl"}
+        out["weak"].append(a)
+        out["icl"].append(b)
+        out["hybrid"] += [a, b]
+        added += 1
+    return out, added
+
+
 # --- Stage II -----------------------------------------------------------------------------------
 
 
-def vote(samples_lists: Sequence[Sequence[dict]], paths: Sequence[str] | None = None) -> list[dict]:
+def vote(samples_lists: Sequence[Sequence[dict]], paths: Sequence[str] | None = None, equiv=None) -> list[dict]:
     """Majority vote over ``n`` sample files (same ids, any order; output in the first file's order).
 
     Per id: ``{id, prompt, gold?, majority, count, n, confidence, positives, negatives}`` where
     ``positives``/``negatives`` are ``{sample, response, pred, result?}`` (``sample`` = index of the
     file) agreeing / disagreeing with the majority. Ties: first-seen prediction in sample order.
+    With ``equiv(a, b)`` (OlympicArena) a prediction counts for the first earlier one it is equivalent
+    to (in sample order), and the majority is that first one's text.
     """
     if not samples_lists:
         raise UserError("vote needs at least one samples file")
@@ -184,8 +218,12 @@ def vote(samples_lists: Sequence[Sequence[dict]], paths: Sequence[str] | None = 
         rid = first["id"]
         samples = [idx[rid] for idx in indexed]
         counts: dict[str, int] = {}
+        label: list[str] = []  # the class (first-seen representative) of each sample's prediction
         for s in samples:
-            counts[_pred(s)] = counts.get(_pred(s), 0) + 1
+            p = _pred(s)
+            rep = p if (equiv is None or p in counts) else next((c for c in counts if _same(p, c, equiv)), p)
+            label.append(rep)
+            counts[rep] = counts.get(rep, 0) + 1
         majority, count = max(counts.items(), key=lambda kv: kv[1])  # first max = first seen
         rec: dict[str, Any] = {"id": rid}
         if "prompt" in first:
@@ -197,7 +235,7 @@ def vote(samples_lists: Sequence[Sequence[dict]], paths: Sequence[str] | None = 
             entry = {"sample": j, "response": s["response"], "pred": _pred(s)}
             if "result" in s:
                 entry["result"] = s["result"]
-            (pos if _pred(s) == majority else neg).append(entry)
+            (pos if label[j] == majority else neg).append(entry)
         rec.update(
             majority=majority,
             count=count,
@@ -224,16 +262,6 @@ _COUNT_KEYS = (
 )
 
 
-def _distinct(entries: Sequence[dict]) -> list[dict]:
-    seen: set[str] = set()
-    out = []
-    for e in entries:
-        if e["response"] not in seen:
-            seen.add(e["response"])
-            out.append(e)
-    return out
-
-
 def contrastive_pairs(
     task: Any,
     weak: Sequence[dict],
@@ -244,6 +272,7 @@ def contrastive_pairs(
     max_pairs: int | None = None,
     weak_path: str = "weak",
     votes_path: str = "votes",
+    equiv=None,
 ) -> tuple[list[dict], dict[str, Any]]:
     """Preference pairs from the weak outputs and the votes (rules in the module docstring).
 
@@ -285,16 +314,15 @@ def contrastive_pairs(
         if majority == "":
             counts["skipped_empty_majority"] += 1
             continue
-        if _pred(w) == majority:
+        if _same(_pred(w), majority, equiv):
             negatives = list(v["negatives"])
             if not negatives:
                 counts["skipped_no_negative"] += 1
                 continue
             if k == 1:
                 chosen_neg = rng.sample(negatives, 1)
-            else:
-                distinct = _distinct(negatives)
-                chosen_neg = rng.sample(distinct, k) if len(distinct) > k else distinct
+            else:  # no de-duplication: equal texts may give equal pairs, as in the release
+                chosen_neg = rng.sample(negatives, k) if len(negatives) > k else negatives
             counts["weak_chosen_questions"] += 1
             for neg in chosen_neg:
                 add(w, w["response"], neg["response"], "weak_chosen", w.get("result"))
@@ -303,13 +331,12 @@ def contrastive_pairs(
             if not positives:  # inconsistent votes file: a majority needs samples
                 raise UserError(f"{votes_path}: id {w['id']!r} has confidence {conf} but no positives")
             picked = rng.sample(positives, 1)
-            if k > 1:
-                seen = {picked[0]["response"]}
+            if k > 1:  # then positives in sample order whose text differs from the first pick (only)
+                first = picked[0]["response"]
                 for p in positives:
                     if len(picked) >= k:
                         break
-                    if p["response"] not in seen:
-                        seen.add(p["response"])
+                    if p["response"] != first:
                         picked.append(p)
             counts["weak_rejected_questions"] += 1
             for pos in picked:
@@ -394,6 +421,15 @@ def _add_format(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _equiv(task: str | None):
+    """How a task's predictions are compared (OlympicArena: its matching rules; else string equality)."""
+    if task is None:
+        return None
+    from w2s_jax.grading import equivalence
+
+    return equivalence(task)
+
+
 def _cmd_split(args: argparse.Namespace) -> int:
     from w2s_jax.config import DataConfig, dump_yaml, load_config
     from w2s_jax.tasks import load_splits
@@ -443,7 +479,7 @@ def _cmd_full_weak(args: argparse.Namespace) -> int:
 def _cmd_consistency(args: argparse.Namespace) -> int:
     weak = read_jsonl(args.weak, required=GEN_FIELDS)
     strong = read_jsonl(args.strong, required=("id", "response", "pred"))
-    sets, stats = consistency_sets(weak, strong, args.weak, args.strong)
+    sets, stats = consistency_sets(weak, strong, args.weak, args.strong, equiv=_equiv(args.task))
     out = Path(args.output_dir)
     for name in ("weak", "icl", "hybrid"):
         _write_set(out / f"{name}.jsonl", sets[name], args.format)
@@ -458,7 +494,7 @@ def _cmd_consistency(args: argparse.Namespace) -> int:
 
 def _cmd_vote(args: argparse.Namespace) -> int:
     lists = [read_jsonl(p, required=("id", "response", "pred")) for p in args.samples]
-    votes = vote(lists, args.samples)
+    votes = vote(lists, args.samples, equiv=_equiv(args.task))
     write_jsonl_atomic(args.output, votes)
     hist: dict[float, int] = {}
     for v in votes:
@@ -481,6 +517,7 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
         max_pairs=args.max_pairs,
         weak_path=args.weak,
         votes_path=args.votes,
+        equiv=_equiv(args.task),
     )
     out = Path(args.output)
     _write_set(out, pairs, args.format, preference=True)
@@ -529,12 +566,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p = sub.add_parser("consistency", help="consistency filter: weak.jsonl, icl.jsonl, hybrid.jsonl, stats.json")
     p.add_argument("--weak", required=True, help="weak-model generation records")
     p.add_argument("--strong", required=True, help="strong-ICL generation records")
+    p.add_argument("--task", choices=sorted(TASKS), help="compare predictions by this task's rules (olympicarena)")
     p.add_argument("--output-dir", required=True)
     _add_format(p)
     p.set_defaults(fn=_cmd_consistency)
 
     p = sub.add_parser("vote", help="majority vote over sample files")
     p.add_argument("--samples", nargs="+", required=True)
+    p.add_argument("--task", choices=sorted(TASKS), help="compare predictions by this task's rules (olympicarena)")
     p.add_argument("--output", required=True)
     p.set_defaults(fn=_cmd_vote)
 
@@ -552,6 +591,49 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return ap
 
 
+def _set_files(path: Path, formats: Sequence[str]) -> list[Path]:
+    """The files :func:`_write_set` writes for ``path``."""
+    stem = _stem(path)
+    out = [path]
+    for fmt in formats or ():
+        if fmt == "llamafactory":
+            out += [stem.with_name(stem.name + ".llamafactory.json"),
+                    stem.with_name(stem.name + ".llamafactory.dataset_info.json")]
+        elif fmt == "trl":
+            out.append(stem.with_name(stem.name + ".trl.jsonl"))
+    return out
+
+
+def _planned_outputs(args: argparse.Namespace) -> list[Path]:
+    fmt = getattr(args, "format", ())
+    if args.sub == "split":
+        d = Path(args.output_dir)
+        return [d / f"{n}.jsonl" for n in ("train_1", "train_2", "test")] + [d / "data_config.yaml"]
+    if args.sub == "consistency":
+        d = Path(args.output_dir)
+        return [f for n in ("weak", "icl", "hybrid") for f in _set_files(d / f"{n}.jsonl", fmt)] + [d / "stats.json"]
+    out = Path(args.output)
+    files = _set_files(out, fmt) if args.sub in ("full-weak", "pairs") else [out]
+    if args.sub == "pairs":
+        files.append(_stem(out).with_name(_stem(out).name + ".stats.json"))
+    return files
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Before any work: no output may be one of the inputs, and every output must be writable as a file."""
+    from w2s_jax.paths import check_output_file, check_output_not_input
+
+    inputs = {f"--{k.replace('_', '-')}": getattr(args, k, None)
+              for k in ("weak", "strong", "samples", "votes", "train", "train_1", "train_2", "test", "config")}
+    inputs = {k: v for k, v in inputs.items() if v}
+    outputs = _planned_outputs(args)
+    flag = "--output" if getattr(args, "output", None) else "--output-dir"
+    for o in outputs:
+        check_output_file(o, flag)
+    check_output_not_input({flag: outputs}, inputs)
+
+
 def main(argv: list[str], prog: str = "w2s data", command: str = "data") -> int:
     args = _parser(prog).parse_args(argv)
+    _check_outputs(args)
     return int(args.fn(args) or 0)

@@ -26,7 +26,16 @@ rewritten atomically in input order (id order of the input, then sample).
 
 Resuming: rerun the same command. Pairs (id, sample) already in the output are skipped (a final line
 cut short by a kill is removed first), so nothing is duplicated or lost. A pair whose recorded
-``seed`` differs from this run's is an error (the runs would mix two seeds).
+``seed`` differs from this run's is an error (the runs would mix two seeds). The model's fingerprint
+and the generation settings are recorded beside the output in ``<output>.settings.json``; resuming
+with another model or other settings (temperature, top-k/p, max new tokens, stop strings,
+demonstrations, grading, dtype, LoRA handling) is refused. ``--n`` may grow between runs.
+
+Safety: the output is locked (``.<output name>.lock`` beside it) so a second ``w2s generate`` to the
+same output is refused, naming the holder's pid and host. Before the model is loaded the command checks
+the input (unique ids, gold answers with ``--grade``), that the output is not one of the inputs, that
+it is a ``.jsonl`` path, and that an existing output file is a valid output (otherwise it is refused
+and left unchanged).
 
 A prompt longer than ``max_seq_len - max_new_tokens`` tokens is an error naming its id, unless
 ``--truncate-prompts`` (its left part is dropped, keeping BOS; the count is printed).
@@ -66,6 +75,55 @@ def build_prompts(records: Sequence[dict], demos: Sequence[dict] | None = None, 
         else:
             raise UserError(f"{where}: record {i + 1} (id {r.get('id')!r}) needs `prompt` or `question`")
     return out
+
+
+def gold_answers(inputs: Sequence[dict], task, where: str = "<input>") -> list:
+    """The gold answer of every input record for grading, or a UserError naming the first without one."""
+    from w2s_jax.grading import gold_answer
+
+    golds = []
+    for i, r in enumerate(inputs):
+        try:
+            golds.append(gold_answer(r, task))
+        except KeyError:
+            raise UserError(f"{where}: record {i + 1} (id {r['id']!r}) has no `gold` or `answer` to grade "
+                            "against") from None
+    return golds
+
+
+def settings_path(output: str | Path) -> Path:
+    """Where the model fingerprint and generation settings of an output are recorded."""
+    p = Path(output)
+    return p.parent / f"{p.name}.settings.json"
+
+
+def check_settings(output: Path, settings: dict, write: bool, log=print) -> None:
+    """Refuse to add to ``output`` when it was generated with another model or other settings;
+    record ``settings`` beside it (when ``write``) for the next run."""
+    import json
+
+    from w2s_jax.jsonl import write_json_atomic
+
+    sp = settings_path(output)
+    if sp.exists():
+        try:
+            old = json.loads(sp.read_text(encoding="utf-8"))
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise UserError(f"{sp}: unreadable ({e}); delete it together with {output} to start over") from None
+        diff = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+        if diff and output.exists() and output.stat().st_size > 0:
+            shown = "; ".join(f"{k}: {old.get(k)!r} then, {settings.get(k)!r} now" for k in diff)
+            raise UserError(
+                f"{output} was generated with another model or other settings ({shown}); resuming would mix "
+                "them: use another --output, or delete the output and its settings file to start over"
+            )
+    elif output.exists() and output.stat().st_size > 0:
+        log(f"[generate] warning: {output} has no settings file ({sp.name}); cannot check that it was made by "
+            "this model with these settings")
+    if write:
+        write_json_atomic(sp, settings)
 
 
 def _existing(path: Path, ids: dict, sc) -> tuple[list[dict], set[tuple[int, int]]]:
@@ -126,17 +184,11 @@ def generate_records(
     check_unique_ids(inputs, "<input>")
     prompts = build_prompts(inputs, demos)
     if grade_task is not None:
-        from w2s_jax.grading import MODES, gold_answer, grade_records
+        from w2s_jax.grading import MODES, grade_records
 
         if grade_mode not in MODES:
             raise UserError(f"unknown grading mode {grade_mode!r}; valid: {MODES}")
-        golds = []
-        for i, r in enumerate(inputs):
-            try:
-                golds.append(gold_answer(r, grade_task))
-            except KeyError:
-                raise UserError(f"<input>: record {i + 1} (id {r['id']!r}) has no `gold` or `answer` to grade "
-                                "against") from None
+        golds = gold_answers(inputs, grade_task)
     else:
         golds = [r.get("gold") for r in inputs]
     sc = sample_cfg
@@ -249,10 +301,14 @@ def main(argv: list[str] | None = None, prog: str = "w2s generate", command: str
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
-    from w2s_jax.jsonl import read_jsonl
+    from w2s_jax.jsonl import check_streamable, check_unique_ids, read_jsonl, scan_stream
+    from w2s_jax.paths import check_output_file, check_output_not_input
     from w2s_jax.prompts import STOP_STRINGS
     from w2s_jax.sampler import SampleConfig
 
+    check_output_file(args.output)
+    check_streamable(args.output)
+    check_output_not_input({"--output": args.output}, {"--input": args.input, "--few-shot": args.few_shot})
     stop = () if args.no_stop else tuple(args.stop) if args.stop else STOP_STRINGS
     sc = SampleConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -263,13 +319,38 @@ def main(argv: list[str] | None = None, prog: str = "w2s generate", command: str
 
         get_task(args.grade)
     inputs = read_jsonl(args.input, required=("id",))
+    check_unique_ids(inputs, args.input)
     demos = read_jsonl(args.few_shot) if args.few_shot else None
     if demos is not None:
         build_prompts([{"id": "-", "question": "?"}], demos, where=args.few_shot)  # validate the demos early
     build_prompts(inputs, demos, where=args.input)  # fail on a bad record before loading the model
-    if Path(args.output).resolve() == Path(args.input).resolve():
-        raise UserError("--output must differ from --input")
+    if args.grade is not None:
+        gold_answers(inputs, args.grade, where=args.input)
+    import hashlib
+    import json
 
+    from w2s_jax import distributed
+    from w2s_jax.checkpoint_io import detect_format, model_fingerprint
+    from w2s_jax.locking import hold, lock_path_for_file
+
+    detect_format(args.model)  # a missing or unrecognised model is reported before anything else
+    settings = {
+        "model": model_fingerprint(args.model, args.base), "tokenizer": args.tokenizer, "dtype": args.dtype,
+        "lora": "off" if args.no_lora else "merged" if args.merge_lora else "on",
+        "temperature": sc.temperature, "top_k": sc.top_k, "top_p": sc.top_p, "max_new_tokens": sc.max_new_tokens,
+        "stop": list(sc.stop), "truncate_prompts": sc.truncate_prompts, "grade": args.grade,
+        "grade_mode": args.grade_mode if args.grade else None,
+        "few_shot": hashlib.sha256(json.dumps(demos, sort_keys=True).encode()).hexdigest()[:16] if demos else None,
+    }
+    out = Path(args.output)
+    with hold(lock_path_for_file(out), f"output {out}"):
+        if out.exists():
+            scan_stream(out)  # not a valid output: refused before anything changes
+        check_settings(out, settings, write=distributed.is_main_process())
+        return _generate(args, sc, inputs, demos)
+
+
+def _generate(args, sc, inputs: list[dict], demos: list[dict] | None) -> int:
     from w2s_jax.checkpoint_io import load_model
 
     if not logging.getLogger().handlers:

@@ -1,6 +1,6 @@
 """Answer extraction, normalization and grading, as the paper's released grader does them.
 
-Everything here follows ``shared/docs/method.md`` ("Answer extraction and grading") step by step:
+Everything here follows ``docs/method.md`` ("Answer extraction and grading") step by step:
 
 1. cut the response at the first ``Question`` and strip it;
 2. the prediction is the last match of ``KEY (.*)$`` (no multiline flag: only a key on the last line
@@ -54,6 +54,7 @@ __all__ = [
     "normalize",
     "extract_pred",
     "gold_answer",
+    "equivalence",
     "is_equiv",
     "grade_one",
     "grade_records",
@@ -64,7 +65,7 @@ __all__ = [
 MODES = ("paper", "symbolic")
 DEFAULT_TIMEOUT = 5.0
 
-# --- normalization tables (method.md, step 4; order matters) ---------------------------------------
+# --- normalization tables (docs/method.md, step 4; order matters) ----------------------------------
 SUBSTITUTIONS: tuple[tuple[str, str], ...] = (
     ("an ", ""),
     ("a ", ""),
@@ -177,7 +178,7 @@ def extract_answer(response: str, task: Any) -> str:
 
 
 def normalize(ans: str) -> str:
-    """Normalize a final answer (method.md step 4; Minerva's normalization plus the release's additions)."""
+    """Normalize a final answer (docs/method.md step 4; Minerva's normalization plus the release's additions)."""
     s = str(ans).split("=")[-1]
     for before, after in SUBSTITUTIONS:
         s = s.replace(before, after)
@@ -204,14 +205,40 @@ def normalize(ans: str) -> str:
     return s
 
 
+def _olympic(task: Any) -> bool:
+    return _get_task(task).style == "olympic"
+
+
 def extract_pred(response: str, task: Any) -> str:
-    """Normalized extracted prediction ("" when none): the ``pred`` field of graded records."""
+    """Normalized extracted prediction ("" when none): the ``pred`` field of graded records.
+    OlympicArena: the normalized first ``\\boxed{}`` (:mod:`w2s_jax.olympiad_grading`)."""
+    if _olympic(task):
+        from w2s_jax.olympiad_grading import extract_pred as olympic_pred
+
+        return olympic_pred(response)
     return normalize(extract_answer(response, task))
+
+
+def equivalence(task: Any):
+    """How two stored predictions of ``task`` are compared by the consistency filter, the votes and
+    the pairs: None = string equality (GSM8K, MATH: the paper's), else a function (OlympicArena's rules)."""
+    if _olympic(task):
+        from w2s_jax.olympiad_grading import equivalent
+
+        return equivalent
+    return None
 
 
 def gold_answer(record: dict, task: Any) -> str:
     """The raw gold of a record: ``gold`` if present, else ``answer``; for a task whose answer key is
     ``####`` (GSM8K), a worked solution is reduced to the text after its last ``####``."""
+    if _olympic(task) and record.get("gold") is None:  # the answer list and type sequence, as one string
+        from w2s_jax.olympiad_grading import encode_gold
+
+        enc = encode_gold(record)
+        if enc is None:
+            raise KeyError("gold")
+        return enc
     if "gold" in record and record["gold"] is not None:
         gold = record["gold"]
     elif "answer" in record and record["answer"] is not None:
@@ -372,7 +399,13 @@ def is_equiv(pred: str, gold: str, mode: str = "paper", timeout: float = DEFAULT
 
 
 def grade_one(response: str, gold: str, task: Any, mode: str = "paper", timeout: float = DEFAULT_TIMEOUT):
-    """``(pred, gold_normalized, result)`` for one response and raw gold answer."""
+    """``(pred, gold_normalized, result)`` for one response and raw gold answer (OlympicArena: the
+    encoded answer list, matched by OlympicArena's rules whatever ``mode``)."""
+    if _olympic(task):
+        from w2s_jax.olympiad_grading import grade
+
+        pred, result = grade(response, gold, timeout)
+        return pred, gold, result
     pred = extract_pred(response, task)
     g = normalize(gold)
     return pred, g, is_equiv(pred, g, mode=mode, timeout=timeout)

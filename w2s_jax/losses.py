@@ -19,6 +19,9 @@ Preference losses follow TRL 1.16 (``trl/trainer/dpo_trainer.py`` for sigmoid, h
   ``log_odds = (ac - ar) - (log1mexp(ac) - log1mexp(ar))`` and the NLL of the chosen sequences
   (TRL: over prompt and completion, averaged per token); no reference model. ``beta`` is ORPO's
   lambda.
+- ``orpo_llamafactory``: ORPO as LLaMA-Factory 0.6.2 computes it (the paper's Stage II; docs/method.md):
+  per pair ``-ac - beta * logsigmoid(log_odds)`` with the same ``log_odds``, i.e. the NLL term is the
+  pair's own *average completion* log-probability (prompt masked), then the mean over pairs.
 - ``simpo``: ``-logsigmoid(beta*(ac - ar - gamma/beta))*(1-ls) - logsigmoid(-...)*ls`` with average
   per-token log-probs; no reference model.
 
@@ -32,8 +35,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "orpo", "simpo")
-REFERENCE_FREE = ("orpo", "simpo")
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "orpo", "orpo_llamafactory", "simpo")
+REFERENCE_FREE = ("orpo", "orpo_llamafactory", "simpo")
 
 
 def token_logps(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -98,11 +101,15 @@ def preference_loss(
         if nc is None or nr is None:
             raise ValueError(f"{loss_type} needs chosen_len and rejected_len")
         ac, ar = pc / nc, pr / nr
-        if loss_type == "orpo":
+        if loss_type in ("orpo", "orpo_llamafactory"):
             log_odds = (ac - ar) - (log1mexp(ac) - log1mexp(ar))
             ratio = jax.nn.log_sigmoid(log_odds)
-            losses = jnp.asarray(chosen_nll, jnp.float32) - beta * ratio
             extra = {"log_odds_ratio": ratio, "log_odds_chosen": log_odds}
+            if loss_type == "orpo":
+                losses = jnp.asarray(chosen_nll, jnp.float32) - beta * ratio
+            else:  # LLaMA-Factory: each pair's average completion NLL
+                losses = -ac - beta * ratio
+                extra["nll_loss"] = -ac
         else:
             logits = (ac - ar) - gamma / beta
             losses = -jax.nn.log_sigmoid(beta * logits) * (1 - ls) - jax.nn.log_sigmoid(-beta * logits) * ls

@@ -83,13 +83,21 @@ class ModelSpec:
 
 @dataclass
 class Stage1Config:
-    train_set: str = "hybrid"  # hybrid | weak | icl
+    train_set: str = "hybrid"  # hybrid | weak | icl: the set the final Stage I model is trained on
+    # round-1 models trained side by side and evaluated on test (the paper's Stage I table); round 2
+    # needs `weak` and `icl` (its labellers); `train_set` must be one of them
+    variants: list[str] = field(default_factory=lambda: ["weak", "icl", "hybrid"])
     rounds: int = 1  # 2 = the paper's second iteration (GSM8K, OlympicArena)
+    # MATH as released: after the agreeing questions, append disagreeing ones (both completions) up to
+    # this many questions (0 = off)
+    pad_to: int = 0
     n_demos: int = 4
     demo_seed: int = 42
-    # where the ICL demonstrations come from: `weak` = correct weak outputs on train_2 (the paper);
-    # `train_1_gold` = gold solutions of train_1 (for weak models too poor to supply 4 correct answers)
-    demos_from: str = "weak"
+    # where the ICL demonstrations come from: `weak` = the weak model's own train_2 outputs, seed-42
+    # shuffle, first n_demos with the answer key (the paper; reads no gold); `correct` = the same, but
+    # only gold-correct outputs (ablation: reads train_2 gold); `train_1_gold` = gold solutions of
+    # train_1; `file:PATH` = a plain-text template of `Question: ... Answer: ...` blocks
+    demos: str = "weak"
 
 
 @dataclass
@@ -125,6 +133,9 @@ class RunConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     grading: str = "paper"  # paper | symbolic
     pass_k: list[int] = field(default_factory=lambda: [1, 5, 10])
+    # test-set pass@k of the Stage I and Stage II models: this many samples per test question at
+    # stage2.temperature / top_p (seeds stage2.seed + j), as the paper reports; 0 = off
+    eval_samples: int = 10
 
 
 def default_config_path() -> Path:
@@ -163,10 +174,28 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"config key `grading`: unknown mode `{cfg.grading}` (choose from {', '.join(MODES)})")
     if cfg.stage1.train_set not in ("hybrid", "weak", "icl"):
         raise UserError(f"config key `stage1.train_set`: `{cfg.stage1.train_set}` is not hybrid, weak or icl")
-    if cfg.stage1.demos_from not in ("weak", "train_1_gold"):
-        raise UserError(f"config key `stage1.demos_from`: `{cfg.stage1.demos_from}` is not weak or train_1_gold")
-    if cfg.stage1.rounds not in (1, 2):
-        raise UserError(f"config key `stage1.rounds` must be 1 or 2 (got {cfg.stage1.rounds})")
+    s1 = cfg.stage1
+    if not (s1.demos in ("weak", "correct", "train_1_gold") or s1.demos.startswith("file:")):
+        raise UserError(f"config key `stage1.demos`: `{s1.demos}` is not weak, correct, train_1_gold or file:PATH")
+    if s1.demos.startswith("file:") and not Path(s1.demos[5:]).expanduser().is_file():
+        raise UserError(f"config key `stage1.demos`: demonstration file {s1.demos[5:]} does not exist")
+    if s1.rounds not in (1, 2):
+        raise UserError(f"config key `stage1.rounds` must be 1 or 2 (got {s1.rounds})")
+    bad = [v for v in s1.variants if v not in ("hybrid", "weak", "icl")]
+    if bad or not s1.variants or len(set(s1.variants)) != len(s1.variants):
+        raise UserError(f"config key `stage1.variants`: {s1.variants} must be distinct names from hybrid, weak, icl")
+    if s1.train_set not in s1.variants:
+        raise UserError(f"config key `stage1.variants`: {s1.variants} must include stage1.train_set `{s1.train_set}`")
+    if s1.rounds == 2 and not {"weak", "icl"} <= set(s1.variants):
+        raise UserError(f"config key `stage1.variants`: round 2 labels with the round-1 weak-ft and icl-ft models, "
+                        f"so the variants must include weak and icl (got {s1.variants})")
+    if s1.pad_to < 0:
+        raise UserError(f"config key `stage1.pad_to` must be >= 0 (got {s1.pad_to})")
+    for key, v in (("stage1.n_demos", cfg.stage1.n_demos), ("stage2.n_samples", cfg.stage2.n_samples)):
+        if v < 1:
+            raise UserError(f"config key `{key}` must be >= 1 (got {v})")
+    if cfg.stage2.max_new_tokens is not None and cfg.stage2.max_new_tokens < 1:
+        raise UserError(f"config key `stage2.max_new_tokens` must be >= 1 or null (got {cfg.stage2.max_new_tokens})")
     for role in ("weak", "strong"):
         spec: ModelSpec = getattr(cfg, role)
         if (spec.path is None) == (spec.preset is None):
@@ -203,8 +232,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("strong_model", ("data",), ("strong", "mesh"), "stage_strong_model"),
     Stage("weak_labels", ("data", "weak_model"), ("generation", "grading"), "stage_weak_labels"),
     Stage("strong_icl", ("weak_labels", "strong_model"),
-          ("generation", "grading", "stage1.n_demos", "stage1.demo_seed", "stage1.demos_from"), "stage_strong_icl"),
-    Stage("stage1", ("weak_labels", "strong_icl"), ("stage1", "strong_train", "weak_train", "generation"),
+          ("generation", "grading", "stage1.n_demos", "stage1.demo_seed", "stage1.demos"), "stage_strong_icl"),
+    Stage("stage1", ("weak_labels", "strong_icl", "strong_model"), ("stage1", "strong_train", "generation", "grading"),
           "stage_stage1"),
     Stage("full_weak", ("weak_labels", "strong_model"), ("strong_train", "baselines.full_weak"),
           "stage_full_weak"),
@@ -214,7 +243,8 @@ STAGES: tuple[Stage, ...] = (
                                                   "generation", "grading"), "stage_sampling"),
     Stage("stage2", ("sampling", "stage1"), ("stage2.train",), "stage_stage2"),
     Stage("eval", ("weak_model", "strong_icl", "stage1", "full_weak", "gold", "stage2"),
-          ("generation", "grading", "baselines", "pass_k"), "stage_eval"),
+          ("generation", "grading", "baselines", "pass_k", "eval_samples", "stage2.temperature", "stage2.top_p",
+           "stage2.seed"), "stage_eval"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -283,7 +313,13 @@ class Pipeline:
             return
         import yaml
 
-        old = yaml.safe_load(prev.read_text()) or {}
+        try:
+            old = yaml.safe_load(prev.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise UserError(f"{prev}: corrupt ({str(e).splitlines()[0]}); fix or delete it, or choose another --out") \
+                from None
+        if not isinstance(old, dict):
+            raise UserError(f"{prev}: corrupt (not a mapping of keys); fix or delete it, or choose another --out")
         for key in ("name", "data.task"):
             a = _get(old, key) if _has(old, key) else None
             b = _get(to_dict(self.cfg), key)
@@ -300,6 +336,13 @@ class Pipeline:
         return self._mesh
 
     def run(self, from_stage: str | None = None, until: str | None = None) -> dict | None:
+        """Run the stages holding the run directory's lock (a second run there is refused)."""
+        from w2s_jax.locking import LOCK_NAME, hold
+
+        with hold(self.out / LOCK_NAME, f"run directory {self.out}"):
+            return self._run_locked(from_stage, until)
+
+    def _run_locked(self, from_stage: str | None = None, until: str | None = None) -> dict | None:
         for s in (from_stage, until):
             if s is not None and s not in STAGE_NAMES:
                 import difflib
@@ -391,19 +434,58 @@ class Pipeline:
 
     def _generate(self, model_dir: Path, records: list[dict], out_path: Path, label: str, *,
                   demos: list[dict] | None = None, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-                  seed: int = 0, max_new_tokens: int | None = None) -> list[dict]:
-        """Answers for ``records`` (canonical task records), graded against gold; resumable."""
+                  seed: int = 0, max_new_tokens: int | None = None, gold_free: bool = False) -> list[dict]:
+        """Answers for ``records`` (canonical task records); resumable.
+
+        ``gold_free=False`` (test set): each output record is graded against gold (``pred``, ``gold``,
+        ``result``). ``gold_free=True`` (train_2): the model never sees gold and the output records carry
+        only the extracted ``pred``; the scores against gold go to a separate ``*.gold_scores.jsonl``
+        next to ``out_path`` that only the reports read (:meth:`_scores`)."""
         from w2s_jax.generate_cli import generate_records
 
         scfg = dataclasses.replace(self.cfg.generation, n=n, temperature=temperature, top_p=top_p, seed=seed)
         if max_new_tokens is not None:
             scfg = dataclasses.replace(scfg, max_new_tokens=max_new_tokens)
         model = self.load_model(model_dir)
-        inputs = [{"id": r["id"], "question": r["question"], "gold": r["answer"]} for r in records]
-        self.log(f"[w2s] {label}: generating {len(inputs)} x {n}")
-        return generate_records(model, inputs, scfg, out_path, demos=demos, grade_task=self.cfg.data.task,
-                                grade_mode=self.cfg.grading, mesh=self.mesh, rules=self.cfg.mesh.rules_table(),
-                                desc=label)
+        self.log(f"[w2s] {label}: generating {len(records)} x {n}")
+        kw = dict(demos=demos, grade_mode=self.cfg.grading, mesh=self.mesh, rules=self.cfg.mesh.rules_table(),
+                  desc=label)
+        from w2s_jax.grading import extract_pred, gold_answer, grade_records
+        from w2s_jax.tasks import get_task
+
+        task = get_task(self.cfg.data.task)
+        kw["demos"] = None  # the prompts below already hold them
+        prompts = {r["id"]: task.prompt(r, demos) for r in records}
+
+        def gold_of(r: dict):
+            try:
+                return gold_answer(r, task)
+            except KeyError:
+                return None
+
+        if not gold_free:
+            inputs = [{"id": r["id"], "prompt": prompts[r["id"]], "gold": gold_of(r)} for r in records]
+            return generate_records(model, inputs, scfg, out_path, grade_task=task.name, **kw)
+        inputs = [{"id": r["id"], "prompt": prompts[r["id"]]} for r in records]
+        recs = generate_records(model, inputs, scfg, out_path, grade_task=None, **kw)
+        recs = [{**r, "pred": extract_pred(r["response"], task)} for r in recs]
+        if self.main:
+            write_jsonl_atomic(out_path, recs)
+            gold = {r["id"]: gold_of(r) for r in records}
+            graded = grade_records([{"id": r["id"], "sample": r.get("sample", 0), "response": r["response"],
+                                     "gold": gold[r["id"]]} for r in recs if gold[r["id"]] is not None], task,
+                                   mode=self.cfg.grading)
+            write_jsonl_atomic(_scores_path(out_path),
+                               [{k: g[k] for k in ("id", "sample", "gold", "pred", "result")} for g in graded])
+        distributed.sync(f"pipeline: {label} written")
+        return recs
+
+    def _scores(self, out_path: Path) -> dict[tuple[Any, int], bool]:
+        """``{(id, sample): result}`` of a gold-free output file (reports only)."""
+        p = _scores_path(out_path)
+        if not p.exists():
+            return {}
+        return {(r["id"], int(r.get("sample", 0))): bool(r["result"]) for r in read_jsonl(p, allow_empty=True)}
 
     # --------------------------------------------------------------- stages
 
@@ -411,9 +493,13 @@ class Pipeline:
         from w2s_jax.tasks import load_splits
 
         splits = load_splits(self.cfg.data)
+        missing = [r["id"] for r in splits["test"] if r.get("answer") in (None, "", [])]
+        if missing:
+            raise UserError(f"config key `data.test`: {len(missing)} test records have no answer (e.g. id "
+                            f"{missing[0]!r}); the test set needs gold (OlympicArena: its `val` split)")
         out = {}
         for name, recs in splits.items():
-            if not recs:
+            if not recs and not (name == "train_1" and self.cfg.weak.trained):
                 raise UserError(f"data split `{name}` is empty; check the config's data section")
             if self.main:
                 write_jsonl_atomic(d / f"{name}.jsonl", recs)
@@ -498,76 +584,106 @@ class Pipeline:
         return Path(self.manifest("weak_model")["model"])
 
     def stage_weak_labels(self, d: Path) -> dict:
-        recs = self._generate(self._weak_dir(), self._data("train_2"), d / "train_2.jsonl", "weak labels (train_2)")
-        return {"counts": _label_stats(recs)}
+        recs = self._generate(self._weak_dir(), self._data("train_2"), d / "train_2.jsonl", "weak labels (train_2)",
+                              gold_free=True)
+        return {"counts": _label_stats(recs, self._scores(d / "train_2.jsonl"))}
 
-    def _demos(self) -> list[dict]:
-        from w2s_jax.prompts import choose_demonstrations, zero_shot_prompt
+    def _demos(self) -> tuple[list[dict], bool]:
+        """The ICL demonstrations and whether choosing them read train_2 gold."""
+        from w2s_jax.prompts import choose_demonstrations, load_demo_file, zero_shot_prompt
+        from w2s_jax.tasks import get_task
 
         s1 = self.cfg.stage1
-        if s1.demos_from == "train_1_gold":
-            from w2s_jax.tasks import get_task
-
-            task = get_task(self.cfg.data.task)
-            pool = [{"id": r["id"], "prompt": zero_shot_prompt(r["question"]), "response": task.gold_completion(r),
-                     "result": True} for r in self._data("train_1")]
-            return choose_demonstrations(pool, k=s1.n_demos, seed=s1.demo_seed)
+        task = get_task(self.cfg.data.task)
+        if s1.demos.startswith("file:"):
+            return load_demo_file(Path(s1.demos[5:]).expanduser()), False
+        if s1.demos == "train_1_gold":
+            pool = [{"id": r["id"], "prompt": zero_shot_prompt(r["question"]), "response": task.gold_completion(r)}
+                    for r in self._data("train_1")]
+            return choose_demonstrations(pool, k=s1.n_demos, seed=s1.demo_seed, answer_key=task.answer_key), False
         weak = read_jsonl(self.path("weak_labels", "train_2.jsonl"))
-        n_ok = sum(r.get("result") is True for r in weak)
-        if n_ok < s1.n_demos:
-            raise UserError(f"stage strong_icl: only {n_ok} of {len(weak)} weak outputs on train_2 are correct, "
-                            f"{s1.n_demos} are needed as demonstrations; train the weak model longer or set "
-                            "stage1.demos_from=train_1_gold")
-        return choose_demonstrations(weak, k=s1.n_demos, seed=s1.demo_seed)
+        if s1.demos == "correct":  # the ablation: gold of train_2 decides which outputs may be shown
+            scores = self._scores(self.path("weak_labels", "train_2.jsonl"))
+            weak = [{**r, "result": scores.get((r["id"], 0), False)} for r in weak]
+            n_ok = sum(r["result"] for r in weak)
+            if n_ok < s1.n_demos:
+                raise UserError(f"stage strong_icl: only {n_ok} of {len(weak)} weak outputs on train_2 are correct, "
+                                f"{s1.n_demos} are needed as demonstrations (stage1.demos=correct)")
+            return choose_demonstrations(weak, k=s1.n_demos, seed=s1.demo_seed, use_gold=True), True
+        n_key = sum(task.answer_key in r["response"] for r in weak)
+        if n_key < s1.n_demos:
+            raise UserError(f"stage strong_icl: only {n_key} of {len(weak)} weak outputs on train_2 contain the "
+                            f"answer key `{task.answer_key}`, {s1.n_demos} are needed as demonstrations; train the "
+                            "weak model longer or set stage1.demos=train_1_gold (or file:PATH)")
+        return choose_demonstrations(weak, k=s1.n_demos, seed=s1.demo_seed, answer_key=task.answer_key), False
 
     def stage_strong_icl(self, d: Path) -> dict:
-        demos = self._demos()
+        demos, read_gold = self._demos()
         if self.main:
             write_jsonl_atomic(d / "demos.jsonl", demos)
         recs = self._generate(self._strong_base(), self._data("train_2"), d / "train_2.jsonl",
-                              "strong ICL labels (train_2)", demos=demos)
-        return {"counts": _label_stats(recs), "demos": [r["id"] for r in demos]}
+                              "strong ICL labels (train_2)", demos=demos, gold_free=True)
+        return {"counts": _label_stats(recs, self._scores(d / "train_2.jsonl")), "demos": [r["id"] for r in demos],
+                "demos_source": self.cfg.stage1.demos, "demos_read_gold": read_gold}
+
+    def _stage1_sft(self, sets: dict, d: Path, rnd: int, variants: list[str], info: dict) -> dict[str, str]:
+        """Fine-tune the original strong model on each ``variants`` set; ``{variant: model dir}``. An empty
+        set trains nothing: the untrained strong model stands in for it (said loudly)."""
+        models = {}
+        for v in variants:
+            recs = sets[v]
+            out = d / f"round{rnd}_{v}"
+            if not recs:
+                msg = (f"round {rnd}: the consistency filter kept no questions (the two label sets never agree); "
+                       f"the {v}-ft model is the untrained strong model")
+                self.log(f"[w2s] WARNING stage stage1: {msg}")
+                info.setdefault("skipped", msg)
+                models[v] = str(self._strong_base())
+                continue
+            info[f"round{rnd}"][f"{v}_ft"] = self._sft(self._strong_base(), recs, self.cfg.strong_train, out,
+                                                       f"Stage I round {rnd}: {v}-ft")
+            models[v] = str(out / "model")
+        return models
 
     def stage_stage1(self, d: Path) -> dict:
-        from w2s_jax.datasets import consistency_sets
+        from w2s_jax.datasets import consistency_sets, pad_sets
 
-        weak = read_jsonl(self.path("weak_labels", "train_2.jsonl"))
-        icl = read_jsonl(self.path("strong_icl", "train_2.jsonl"))
-        sets, stats = consistency_sets(weak, icl)
-        chosen = sets[self.cfg.stage1.train_set]
+        s1 = self.cfg.stage1
+        weak_path, icl_path = self.path("weak_labels", "train_2.jsonl"), self.path("strong_icl", "train_2.jsonl")
+        weak, icl = read_jsonl(weak_path), read_jsonl(icl_path)
+        from w2s_jax.grading import equivalence
+
+        eq = equivalence(self.cfg.data.task)
+        sets, stats = consistency_sets(weak, icl, equiv=eq)
+        if s1.pad_to:
+            sets, stats["padded_questions"] = pad_sets(sets, weak, icl, s1.pad_to)
         if self.main:
             write_json_atomic(d / "round1_stats.json", stats)
-            write_jsonl_atomic(d / "round1_train.jsonl", chosen)
-        info: dict[str, Any] = {"round1": {**stats, "label_accuracy": _kept_accuracy(sets, weak)}}
-        if not chosen:
-            # nothing to train on: say so loudly and carry the strong base model forward unchanged
-            msg = (f"the consistency filter kept 0 of {len(weak)} questions (weak and strong ICL answers never "
-                   "agree); Stage I is the untrained strong model")
-            self.log(f"[w2s] WARNING stage stage1: {msg}")
-            base = str(self._strong_base())
-            return {**info, "skipped": msg, "models": {"stage1_round1": base}, "final": base}
-        info["round1"].update(self._sft(self._strong_base(), chosen, self.cfg.strong_train, d / "round1",
-                                        "Stage I SFT (round 1)"))
-        models = {"stage1_round1": str(d / "round1" / "model")}
-        if self.cfg.stage1.rounds == 2:
-            # iteration 2: fine-tune weak and strong on the round-1 set, relabel train_2, filter again,
-            # and fine-tune the ORIGINAL strong model on the new set
-            self._sft(self._weak_dir(), chosen, self.cfg.weak_train, d / "round2_weak", "Stage I round 2: weak SFT")
+            for v in ("weak", "icl", "hybrid"):
+                write_jsonl_atomic(d / f"round1_{v}.jsonl", sets[v])
+        info: dict[str, Any] = {"round1": {**stats, **_kept_scores(sets, self._scores(weak_path))}}
+        # the set the final model trains on goes last, so a shared log ends with it
+        variants = [v for v in s1.variants if v != s1.train_set] + [s1.train_set]
+        r1 = self._stage1_sft(sets, d, 1, variants, info)
+        models = {f"stage1_round1_{v}": r1[v] for v in s1.variants}
+        final = r1[s1.train_set]
+        if s1.rounds == 2:
+            # iteration 2: the round-1 weak-ft and icl-ft strong models label train_2 zero-shot; the
+            # questions where they agree give the new sets; the ORIGINAL strong model is fine-tuned again
             train2 = self._data("train_2")
-            weak2 = self._generate(d / "round2_weak" / "model", train2, d / "round2_weak_labels.jsonl",
-                                   "round 2 weak labels")
-            icl2 = self._generate(d / "round1" / "model", train2, d / "round2_strong_labels.jsonl",
-                                  "round 2 strong labels")
-            sets2, stats2 = consistency_sets(weak2, icl2)
-            chosen2 = sets2[self.cfg.stage1.train_set]
+            wl, il = d / "round2_weak_ft_labels.jsonl", d / "round2_icl_ft_labels.jsonl"
+            weak2 = self._generate(Path(r1["weak"]), train2, wl, "round 2 labels (round-1 weak-ft)", gold_free=True)
+            icl2 = self._generate(Path(r1["icl"]), train2, il, "round 2 labels (round-1 icl-ft)", gold_free=True)
+            sets2, stats2 = consistency_sets(weak2, icl2, equiv=eq)
             if self.main:
-                write_jsonl_atomic(d / "round2_train.jsonl", chosen2)
-            info["round2"] = {**stats2, "label_accuracy": _kept_accuracy(sets2, weak2)}
-            info["round2"].update(self._sft(self._strong_base(), chosen2, self.cfg.strong_train, d / "round2",
-                                            "Stage I SFT (round 2)"))
-            models["stage1_round2"] = str(d / "round2" / "model")
+                write_json_atomic(d / "round2_stats.json", stats2)
+                for v in ("weak", "icl", "hybrid"):
+                    write_jsonl_atomic(d / f"round2_{v}.jsonl", sets2[v])
+            info["round2"] = {**stats2, **_kept_scores(sets2, self._scores(wl))}
+            r2 = self._stage1_sft(sets2, d, 2, [s1.train_set], info)
+            models[f"stage1_round2_{s1.train_set}"] = final = r2[s1.train_set]
         info["models"] = models
-        info["final"] = models["stage1_round2" if self.cfg.stage1.rounds == 2 else "stage1_round1"]
+        info["final"] = final
         return info
 
     def stage_full_weak(self, d: Path) -> dict:
@@ -582,11 +698,10 @@ class Pipeline:
     def stage_gold(self, d: Path) -> dict:
         if not self.cfg.baselines.gold:
             return {"skipped": True}
-        from w2s_jax.prompts import zero_shot_prompt
         from w2s_jax.tasks import get_task
 
         task = get_task(self.cfg.data.task)
-        recs = [{"id": r["id"], "prompt": zero_shot_prompt(r["question"]), "completion": task.gold_completion(r)}
+        recs = [{"id": r["id"], "prompt": task.prompt(r), "completion": task.gold_completion(r)}
                 for r in self._data("train_2")]
         return {"model": str(d / "sft" / "model"),
                 **self._sft(self._strong_base(), recs, self.cfg.strong_train, d / "sft", "gold SFT ceiling")}
@@ -598,19 +713,24 @@ class Pipeline:
         model = Path(self.manifest("stage1")["final"])
         samples = self._generate(model, self._data("train_2"), d / "samples.jsonl", "Stage I model sampling",
                                  n=s2.n_samples, temperature=s2.temperature, top_p=s2.top_p, seed=s2.seed,
-                                 max_new_tokens=s2.max_new_tokens)
+                                 max_new_tokens=s2.max_new_tokens, gold_free=True)
         per_sample: list[list[dict]] = [[] for _ in range(s2.n_samples)]
         for r in samples:
             per_sample[r["sample"]].append(r)
-        votes = vote(per_sample)
+        from w2s_jax.grading import equivalence
+
+        eq = equivalence(self.cfg.data.task)
+        votes = vote(per_sample, equiv=eq)
         weak = read_jsonl(self.path("weak_labels", "train_2.jsonl"))
-        pairs, counts = contrastive_pairs(self.cfg.data.task, weak, votes, seed=s2.pair_seed)
+        pairs, counts = contrastive_pairs(self.cfg.data.task, weak, votes, seed=s2.pair_seed, equiv=eq)
         if self.main:
             write_jsonl_atomic(d / "votes.jsonl", votes)
             write_jsonl_atomic(d / "pairs.jsonl", pairs)
             write_json_atomic(d / "pairs.stats.json", counts)
-        return {"samples": len(samples), "pairs": len(pairs), "pair_counts": counts,
-                "pass_at_k": _pass_at_k(samples, self.cfg.pass_k)}
+        scores = self._scores(d / "samples.jsonl")
+        gold_counts = _pair_scores(pairs, votes, self._scores(self.path("weak_labels", "train_2.jsonl")), scores)
+        return {"samples": len(samples), "pairs": len(pairs), "pair_counts": {**counts, **gold_counts},
+                "pass_at_k": _pass_at_k([{"id": k[0], "result": v} for k, v in scores.items()], self.cfg.pass_k)}
 
     def stage_stage2(self, d: Path) -> dict:
         from w2s_jax.train import run_dpo
@@ -629,30 +749,41 @@ class Pipeline:
     def stage_eval(self, d: Path) -> dict:
         test = self._data("test")
         b = self.cfg.baselines
-        entries: list[tuple[str, Path, list[dict] | None]] = [("weak", self._weak_dir(), None)]
+        entries: list[tuple[str, Path, list[dict] | None, bool]] = [("weak", self._weak_dir(), None, False)]
         if b.strong_zero_shot:
-            entries.append(("strong (zero-shot)", self._strong_base(), None))
-        entries.append(("strong (ICL)", self._strong_base(), read_jsonl(self.path("strong_icl", "demos.jsonl"))))
+            entries.append(("strong (zero-shot)", self._strong_base(), None, False))
+        entries.append(("strong (ICL)", self._strong_base(), read_jsonl(self.path("strong_icl", "demos.jsonl")),
+                        False))
         if b.full_weak:
-            entries.append(("full weak FT", Path(self.manifest("full_weak")["model"]), None))
+            entries.append(("full weak FT", Path(self.manifest("full_weak")["model"]), None, False))
         s1, s2 = self.manifest("stage1"), self.manifest("stage2")
         for key, path in s1["models"].items():
-            label = "Stage I" + (" (round 2)" if key.endswith("2") else "") + (" (skipped)" if "skipped" in s1 else "")
-            entries.append((label, Path(path), None))
+            rnd, variant = key.split("_")[1][-1], key.split("_")[2]
+            label = f"Stage I round {rnd} ({variant}-ft)"
+            entries.append((label, Path(path), None, True))
         label = f"Stage II ({self.cfg.stage2.train.loss_type})" + (" (skipped)" if "skipped" in s2 else "")
-        entries.append((label, Path(s2["model"]), None))
+        entries.append((label, Path(s2["model"]), None, True))
         if b.gold:
-            entries.append(("gold SFT (ceiling)", Path(self.manifest("gold")["model"]), None))
+            entries.append(("gold SFT (ceiling)", Path(self.manifest("gold")["model"]), None, False))
         rows = []
-        for label, model_dir, demos in entries:
+        s2c = self.cfg.stage2
+        for label, model_dir, demos, sampled in entries:
             slug = _slug(label)
             recs = self._generate(model_dir, test, d / f"{slug}.jsonl", f"eval {label}", demos=demos)
             acc = sum(bool(r.get("result")) for r in recs) / len(recs)
-            rows.append({"model": label, "accuracy": acc, "n": len(recs), "outputs": f"eval/{slug}.jsonl"})
+            row = {"model": label, "accuracy": acc, "n": len(recs), "outputs": f"eval/{slug}.jsonl"}
+            if sampled and self.cfg.eval_samples > 0:
+                samples = self._generate(model_dir, test, d / f"{slug}.samples.jsonl", f"eval {label} (sampled)",
+                                         n=self.cfg.eval_samples, temperature=s2c.temperature, top_p=s2c.top_p,
+                                         seed=s2c.seed, max_new_tokens=s2c.max_new_tokens)
+                row["pass_at_k"] = _pass_at_k(samples, self.cfg.pass_k)
+            rows.append(row)
         results = build_results(self, rows)
         if self.main:
             write_json_atomic(self.path("results.json"), results)
-            self.path("results.md").write_text(results_markdown(results))
+            from w2s_jax.jsonl import write_text_atomic
+
+            write_text_atomic(self.path("results.md"), results_markdown(results))
             try:
                 plot_results(results, self.path("results.png"))
             except Exception as e:  # the chart is a convenience; never lose the results for it
@@ -696,17 +827,39 @@ def _summary(res: Any) -> dict:
     return {k: v for k, v in dict(res).items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
-def _label_stats(recs: list[dict]) -> dict:
-    graded = [r for r in recs if "result" in r]
+def _scores_path(out_path: Path) -> Path:
+    """Where the gold scores of a gold-free output file go (read by the reports only)."""
+    return out_path.with_name(out_path.name.removesuffix(".jsonl") + ".gold_scores.jsonl")
+
+
+def _label_stats(recs: list[dict], scores: dict) -> dict:
+    vals = [scores[(r["id"], int(r.get("sample", 0)))] for r in recs if (r["id"], int(r.get("sample", 0))) in scores]
     return {"total": len(recs), "with_answer": sum(bool(r.get("pred")) for r in recs),
-            "accuracy_vs_gold": (sum(bool(r["result"]) for r in graded) / len(graded)) if graded else None}
+            "accuracy_vs_gold": (sum(vals) / len(vals)) if vals else None}
 
 
-def _kept_accuracy(sets: dict, weak: list[dict]) -> float | None:
-    """Label accuracy (against gold) of the questions the consistency filter kept."""
-    by_id = {r["id"]: r for r in weak}
-    kept = [by_id[r["id"]] for r in sets["weak"] if r["id"] in by_id and "result" in by_id[r["id"]]]
-    return sum(bool(r["result"]) for r in kept) / len(kept) if kept else None
+def _kept_scores(sets: dict, scores: dict) -> dict:
+    """Scoring only: how many kept labels (the first label set's answers) are right against gold."""
+    vals = [scores[(r["id"], 0)] for r in sets["weak"] if (r["id"], 0) in scores]
+    if not vals:
+        return {"label_accuracy": None}
+    return {"kept_correct": sum(vals), "label_accuracy": sum(vals) / len(vals)}
+
+
+def _pair_scores(pairs: list[dict], votes: list[dict], weak_scores: dict, sample_scores: dict) -> dict:
+    """Scoring only: how many pairs' chosen completions are right against gold."""
+    by_resp: dict[tuple[Any, str], bool] = {}
+    for v in votes:
+        for e in v["positives"] + v["negatives"]:
+            if (v["id"], e["sample"]) in sample_scores:
+                by_resp[(v["id"], e["response"])] = sample_scores[(v["id"], e["sample"])]
+    vals = []
+    for p in pairs:
+        if p["branch"] == "weak_chosen" and (p["id"], 0) in weak_scores:
+            vals.append(weak_scores[(p["id"], 0)])
+        elif p["branch"] == "weak_rejected" and (p["id"], p["chosen"]) in by_resp:
+            vals.append(by_resp[(p["id"], p["chosen"])])
+    return {"chosen_with_result": len(vals), "chosen_correct": sum(vals)} if vals else {}
 
 
 def _pass_at_k(samples: list[dict], ks: list[int]) -> dict:
@@ -749,8 +902,22 @@ def build_results(p: Pipeline, rows: list[dict]) -> dict:
         "stage1": {k: v for k, v in stage1.items() if k.startswith("round")},
         "pairs": sampling.get("pair_counts"),
         "pass_at_k": sampling.get("pass_at_k"),
+        **_gold_use(p),
         "seconds": {s: (p.manifest(s) or {}).get("seconds") for s in STAGE_NAMES},
     }
+
+
+def _gold_use(p: Pipeline) -> dict:
+    """Which demonstrations were used and which stages read train_2 gold (beyond scoring)."""
+    icl = p.manifest("strong_icl") or {}
+    reads = []
+    if icl.get("demos_read_gold"):
+        reads.append("strong_icl: demonstrations chosen among gold-correct weak outputs (stage1.demos=correct)")
+    if p.cfg.baselines.gold:
+        reads.append("gold: the ceiling baseline is trained on train_2 gold solutions")
+    return {"demonstrations": {"source": icl.get("demos_source"), "ids": icl.get("demos"),
+                               "read_gold": bool(icl.get("demos_read_gold"))},
+            "train_2_gold_read_by": reads}
 
 
 def _fmt(x: Any, pct: bool = True) -> str:
@@ -783,6 +950,14 @@ def results_markdown(res: dict) -> str:
         lines.append(f"| pairs: {k} | {v} |")
     for k, v in (res.get("pass_at_k") or {}).items():
         lines.append(f"| Stage I sampling {k} on train_2 (%) | {_fmt(v)} |")
+    for r in res["models"]:
+        for k, v in (r.get("pass_at_k") or {}).items():
+            lines.append(f"| {r['model']}: test {k} (%) | {_fmt(v)} |")
+    demos = res.get("demonstrations") or {}
+    if demos.get("ids") is not None:
+        lines += ["", f"ICL demonstrations ({demos.get('source')}): ids {', '.join(str(i) for i in demos['ids'])}."]
+    reads = res.get("train_2_gold_read_by") or []
+    lines += ["", "train_2 gold read (besides scoring): " + ("; ".join(reads) if reads else "by no stage") + "."]
     secs = {k: v for k, v in (res.get("seconds") or {}).items() if v is not None}
     if secs:
         lines += ["", "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items())]

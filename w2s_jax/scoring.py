@@ -287,7 +287,10 @@ def main(argv: list[str] | None = None, prog: str = "w2s logprobs", command: str
 
     from w2s_jax.checkpoint_io import load_model
     from w2s_jax.jsonl import read_jsonl, write_jsonl_atomic
+    from w2s_jax.paths import check_output_file, check_output_not_input
 
+    check_output_file(args.output)
+    check_output_not_input({"--output": args.output}, {"--input": args.input})
     records = read_jsonl(args.input, required=("prompt",))
     from w2s_jax.sharding import parse_mesh_arg
 

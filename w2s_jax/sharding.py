@@ -191,6 +191,13 @@ class MeshConfig:
     sequence: int = 1
     rules: dict[str, list[str]] | None = None
 
+    def __post_init__(self):
+        for name, v in self.shape().items():
+            if not isinstance(v, int) or isinstance(v, bool) or (v < 1 and v != -1):
+                raise ValueError(f"{name} must be a positive number of devices or -1 (the rest), got {v!r}")
+        if sum(v == -1 for v in self.shape().values()) > 1:
+            raise ValueError(f"at most one mesh axis may be -1, got {self.shape()}")
+
     def shape(self) -> dict[str, int]:
         return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor, "sequence": self.sequence}
 

@@ -31,6 +31,7 @@ __all__ = [
     "to_records",
     "load_local",
     "load_hf",
+    "load_olympicarena",
     "load_tfds",
     "split_train",
     "load_splits",
@@ -81,8 +82,24 @@ class TaskAdapter:
     name: str
     answer_key: str
     pairs_per_question: int
-    style: str = "gsm8k"  # "gsm8k" | "math"
+    style: str = "gsm8k"  # "gsm8k" | "math" | "olympic"
     question_fields: tuple[str, ...] = ("question", "problem", "Question")
+
+    def keep(self, raw: dict) -> bool:
+        """Whether a raw record belongs to the task's data (OlympicArena: English, not CODE/OT answers)."""
+        if self.style != "olympic":
+            return True
+        return raw.get("language", "EN") == "EN" and raw.get("answer_type") not in ("CODE", "OT")
+
+    def prompt(self, rec: dict, demos=None) -> str:
+        """The prompt of a canonical record: zero-shot, or few-shot with ``demos`` (docs/method.md)."""
+        from w2s_jax.prompts import few_shot_prompt, zero_shot_prompt
+
+        if self.style == "olympic":  # the demonstrations, then the record's own instruction prompt
+            from w2s_jax.prompts import demo_text
+
+            return "\n\n".join([*(demo_text(d) for d in (demos or [])), rec["prompt"]])
+        return few_shot_prompt(rec["question"], demos) if demos else zero_shot_prompt(rec["question"])
 
     def to_record(self, raw: dict, index: int, where: str = "") -> dict:
         """Canonical ``{id, question, solution, answer}`` (other raw fields kept) from a raw record."""
@@ -94,6 +111,8 @@ class TaskAdapter:
             raise UserError(f"{where}: record has none of the question fields {list(self.question_fields)}")
         if self.style == "gsm8k":
             solution, answer = self._gsm8k_fields(raw, where)
+        elif self.style == "olympic":
+            solution, answer = self._olympic_fields(raw, where)
         else:
             solution, answer = self._math_fields(raw, where)
         rid = raw.get("id")
@@ -102,6 +121,8 @@ class TaskAdapter:
         elif isinstance(rid, bytes):
             rid = rid.decode("utf-8")
         rec = {"id": rid, "question": _text(q), "solution": solution, "answer": answer}
+        if self.style == "olympic":
+            rec["prompt"] = olympic_prompt(raw, _text(q))
         for k, v in raw.items():  # keep extra fields (subject, level, ...)
             if k not in rec and k not in self.question_fields and k != "final_answer":
                 rec[k] = v
@@ -134,12 +155,34 @@ class TaskAdapter:
             raise UserError(f"{where}: record needs `answer`, `final_answer` or a `\\boxed{{}}` solution")
         return sol, _text(ans).strip()
 
+    def _olympic_fields(self, raw: dict, where: str) -> tuple[str, Any]:
+        ans = raw.get("answer")
+        if isinstance(ans, str):
+            ans = [ans]
+        if ans is not None and not (isinstance(ans, list) and all(isinstance(a, str) for a in ans)):
+            raise UserError(f"{where}: OlympicArena `answer` must be a list of strings (or absent)")
+        return _text(raw.get("solution") or ""), (ans or None)  # the test split has no released answers
+
     def gold_completion(self, rec: dict) -> str:
         """The completion used for gold SFT (weak model on ``train_1``; strong ceiling)."""
         if self.style == "gsm8k":
             sol = rec["solution"].rstrip()
             return sol if f"{self.answer_key} " in sol else f"{sol}\n{self.answer_key} {rec['answer']}"
+        if self.style == "olympic":
+            if not rec.get("answer"):
+                raise UserError(f"record {rec['id']!r} has no answer to write a gold completion with")
+            return f"{rec['solution']}\n\nThe final answer is $\\boxed{{{', '.join(rec['answer'])}}}$"
         return f"{rec['solution']} {self.answer_key} {rec['answer']}"
+
+
+def olympic_prompt(raw: dict, problem: str) -> str:
+    """OlympicArena's zero-shot prompt as the paper builds it: the data set's own instruction prompt with
+    ``\n\nproblem:\n`` replaced by ``\n\nQuestion: `` and ``\n\nAnswer:`` appended (the problem
+    alone, as ``Question: ...``, when the record has no instruction prompt)."""
+    p = raw.get("prompt")
+    if not p:
+        return f"Question: {problem}\n\nAnswer:"
+    return str(p).replace("\n\nproblem:\n", "\n\nQuestion: ") + "\n\nAnswer:"
 
 
 TASKS: dict[str, TaskAdapter] = {}
@@ -149,15 +192,17 @@ def register_task(adapter: TaskAdapter, overwrite: bool = False) -> TaskAdapter:
     """Add a task adapter to :data:`TASKS` (error if the name exists and not ``overwrite``)."""
     if adapter.name in TASKS and not overwrite:
         raise ValueError(f"task `{adapter.name}` is already registered")
-    if adapter.style not in ("gsm8k", "math"):
-        raise ValueError(f"task style must be 'gsm8k' or 'math', got {adapter.style!r}")
+    if adapter.style not in ("gsm8k", "math", "olympic"):
+        raise ValueError(f"task style must be 'gsm8k', 'math' or 'olympic', got {adapter.style!r}")
     TASKS[adapter.name] = adapter
     return adapter
 
 
 register_task(TaskAdapter("gsm8k", "####", 1, "gsm8k"))
 register_task(TaskAdapter("math", "The answer is:", 3, "math"))
-register_task(TaskAdapter("olympicarena", "The answer is:", 3, "math"))
+# OlympicArena answers end "The final answer is $\\boxed{...}$" and are matched with OlympicArena's own
+# rules (w2s_jax.olympiad_grading); the answer key marks a finished answer (demonstration choice)
+register_task(TaskAdapter("olympicarena", "The final answer is", 3, "olympic", ("problem", "question")))
 
 
 def get_task(task: str | TaskAdapter) -> TaskAdapter:
@@ -182,7 +227,7 @@ def _check_unique(records: list[dict], where: str) -> None:
 def to_records(task: str | TaskAdapter, raws: Sequence[dict], where: str = "") -> list[dict]:
     """Canonical records of ``raws`` (ids: the raw ``id`` when present, else ``{task}_{index}``)."""
     t = get_task(task)
-    recs = [t.to_record(r, i, f"{where}:{i + 1}" if where else "") for i, r in enumerate(raws)]
+    recs = [t.to_record(r, i, f"{where}:{i + 1}" if where else "") for i, r in enumerate(raws) if t.keep(r)]
     _check_unique(recs, where or t.name)
     return recs
 
@@ -210,6 +255,8 @@ def load_hf(
     except ImportError:  # pragma: no cover - datasets is a runtime dependency
         raise UserError("the `hf` source needs the `datasets` package (pip install datasets)") from None
     p = Path(name_or_path)
+    if get_task(task).style == "olympic" and not p.exists() and config is None:
+        return load_olympicarena(task, name_or_path, split)
     try:
         if p.exists():
             files = [str(f) for f in sorted(p.glob("*.json*"))] if p.is_dir() else str(p)
@@ -219,6 +266,27 @@ def load_hf(
     except Exception as e:  # noqa: BLE001 - datasets raises many types; surface them as user errors
         raise UserError(f"datasets could not load `{name_or_path}` (config {config}, split {split}): {e}") from e
     return to_records(task, [dict(r) for r in ds], f"{name_or_path}[{split}]")
+
+
+OLYMPIC_SUBJECTS = ("Math", "Physics", "Chemistry", "Biology", "Geography", "Astronomy")
+
+
+def load_olympicarena(task: str | TaskAdapter, name: str = "GAIR/OlympicArena", split: str = "val") -> list[dict]:
+    """OlympicArena through ``datasets``: every subject but CS (its configs), English only, no CODE/OT
+    answers, concatenated in subject order. The paper uses the ``test`` split as train_2 and ``val`` as
+    the test set (only ``val`` has released answers)."""
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover
+        raise UserError("the `hf` source needs the `datasets` package (pip install datasets)") from None
+    rows: list[dict] = []
+    for subject in OLYMPIC_SUBJECTS:
+        try:
+            ds = datasets.load_dataset(name, subject, split=split)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"datasets could not load `{name}` subject {subject} split {split}: {e}") from e
+        rows += [dict(r) for r in ds]
+    return to_records(task, rows, f"{name}[{split}]")
 
 
 def load_tfds(task: str | TaskAdapter, split: str = "train", name: str = "gsm8k") -> list[dict]:
@@ -296,6 +364,12 @@ def load_splits(cfg) -> dict[str, list[dict]]:
         assert t1 is not None and t2 is not None
         if cfg.n_train_1 is not None:
             t1 = t1[: cfg.n_train_1]
+        if cfg.n_train_2 is not None:
+            t2 = t2[: cfg.n_train_2]
+    elif task.style == "olympic":  # no train_1: the weak model is used as given; train_2 = the whole set
+        t1, t2 = [], load(cfg.train, cfg.hf_train_split)
+        if t2 is None:
+            raise UserError(f"data source `{src}` needs data.train (or data.train_2): the train_2 questions")
         if cfg.n_train_2 is not None:
             t2 = t2[: cfg.n_train_2]
     else:

@@ -53,6 +53,7 @@ from jax.sharding import PartitionSpec as P
 from w2s_jax import distributed, optim
 from w2s_jax import losses as L
 from w2s_jax.batching import (
+    TEMPLATES,
     DataPosition,
     PreferenceBatcher,
     SFTBatcher,
@@ -103,6 +104,9 @@ class TrainConfig:
     packing: bool = True  # SFT only; preference rows are padded
     bucket_lengths: tuple[int, ...] = ()  # padded rows: shorter shapes (each compiles once)
     truncate: bool = False  # over-long sequences: False = error naming the id, True = truncate+count
+    # how an example is tokenized: `joined` = prompt + " " + completion as one text (default);
+    # `vanilla` = LLaMA-Factory's template: prompt and completion tokenized separately, concatenated
+    template: Literal["joined", "vanilla"] = "joined"
     # evaluation, logging, checkpoints
     eval_fraction: float = 0.0
     eval_every: int = 0  # 0 = only at the end
@@ -116,7 +120,7 @@ class TrainConfig:
     # LoRA (None = full fine-tuning)
     lora: LoRAConfig | None = None
     # preference optimisation
-    loss_type: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"] = "sigmoid"
+    loss_type: Literal["sigmoid", "ipo", "hinge", "orpo", "orpo_llamafactory", "simpo"] = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
@@ -136,8 +140,25 @@ class TrainConfig:
             raise ValueError("batch_size and grad_accum must be >= 1 and seq_len >= 2")
         if self.max_steps is None and self.epochs < 1:
             raise ValueError("set epochs >= 1 or max_steps")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 (or null: train for `epochs`), got {self.max_steps}")
         if self.beta <= 0:
             raise ValueError("beta must be > 0")
+        finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)  # noqa: E731
+        for name, ok, want in (
+            ("lr", finite(self.lr) and self.lr >= 0, "a finite number >= 0"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("warmup_ratio", finite(self.warmup_ratio) and 0 <= self.warmup_ratio <= 1, "in [0, 1]"),
+            ("min_lr_ratio", finite(self.min_lr_ratio) and self.min_lr_ratio >= 0, "a finite number >= 0"),
+            ("weight_decay", finite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
+            ("max_grad_norm", finite(self.max_grad_norm) and self.max_grad_norm >= 0, "a finite number >= 0"),
+            ("eps", finite(self.eps) and self.eps > 0, "a finite number > 0"),
+            ("eval_fraction", finite(self.eval_fraction) and 0 <= self.eval_fraction < 1, "in [0, 1)"),
+            ("keep", self.keep >= 1, ">= 1"),
+            ("logits_chunks", self.logits_chunks >= 1, ">= 1"),
+        ):
+            if not ok:
+                raise ValueError(f"{name} must be {want}, got {getattr(self, name)}")
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -634,6 +655,8 @@ class TrainResult:
     model_dir: Path | None
     resumed_from: int | None
     compile_info: dict
+    n_truncated: int = 0  # sequences cut to seq_len (train.truncate=true)
+    n_dropped: int = 0  # of those, examples with no completion token left (not trained on)
 
 
 def _start_model(model, cfg: TrainConfig):
@@ -656,37 +679,50 @@ def _params_fingerprint(params, model_cfg: ModelConfig, extra: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def pair_key(p) -> str:
+    """The content key of a tokenised pair: a hash of its chosen and rejected token ids and prompt
+    lengths. Record ids are not unique across pairs (MATH and OlympicArena give up to three pairs per
+    question, all with the question's id), so the reference cache is keyed by content."""
+    h = hashlib.sha256()
+    for ex in (p.chosen, p.rejected):
+        h.update(np.asarray(ex.ids, np.int32).tobytes())
+        h.update(b"|%d;" % int(ex.n_prompt))
+    return h.hexdigest()[:24]
+
+
 def precompute_reference(params, model_cfg: ModelConfig, pairs, cfg: TrainConfig, mesh, rules=DEFAULT_RULES,
                          cache_path: str | os.PathLike | None = None, fingerprint: str = "") -> list:
     """Reference log-probs of every pair (a scoring pass with the start weights), cached as JSONL
-    ``{id, ref_chosen, ref_rejected, fingerprint}``; a cache with another fingerprint is recomputed."""
+    ``{key, id, ref_chosen, ref_rejected, fingerprint}`` keyed by the pair's content
+    (:func:`pair_key`); a cache with another fingerprint (or without keys) is recomputed."""
     from dataclasses import replace
 
     from w2s_jax.jsonl import read_jsonl, write_jsonl_atomic
 
     if not pairs:
         return []
+    keys = [pair_key(p) for p in pairs]
     table = None
     if cache_path is not None and Path(cache_path).is_file():
         try:
-            rows = read_jsonl(cache_path, required=("id", "ref_chosen", "ref_rejected", "fingerprint"))
-            table = {str(r["id"]): r for r in rows if r["fingerprint"] == fingerprint}
-            if not all(p.id in table for p in pairs):
+            rows = read_jsonl(cache_path, required=("key", "ref_chosen", "ref_rejected", "fingerprint"))
+            table = {str(r["key"]): r for r in rows if r["fingerprint"] == fingerprint}
+            if not all(k in table for k in keys):
                 table = None
         except UserError as e:
             log.warning("ignoring unreadable reference cache %s: %s", cache_path, e)
     # every process must take the same branch (the scoring pass is one SPMD program)
     if distributed.all_true(table is not None):
         log.info("reference log-probs from cache %s", cache_path)
-        return [replace(p, ref_chosen=float(table[p.id]["ref_chosen"]),
-                        ref_rejected=float(table[p.id]["ref_rejected"])) for p in pairs]
+        return [replace(p, ref_chosen=float(table[k]["ref_chosen"]), ref_rejected=float(table[k]["ref_rejected"]))
+                for p, k in zip(pairs, keys)]
     spec = StepSpec(model_cfg, "dpo", mesh=mesh, rules=rules, logits_chunks=cfg.logits_chunks)
     batcher = PreferenceBatcher(pairs, cfg.batch_size, cfg.seq_len, grad_accum=1, shuffle=False, drop_last=False,
                                 bucket_lengths=cfg.bucket_lengths)
     p_sh = tree_shardings(mesh, param_axes(model_cfg), param_shapes(model_cfg), rules)
     params = jax.device_put(params, p_sh)
     fn = jax.jit(partial(reference_logps, spec=spec), compiler_options=dict(COMPILER_OPTIONS) or None)
-    out = {}
+    out: dict[int, tuple[float, float]] = {}  # pair index -> (chosen, rejected)
     t0 = time.perf_counter()
     for T, rows in batcher.plan(0):
         b = batcher.build(T, rows)
@@ -695,12 +731,19 @@ def precompute_reference(params, model_cfg: ModelConfig, pairs, cfg: TrainConfig
         B = len(rows)
         for r, idx in enumerate(rows):
             if idx:
-                out[pairs[idx[0]].id] = (float(lp[r]), float(lp[B + r]))
+                out[idx[0]] = (float(lp[r]), float(lp[B + r]))
+    if len(out) != len(pairs):  # never expected: every pair is in exactly one row of the plan
+        raise RuntimeError(f"reference pass scored {len(out)} of {len(pairs)} pairs")
     log.info("reference log-probs of %d pairs in %.1fs", len(out), time.perf_counter() - t0)
     if cache_path is not None and distributed.is_main_process():
-        write_jsonl_atomic(cache_path, [{"id": k, "ref_chosen": v[0], "ref_rejected": v[1], "fingerprint": fingerprint}
-                                        for k, v in out.items()])
-    return [replace(p, ref_chosen=out[p.id][0], ref_rejected=out[p.id][1]) for p in pairs]
+        rows_out, seen = [], set()
+        for i, (p, k) in enumerate(zip(pairs, keys)):
+            if k not in seen:
+                seen.add(k)
+                rows_out.append({"key": k, "id": p.id, "ref_chosen": out[i][0], "ref_rejected": out[i][1],
+                                 "fingerprint": fingerprint})
+        write_jsonl_atomic(cache_path, rows_out)
+    return [replace(p, ref_chosen=out[i][0], ref_rejected=out[i][1]) for i, p in enumerate(pairs)]
 
 
 def run_sft(model, records: Sequence[dict], cfg: TrainConfig, out_dir: str | os.PathLike, *, mesh=None,
@@ -754,6 +797,12 @@ def run_training(kind: str, model, records, cfg: TrainConfig, out_dir, *, mesh=N
     if kind not in ("sft", "dpo"):
         raise ValueError(kind)
     out = Path(out_dir)
+    from w2s_jax.checkpoint_io import META_FILE, check_output_dir
+
+    # model directories are replaced only when w2s-jax wrote them: refuse now, not after training
+    check_output_dir(out / "model", (META_FILE,))
+    for sub in ("hf", "peft", "hf_base") if export_hf else ():
+        check_output_dir(out / sub)
     out.mkdir(parents=True, exist_ok=True)  # (on every process: checkpoints may go under it)
     main = distributed.is_main_process()
     mesh = mesh if mesh is not None else _single_mesh()
@@ -766,11 +815,13 @@ def run_training(kind: str, model, records, cfg: TrainConfig, out_dir, *, mesh=N
 
     # --- data
     if kind == "sft":
-        items, stats = tokenize_sft(records, tok, cfg.seq_len, cfg.truncate)
-        ev_items = tokenize_sft(eval_records, tok, cfg.seq_len, cfg.truncate)[0] if eval_records else None
+        enc = TEMPLATES[cfg.template]
+        items, stats = tokenize_sft(records, tok, cfg.seq_len, cfg.truncate, enc)
+        ev_items = tokenize_sft(eval_records, tok, cfg.seq_len, cfg.truncate, enc)[0] if eval_records else None
     else:
-        items, stats = tokenize_pairs(records, tok, cfg.seq_len, cfg.truncate)
-        ev_items = tokenize_pairs(eval_records, tok, cfg.seq_len, cfg.truncate)[0] if eval_records else None
+        enc = TEMPLATES[cfg.template]
+        items, stats = tokenize_pairs(records, tok, cfg.seq_len, cfg.truncate, enc)
+        ev_items = tokenize_pairs(eval_records, tok, cfg.seq_len, cfg.truncate, enc)[0] if eval_records else None
     if stats.n_truncated:
         log.warning("%d sequences truncated to seq_len=%d (%d examples dropped: nothing left to learn)",
                     stats.n_truncated, cfg.seq_len, stats.n_dropped)
@@ -783,7 +834,8 @@ def run_training(kind: str, model, records, cfg: TrainConfig, out_dir, *, mesh=N
     if kind == "dpo" and cfg.loss_type not in L.REFERENCE_FREE and cfg.reference == "precompute":
         have = all(("ref_chosen" in r and "ref_rejected" in r) for r in records)
         if not have:
-            fp = _params_fingerprint(base, mcfg, {"seq_len": cfg.seq_len, "tok": getattr(tok, "spec", repr(tok))})
+            fp = _params_fingerprint(base, mcfg, {"seq_len": cfg.seq_len, "tok": getattr(tok, "spec", repr(tok)),
+                                                 "template": cfg.template})
             cache = ref_cache if ref_cache is not None else out / "ref_logps.jsonl"
             both = precompute_reference(base, mcfg, items + list(ev_items or []), cfg, mesh, rules, cache, fp)
             items, ev_items = both[: len(items)], both[len(items):]
@@ -940,7 +992,7 @@ def run_training(kind: str, model, records, cfg: TrainConfig, out_dir, *, mesh=N
                    base_changed=getattr(model, "lora", None) is not None, source=hf_source)
     distributed.sync("train: model written")  # other processes may load the model process 0 wrote
     return TrainResult(params_out, lora_out, cfg.lora, step, history, eval_history, model_dir, resumed_from,
-                       compile_info)
+                       compile_info, stats.n_truncated, stats.n_dropped)
 
 
 def _export_hf(out: Path, params, lora, lora_cfg, mcfg, tok, base_changed: bool, source) -> None:

@@ -12,16 +12,17 @@ Config sections (unknown keys are errors naming the key)::
     data:
       train: data/sft.jsonl     # sft: {id, prompt, completion}; dpo: {id, prompt, chosen, rejected}
       eval: null                # optional held-out file (else train.eval_fraction of train)
-      ref_cache: null           # dpo: reference log-probs cache (default <train>.ref.jsonl)
+      ref_cache: null           # dpo: reference log-probs cache (default <out_dir>/ref_logps.jsonl)
     train: {...}                # TrainConfig (w2s_jax.train)
     mesh: {data: -1, fsdp: 1, tensor: 1, sequence: 1, rules: null}
     out_dir: runs/sft
     export_hf: false            # also write a Hugging Face dir (full FT) or PEFT adapter (LoRA)
 
 The resolved config is written to ``<out_dir>/config.yaml``. Re-running the same command resumes
-from the newest valid checkpoint in ``<out_dir>/checkpoints``. Multi-host: every host runs the same
-command with the same ``out_dir``; process 0 writes the config, metrics and model, all hosts write
-their checkpoint shards.
+from the newest valid checkpoint in ``<out_dir>/checkpoints``. While a command runs, ``out_dir`` is
+locked (``<out_dir>/.w2s.lock``): a second one there is refused, naming the first one's pid and host.
+Multi-host: every host runs the same command with the same ``out_dir``; process 0 writes the config,
+metrics and model (and takes the lock), all hosts write their checkpoint shards.
 """
 
 from __future__ import annotations
@@ -66,6 +67,16 @@ class TrainRunConfig:
 
 SFT_FIELDS = ("id", "prompt", "completion")
 PREF_FIELDS = ("id", "prompt", "chosen", "rejected")
+
+
+def check_text_fields(records: list[dict], fields: tuple[str, ...], path) -> list[dict]:
+    """Every text field (all of ``fields`` but ``id``) is a string; else a UserError naming the file, record and id."""
+    for i, r in enumerate(records):
+        for k in fields:
+            if k != "id" and not isinstance(r[k], str):
+                raise UserError(f"{path}: record {i + 1} (id {r.get('id')!r}): `{k}` must be a string, got "
+                                f"{type(r[k]).__name__} {r[k]!r}")
+    return records
 
 
 def load_run_model(m: ModelSection, mesh, rules):
@@ -114,7 +125,7 @@ def _replace_cfg(cfg, overrides: dict):
 
 
 def main(argv: list[str] | None = None, prog: str = "w2s sft", command: str = "sft") -> int:
-    from w2s_jax.config import dump_yaml, load_config
+    from w2s_jax.config import load_config
 
     kind = "dpo" if command == "dpo" else "sft"
     ap = argparse.ArgumentParser(
@@ -137,14 +148,23 @@ def main(argv: list[str] | None = None, prog: str = "w2s sft", command: str = "s
     from w2s_jax.jsonl import read_jsonl
 
     fields = SFT_FIELDS if kind == "sft" else PREF_FIELDS
-    records = read_jsonl(cfg.data.train, required=fields)
-    eval_records = read_jsonl(cfg.data.eval, required=fields) if cfg.data.eval else None
+    records = check_text_fields(read_jsonl(cfg.data.train, required=fields), fields, cfg.data.train)
+    eval_records = (check_text_fields(read_jsonl(cfg.data.eval, required=fields), fields, cfg.data.eval)
+                    if cfg.data.eval else None)
 
+    from w2s_jax.locking import LOCK_NAME, hold
+
+    out = Path(cfg.out_dir)
+    with hold(out / LOCK_NAME, f"output directory {out}"):
+        return _train(cfg, kind, prog, records, eval_records, out)
+
+
+def _train(cfg: TrainRunConfig, kind: str, prog: str, records, eval_records, out: Path) -> int:
     from w2s_jax import distributed
+    from w2s_jax.config import dump_yaml
 
     mesh = cfg.mesh.build()
     rules = cfg.mesh.rules_table()
-    out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if distributed.is_main_process():
         dump_yaml(cfg, out / "config.yaml")
@@ -156,9 +176,9 @@ def main(argv: list[str] | None = None, prog: str = "w2s sft", command: str = "s
         res = T.run_sft(model, records, cfg.train, out, mesh=mesh, rules=rules, eval_records=eval_records,
                         export_hf=cfg.export_hf)
     else:
-        cache = cfg.data.ref_cache or (str(cfg.data.train) + ".ref.jsonl")
+        # the cache lives in out_dir (the training data may be read-only) unless data.ref_cache names one
         res = T.run_dpo(model, records, cfg.train, out, mesh=mesh, rules=rules, eval_records=eval_records,
-                        export_hf=cfg.export_hf, ref_cache=cache)
+                        export_hf=cfg.export_hf, ref_cache=cfg.data.ref_cache)
     last = res.history[-1] if res.history else {}
     msg = f"{prog}: {res.step} steps"
     if last:
