@@ -69,16 +69,18 @@ def test_greedy_equals_static(name, loop, lora):
     # mistral's window is 8: crossed by the prefix, the suffixes and the decode steps
     shared = rand_prompts([24], seed=3)[0]
     groups = [rand_prompts([5, 13, 2, 9, 17, 1, 6], seed=2), [shared + p for p in rand_prompts([3, 9, 1, 14], seed=4)]]
+    static = Sampler(params, cfg, eos_ids=[], engine="static", **kw)
     for prompts in groups:
         sc = SampleConfig(max_new_tokens=10, batch_size=3, n=2)
-        probe = Sampler(params, cfg, eos_ids=[], engine="static", **kw).generate(prompts, sc, progress=False)
-        eos = frequent_token(probe)
-        want = Sampler(params, cfg, eos_ids=[eos], engine="static", **kw).generate(prompts, sc, progress=False)
-        s = Sampler(params, cfg, eos_ids=[eos], **kw)
-        got = s.generate(prompts, sc, progress=False)
-        assert ids_of(got) == ids_of(want)
-        assert [[c.finish_reason for c in o] for o in got] == [[c.finish_reason for c in o] for o in want]
-        lengths = {c.num_tokens for o in want for c in o}
+        full = ids_of(static.generate(prompts, sc, progress=False))
+        eos = Counter(t for o in full for ids in o for t in ids[1:]).most_common(1)[0][0]
+        # greedy decoding with that EOS = the same tokens cut after its first occurrence
+        want = [[ids[: ids.index(eos) + 1] if eos in ids else ids for ids in o] for o in full]
+        got = Sampler(params, cfg, eos_ids=[eos], **kw).generate(prompts, sc, progress=False)
+        assert ids_of(got) == want
+        assert [[c.finish_reason for c in o] for o in got] == [
+            ["eos" if ids[-1] == eos else "length" for ids in o] for o in want]
+        lengths = {len(ids) for o in want for ids in o}
         assert len(lengths) > 1  # rows did finish at different steps (slots were refilled)
 
 
