@@ -125,8 +125,9 @@ def test_cached_logits_equal_full_forward(name, loop):
 
 
 def test_compiled_programs_bounded_by_buckets():
+    """Static engine: one program per (batch bucket, prompt bucket)."""
     cfg = tiny("tiny")
-    sampler = Sampler(init_params(cfg, jax.random.PRNGKey(0)), cfg, eos_ids=[])
+    sampler = Sampler(init_params(cfg, jax.random.PRNGKey(0)), cfg, eos_ids=[], engine="static")
     sc = SampleConfig(max_new_tokens=3, batch_size=8)
     compiles, counting = [], [True]
 
@@ -151,6 +152,39 @@ def test_compiled_programs_bounded_by_buckets():
     outs = sampler.generate(rand_prompts([10] * 20, seed=9), sc, progress=False)
     assert all(o[0].num_tokens == 3 for o in outs)
     assert sampler.num_compiled == before + 1  # (8, 16) was compiled already; (4, 16) is new
+
+
+def test_continuous_compiles_a_bounded_set_once():
+    """Continuous engine: every XLA compilation is a counted program (empty state, prefill per (rows,
+    suffix) bucket, insert, decode, shared prefix), bounded by the buckets; a rerun compiles nothing."""
+    cfg = tiny("tiny")
+    sampler = Sampler(init_params(cfg, jax.random.PRNGKey(0)), cfg, eos_ids=[])
+    sc = SampleConfig(max_new_tokens=3, batch_size=8)
+    compiles, counting = [], [True]
+
+    def listener(ev, dur, **kw):
+        if counting[0] and ev == "/jax/core/compile/backend_compile_duration":
+            compiles.append(ev)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    cases = [(1, 5), (3, 20), (4, 30), (7, 10), (8, 12), (20, 10)]
+    work = [rand_prompts([length - (k % 3) for k in range(n)], seed=n) for n, length in cases]
+    work.append([[9] * 20 + p for p in rand_prompts([3, 7, 12], seed=11)])  # a shared prefix
+    for prompts in work:
+        outs = sampler.generate(prompts, sc, progress=False)
+        assert [[c.num_tokens for c in o] for o in outs] == [[3]] * len(prompts)
+    counting[0] = False
+    assert len(compiles) == sampler.num_compiled, compiles
+    kinds = [k[0] for k in sampler._programs]
+    # slots x suffix buckets used: (1, 16) (4, 32) (8, 32) (8, 16); rows buckets 1, 2, 4, 8
+    assert kinds.count("decode") <= 5 and kinds.count("prefix") == 1
+    assert kinds.count("prefill") <= 4 * 3 + 1 and kinds.count("insert") <= kinds.count("prefill") * 4
+    before = sampler.num_compiled
+    counting[0] = True
+    compiles.clear()
+    for prompts in work:
+        sampler.generate(prompts, sc, progress=False)
+    assert sampler.num_compiled == before and not compiles
 
 
 # ----------------------------------------------------------------------------- seeds
@@ -314,8 +348,10 @@ def _while_bodies(hlo: str) -> list[str]:
 
 
 def test_decode_loop_does_not_copy_the_cache():
+    """Static engine (the continuous engine's decode loop: tests/test_engine.py)."""
     cfg = tiny("tiny-gqa")
-    sampler = Sampler(init_params(cfg, jax.random.PRNGKey(0)), cfg, eos_ids=[], compiler_options=REAL_OPTIONS)
+    sampler = Sampler(init_params(cfg, jax.random.PRNGKey(0)), cfg, eos_ids=[], compiler_options=REAL_OPTIONS,
+                      engine="static")
     sampler.generate([[1, 2, 3]], SampleConfig(max_new_tokens=5, batch_size=2, prompt_buckets=(16,)), progress=False)
     (prog,) = sampler._programs.values()
     bodies = _while_bodies(prog.as_text())

@@ -394,31 +394,34 @@ def build_targets(cfg: CheckConfig, mesh, gen_mesh) -> list[Target]:
 
 
 def _generate_target(cfg: CheckConfig, gcfg, gparams_abs, mesh, rules, rows_sharding, vsh, rep) -> Target | None:
-    """The Sampler's own compiled program (prefill + while_loop decode, KV cache created inside),
-    sampling with temperature, for ``generation.batch_size`` prompts of ``prompt_len`` tokens."""
+    """The Sampler's decode program (engine.py: ``generation.batch_size`` decode slots, each with a
+    ``prompt_len + max_new_tokens`` slot cache, the decode state donated; a ``lax.while_loop`` over
+    steps), sampling with temperature. Its memory is the generation working set: weights, the decode
+    state (every slot's KV cache) and the loop's temporaries."""
     import jax
     import jax.numpy as jnp
 
     try:
-        from w2s_jax import sampler as S
+        from w2s_jax import engine as E
     except ImportError:
         return None
     g = cfg.generation
     GB, Pn = g.batch_size, g.prompt_len
-    spec = S._Spec(cfg=gcfg, batch=GB, prompt_len=Pn, max_new=g.max_new_tokens, greedy=False, top_k=0,
-                   use_top_p=False, has_stop=False, eos_ids=tuple(i for i in (gcfg.eos_token_id,) if i is not None),
-                   scan_layers=True, has_lora=False)
-    fn = jax.jit(lambda *a: S._program(spec, mesh, rules, *a))
-    i32 = lambda shape, sh: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh)  # noqa: E731
-    args = (
-        gparams_abs, None, jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
-        i32((GB, Pn), rows_sharding((GB, Pn))), i32((GB,), vsh),
-        jax.ShapeDtypeStruct((GB,), jnp.uint32, sharding=vsh), jax.ShapeDtypeStruct((GB,), jnp.uint32, sharding=vsh),
-        jax.ShapeDtypeStruct((GB,), jnp.bool_, sharding=vsh), None,
-        jax.ShapeDtypeStruct((), jnp.float32, sharding=rep), jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
-    )
+    spec = E._ESpec(cfg=gcfg, slots=GB, cache_len=Pn + g.max_new_tokens, max_new=g.max_new_tokens, prefix_len=0,
+                    greedy=False, top_k=0, use_top_p=False, has_stop=False,
+                    eos_ids=tuple(i for i in (gcfg.eos_token_id,) if i is not None), scan_layers=True,
+                    has_lora=False)
+    state = jax.eval_shape(lambda: E.init_state(spec, None, rules))
+    state_sh = E.state_shardings(spec, mesh, rules, state)
+    state_abs = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state, state_sh)
+    scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=rep)  # noqa: E731
+    fn = jax.jit(lambda *a: E.decode(spec, mesh, rules, *a), donate_argnums=0, out_shardings=state_sh)
+    args = (state_abs, gparams_abs, None, scalar(jnp.float32), None, scalar(jnp.int32), None, scalar(jnp.float32),
+            scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.int32))
+    cache = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(state["caches"]))
     return Target("generate", fn, args, 0.0, 0,
-                  f"Sampler program: {GB} prompts x {Pn} tokens + {g.max_new_tokens} new tokens (sampling)")
+                  f"Sampler decode program: {GB} slots x ({Pn} prompt + {g.max_new_tokens} new) tokens "
+                  f"(sampling); slot caches {cache / 2**30:.1f} GiB")
 
 
 # ----------------------------------------------------------------------------- run

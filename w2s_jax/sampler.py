@@ -1,4 +1,4 @@
-"""Fast batched generation: a preallocated KV cache, prefill and decode in ONE compiled program.
+"""Fast batched generation: continuous batching with shared-prefix prefill, or static batches.
 
 Usage::
 
@@ -7,8 +7,19 @@ Usage::
                             temperature=1.0, seed=0, stop=("Question", "Answer")))
     outs[0][3].text, outs[0][3].finish_reason        # prompt 0, sample 3 (seed 0 + 3)
 
-Design
-------
+Engines
+-------
+``Sampler(engine="continuous")`` (the default, used by ``w2s generate`` and every pipeline stage) runs
+:mod:`w2s_jax.engine`: a prefix common to all prompts of a call (the few-shot demonstrations) is
+prefilled once and shared by every row, the ``n`` samples of a prompt share one prefill, and a fixed
+set of decode slots is refilled as rows finish (continuous batching); see ``docs/generation.md``.
+``engine="static"`` keeps the static batches described below (one prefill + decode program per
+batch; ``generate_with_logits`` always uses it). Both use the same weights layout, layer code,
+sampling, stop-string automaton and PRNG keys, so greedy outputs are the same token for token
+(up to float rounding of near-ties) and a sample's key depends only on (seed, prompt, sample).
+
+Design of the static engine
+---------------------------
 - **One program per bucket.** Rows (prompt, sample) are sorted by prompt length and cut into batches
   of ``batch_size``; a batch is padded up to a *batch bucket* (default 1, 2, 4, ..., batch_size; with
   a mesh, multiples of the data-parallel size) and its prompts are LEFT-padded to a *prompt-length
@@ -79,7 +90,10 @@ tokens in any batch composition and position *with the same batch and prompt-len
 of a program are computed independently; tested). Across different bucket shapes the float
 reductions may be ordered differently, so logits can differ in the last bits: greedy text is then
 identical unless two top logits are within rounding of each other, and a sampled text can differ.
-The CLI keeps shapes stable by sorting rows by length and using fixed buckets.
+The CLI keeps shapes stable by sorting rows by length and using fixed buckets. The continuous engine
+uses the same keys; a row never mixes with the other rows of its slots, so the same (prompt, seed)
+gives the same tokens whichever requests share the run, in any order, with samples skipped
+(resuming) and against the static engine (all tested); the same float caveat applies across shapes.
 """
 
 from __future__ import annotations
@@ -125,7 +139,7 @@ CPU_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 # compiled programs shared by all Samplers (weights are arguments, so a program only depends on
 # shapes, shardings and the static spec); keyed by everything that goes into compilation
 _COMPILED: dict[tuple, Any] = {}
-_COMPILED_MAX = 64
+_COMPILED_MAX = 128
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -138,7 +152,8 @@ class SampleConfig:
     ``temperature == 0`` is greedy (``top_k``/``top_p`` ignored); ``top_k == 0`` and ``top_p == 1``
     are off. ``n`` samples per prompt use seeds ``seed .. seed + n - 1``. ``stop`` defaults to the
     paper's ``("Question", "Answer")`` (``()``: none; ignored without a tokenizer, since there is no
-    text then). ``batch_size`` rows (prompt x sample) per program; buckets default to
+    text then). ``batch_size``: decode slots of the continuous engine (rows decoded at once), rows
+    (prompt x sample) per program of the static one; buckets default to
     :func:`default_prompt_buckets` / :func:`default_batch_buckets`; ``max_prompt_len`` defaults to
     ``max_seq_len - max_new_tokens``. A longer prompt is an error unless ``truncate_prompts`` (then
     its left part is dropped, keeping a leading BOS)."""
@@ -744,9 +759,13 @@ class Sampler:
         matmul_split: int = 1,
         head_chunks: int = 1,
         cpu_kernels: bool | None = None,
+        engine: str = "continuous",
     ):
         if layer_loop not in ("auto", "unroll", "scan"):
             raise UserError(f"layer_loop must be auto, unroll or scan, got {layer_loop!r}")
+        if engine not in ("continuous", "static"):
+            raise UserError(f"engine must be continuous or static, got {engine!r}")
+        self.engine = engine
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.mesh = mesh
@@ -804,8 +823,15 @@ class Sampler:
         self._stop_matchers: dict[tuple[str, ...], StopMatcher] = {}
         self._stop_tables: dict[tuple[str, ...], jax.Array] = {}
         self._pieces: list[str] | None = None
+        self._prefixes: dict[tuple, Any] = {}  # shared prefix token ids -> its prefilled keys/values
         self.compile_seconds = 0.0
-        self.stats = {"rows": 0, "tokens": 0, "seconds": 0.0, "truncated": 0}
+        self.stats = {"rows": 0, "tokens": 0, "seconds": 0.0, "truncated": 0, "slot_steps": 0,
+                      "live_slot_steps": 0, "prefill_tokens": 0}
+
+    @property
+    def occupancy(self) -> float:
+        """Share of decode slot-steps spent on live rows so far (1.0 before any decoding)."""
+        return self.stats["live_slot_steps"] / self.stats["slot_steps"] if self.stats["slot_steps"] else 1.0
 
     # -- bookkeeping
 
@@ -918,6 +944,40 @@ class Sampler:
             )
         return prog
 
+    def _engine_program(self, kind: str, fn, spec, args: tuple, donate: bool = False, detail: str = ""):
+        """The compiled continuous-batching program ``kind`` for these argument shapes (see engine.py)."""
+        from w2s_jax import engine as E
+
+        leaves, treedef = jax.tree.flatten(args)
+        key = (kind, spec, self.mesh, self.rules, tuple(sorted(self.compiler_options.items())), treedef,
+               tuple((a.shape, str(a.dtype)) for a in leaves))
+        prog = self._programs.get(key)
+        if prog is None and key in _COMPILED:
+            prog = self._programs[key] = _COMPILED[key]
+        if prog is None:
+            out_sh = None
+            if (donate or kind == "init") and self.mesh is not None:  # the state keeps its layout
+                shapes = args[0] if donate else jax.eval_shape(partial(fn, spec, self.mesh, self.rules))
+                out_sh = E.state_shardings(spec, self.mesh, self.rules, shapes)
+            prog, dt, self.compiler_options = E.compile_program(
+                kind, fn, spec, self.mesh, self.rules, args, self.compiler_options, donate=donate,
+                out_shardings=out_sh)
+            self.compile_seconds += dt
+            self._programs[key] = prog
+            if len(_COMPILED) >= _COMPILED_MAX:
+                _COMPILED.pop(next(iter(_COMPILED)))
+            _COMPILED[key] = prog
+            log.info("compiled generation program #%d (%s, %s) in %.1fs", len(self._programs), detail,
+                     "greedy" if spec.greedy else "sampling", dt)
+        return prog
+
+    def _engine_init(self, spec):
+        """A fresh decode state for ``spec`` (every slot empty), laid out on the mesh."""
+        from w2s_jax import engine as E
+
+        return self._engine_program("init", lambda spec, mesh, rules: E.init_state(spec, mesh, rules), spec, (),
+                                    detail="empty state")()
+
     def _place(self, x: np.ndarray, names):
         if self.mesh is None:
             return jax.device_put(x)  # (jnp.asarray would compile a tiny program per new shape)
@@ -926,6 +986,7 @@ class Sampler:
     def _launch(self, rows, ids, sc: SampleConfig, batch_buckets, prompt_buckets, return_logits=False):
         """Dispatch one batch (asynchronously); returns the device outputs."""
         n = len(rows)
+        self.stats["prefill_tokens"] += sum(len(ids[i]) for i, _ in rows)
         B = pick_bucket(n, batch_buckets)
         P = pick_bucket(max(len(ids[i]) for i, _ in rows), prompt_buckets)
         pad = self.tokenizer.pad_id if self.tokenizer is not None else (self.cfg.pad_token_id or 0)
@@ -967,17 +1028,23 @@ class Sampler:
         results = []
         for r, (i, j) in enumerate(rows):
             k = int(ntok[r])
-            gen = [int(t) for t in toks[r, :k]]
-            reason = FINISH_NAMES.get(int(finish[r]), "length")
-            text = ""
-            if self.tokenizer is not None:
-                body = gen[:-1] if reason == "eos" else gen
-                text, found = cut_at_stop(self.tokenizer.decode(body), sc.stop)
-                if found:
-                    reason = "stop"
-                text = text.strip()
-            results.append((i, j, Completion(text, gen, k, reason, sc.seed + j)))
+            results.append((i, j, self._completion([int(t) for t in toks[r, :k]], int(finish[r]), sc, j)))
+        if rows:  # decode-slot occupancy: tokens of the decode steps over slots x steps
+            steps = int(ntok[: len(rows)].max()) - 1
+            self.stats["slot_steps"] += steps * len(ntok)
+            self.stats["live_slot_steps"] += int(np.maximum(ntok[: len(rows)] - 1, 0).sum())
         return results
+
+    def _completion(self, gen: list[int], code: int, sc: SampleConfig, j: int) -> Completion:
+        reason = FINISH_NAMES.get(code, "length")
+        text = ""
+        if self.tokenizer is not None:
+            body = gen[:-1] if reason == "eos" else gen
+            text, found = cut_at_stop(self.tokenizer.decode(body), sc.stop)
+            if found:
+                reason = "stop"
+            text = text.strip()
+        return Completion(text, gen, len(gen), reason, sc.seed + j)
 
     # -- public API
 
@@ -1006,7 +1073,6 @@ class Sampler:
         prompt_buckets = tuple(sorted(sc.prompt_buckets)) if sc.prompt_buckets else default_prompt_buckets(limit)
         if max(prompt_buckets) < max((len(t) for t in ids), default=0):
             raise UserError(f"prompt buckets {prompt_buckets} do not cover the longest prompt")
-        batches = [rows[k:k + bs] for k in range(0, len(rows), bs)]
         bar = None
         if progress and rows:
             from tqdm.auto import tqdm
@@ -1016,6 +1082,23 @@ class Sampler:
         c0 = self.compile_seconds
         tokens = 0
         try:
+            if self.engine == "continuous":
+                from w2s_jax.engine import Engine
+
+                eng = Engine(self, sc, ids, rows, batch_buckets, prompt_buckets, bs)
+                for i, j, gen, code in eng.run():
+                    c = self._completion(gen, code, sc, j)
+                    tokens += c.num_tokens
+                    self.stats["rows"] += 1
+                    self.stats["tokens"] += c.num_tokens
+                    if bar is not None:
+                        bar.update(1)
+                        el = time.perf_counter() - t0 - (self.compile_seconds - c0)
+                        bar.set_postfix(tok_s=f"{tokens / max(el, 1e-9):.1f}", programs=self.num_compiled,
+                                        occupancy=f"{self.occupancy:.2f}")
+                    yield i, j, c
+                return
+            batches = [rows[k:k + bs] for k in range(0, len(rows), bs)]
             pending = None
             for k in range(len(batches) + 1):
                 launched = None
