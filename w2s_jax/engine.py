@@ -96,21 +96,9 @@ def _keys(seeds, hashes):
 
 
 def _sample_rows(spec, logits, keys, steps, temperature, top_p):
-    """As ``sampler._sample`` with a per-row step (the row's token index)."""
-    from w2s_jax.sampler import _argmax, _top_p_mask
+    from w2s_jax.sampler import _sample_rows as sample_rows
 
-    if spec.greedy:
-        return _argmax(logits)
-    logits = logits / temperature
-    neg = jnp.float32(-jnp.inf)
-    if spec.top_k:
-        kth = jax.lax.top_k(logits, spec.top_k)[0][:, -1:]
-        logits = jnp.where(logits >= kth, logits, neg)
-    if spec.use_top_p:
-        logits = jnp.where(_top_p_mask(logits, top_p), logits, neg)
-    V = logits.shape[-1]
-    g = jax.vmap(lambda k, t: jax.random.gumbel(jax.random.fold_in(k, t), (V,), jnp.float32))(keys, steps)
-    return _argmax(logits + g)
+    return sample_rows(spec, logits, keys, steps, temperature, top_p)
 
 
 def _finish_codes(spec, tok, ntok, sstate, stop_table):

@@ -536,6 +536,14 @@ def _argmax(x):
 
 
 def _sample(spec: _Spec, logits, keys, step, temperature, top_p):
+    """One token per row; every row at token index ``step``."""
+    steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), logits.shape[:1])
+    return _sample_rows(spec, logits, keys, steps, temperature, top_p)
+
+
+def _sample_rows(spec: _Spec, logits, keys, steps, temperature, top_p):
+    """One token per row: greedy, or a Gumbel-max draw from row ``i``'s key folded with its token index
+    ``steps[i]`` (so a row's draw never depends on which slot or batch it sits in)."""
     if spec.greedy:
         return _argmax(logits)
     logits = logits / temperature
@@ -546,7 +554,7 @@ def _sample(spec: _Spec, logits, keys, step, temperature, top_p):
     if spec.use_top_p:
         logits = jnp.where(_top_p_mask(logits, top_p), logits, neg)
     V = logits.shape[-1]
-    g = jax.vmap(lambda k: jax.random.gumbel(jax.random.fold_in(k, step), (V,), jnp.float32))(keys)
+    g = jax.vmap(lambda k, t: jax.random.gumbel(jax.random.fold_in(k, t), (V,), jnp.float32))(keys, steps)
     return _argmax(logits + g)
 
 
