@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections import Counter
 
 import jax
-import numpy as np
 import pytest
+from test_sampler import rand_prompts, sharp_params  # the sampler tests' random models and prompts
 
 import w2s_jax.sampler as sampler_mod
 from w2s_jax.engine import common_prefix
@@ -24,16 +24,6 @@ REAL_OPTIONS = dict(sampler_mod.CPU_COMPILER_OPTIONS)
 @pytest.fixture(autouse=True)
 def fast_compile(monkeypatch):
     monkeypatch.setattr(sampler_mod, "CPU_COMPILER_OPTIONS", {**REAL_OPTIONS, "xla_backend_optimization_level": 0})
-
-
-def sharp_params(cfg, seed=0, scale=6.0):
-    p = init_params(cfg, jax.random.PRNGKey(seed))
-    return jax.tree.map(lambda a: a * scale if a.ndim > 1 else a, p)
-
-
-def rand_prompts(lengths, seed=0, vocab=256):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, vocab, size=n).tolist() for n in lengths]
 
 
 def ids_of(outs):
