@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from w2s_jax.hostmem import tune_host_malloc  # noqa: E402
+from w2s_jax.core.hostmem import tune_host_malloc  # noqa: E402
 
-# both frameworks run in this process, so both get the same allocator (w2s_jax/hostmem.py); the
+# both frameworks run in this process, so both get the same allocator (w2s_jax/core/hostmem.py); the
 # scripts import this module before JAX or torch start their thread pools
 HOST_MALLOC = "reuse" if tune_host_malloc() else "system"
 
@@ -146,12 +146,12 @@ def _to_torch(a, device, dtype):
 
 
 def torch_model(cfg, params, device: str, dtype: str):
-    """``LlamaForCausalLM`` holding a copy of ``params`` (layout from ``w2s_jax.convert``), on ``device``
+    """``LlamaForCausalLM`` holding a copy of ``params`` (layout from ``w2s_jax.io.convert``), on ``device``
     (cuda: copied device to device) in ``dtype`` (``float32`` | ``bfloat16``)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from w2s_jax.convert import model_to_hf_config, params_to_state_dict
+    from w2s_jax.io.convert import model_to_hf_config, params_to_state_dict
 
     torch.set_num_threads(os.cpu_count() or 1)
     hc = model_to_hf_config(cfg)

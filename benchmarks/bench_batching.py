@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from w2s_jax.bench import _cpu_name as cpu_name  # noqa: E402
+from w2s_jax.tools.bench import _cpu_name as cpu_name  # noqa: E402
 
 GGUF = Path.home() / ".cache" / "w2s" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -39,8 +39,9 @@ GGUF = Path.home() / ".cache" / "w2s" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 def load(args):
     import jax
 
-    from w2s_jax.checkpoint_io import load_model
-    from w2s_jax.model import get_preset, init_params
+    from w2s_jax.io.native import load_model
+    from w2s_jax.models.config import get_preset
+    from w2s_jax.models.params import init_params
 
     if args.random:
         cfg = get_preset("smollm2-135m")
@@ -50,9 +51,9 @@ def load(args):
 
 
 def workloads(args, tok):
-    from w2s_jax.jsonl import read_jsonl
-    from w2s_jax.prompts import few_shot_prompt, zero_shot_prompt
-    from w2s_jax.sampler import SampleConfig
+    from w2s_jax.core.jsonl import read_jsonl
+    from w2s_jax.infer.sampler import SampleConfig
+    from w2s_jax.method.prompts import few_shot_prompt, zero_shot_prompt
 
     data = Path(os.environ.get("W2S_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data" / "gsm8k"
     test = read_jsonl(data / "test.jsonl")
@@ -107,7 +108,7 @@ def main(argv=None):
 
     import jax
 
-    from w2s_jax.sampler import Sampler
+    from w2s_jax.infer.sampler import Sampler
 
     params, cfg, tok, eos = load(args)
     engines = {e: Sampler(params, cfg, tok, eos_ids=eos, engine=e) for e in ("static", "continuous")}

@@ -6,7 +6,7 @@ disabled on both sides so every row generates exactly that many), batch 1 and 16
 process. Each side gets a warm-up run; JAX compile time is excluded from its throughput and reported
 separately. Throughput = generated tokens / wall time of ``generate`` (prefill included), best of
 ``--repeats`` runs per side, runs of the two sides interleaved. Where the Sampler uses the native CPU
-decode kernel (``w2s_jax/cpu_kernels.py``), a second Sampler with XLA's dot is timed in the same rounds
+decode kernel (``w2s_jax/infer/kernels.py``), a second Sampler with XLA's dot is timed in the same rounds
 (``native_kernel_speedup`` in the JSON). The share of the machine's CPU that
 other processes used during each timed run is recorded: on a shared machine the figures are only
 meaningful when it is near 0 (``--wait-quiet S`` waits for that before each run); PyTorch's OpenMP
@@ -22,7 +22,7 @@ new tokens, so that the decode step's own time ``(t_long - t_short) / (new - sho
 without the prefill (each such run compiles one more JAX program); that is compared with
 the memory-bandwidth bound of one decode step: the bytes of every weight a step reads (all but the
 embedding table, of which it reads one row per sequence) and of the KV cache, over the device's
-bandwidth (the datasheet figure from ``w2s_jax/tpu_specs.py`` and a copy measured in this run).
+bandwidth (the datasheet figure from ``w2s_jax/tools/tpu_specs.py`` and a copy measured in this run).
 
 ``--quick``: 32 new tokens, one repeat (a smoke test of the script, not the reported figure).
 """
@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import timed, torch_model  # noqa: E402
 
-from w2s_jax.bench import _cpu_name as cpu_name  # noqa: E402
+from w2s_jax.tools.bench import _cpu_name as cpu_name  # noqa: E402
 
 
 def measure_copy_bandwidth(nbytes: int = 2 << 30, reps: int = 10) -> float:
@@ -118,9 +118,10 @@ def main(argv=None) -> int:
     import jax
     import torch
 
-    from w2s_jax.model import get_preset, init_params
-    from w2s_jax.sampler import SampleConfig, Sampler
-    from w2s_jax.tpu_specs import chip_for_device
+    from w2s_jax.infer.sampler import SampleConfig, Sampler
+    from w2s_jax.models.config import get_preset
+    from w2s_jax.models.params import init_params
+    from w2s_jax.tools.tpu_specs import chip_for_device
 
     ncpu = os.cpu_count() or 1
     torch.set_num_threads(ncpu)
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
         variants["jax" if len(loops) == 1 else f"jax_{s.layer_loop}"] = s
     first = next(iter(variants.values()))
     if len(loops) == 1 and first.cpu_kernels:
-        # the same Sampler with XLA's dot instead of the native matrix-vector kernel (w2s_jax/cpu_kernels.py)
+        # the same Sampler with XLA's dot instead of the native matrix-vector kernel (w2s_jax/infer/kernels.py)
         variants["jax_xla_dot"] = Sampler(params, cfg, tokenizer=None, eos_ids=[], layer_loop=loops[0],
                                           cpu_kernels=False)
     print(f"native CPU kernels: {'on' if first.cpu_kernels else 'off'}; JAX variants: {', '.join(variants)}",

@@ -61,8 +61,8 @@ def trl_sigmoid_loss(pi_c, pi_r, ref_c, ref_r, beta=BETA, label_smoothing=0.0):
 def run(args) -> dict:
     import jax
 
-    from w2s_jax import train as T
-    from w2s_jax.lora import LoRAConfig, init_lora
+    from w2s_jax.models.lora import LoRAConfig, init_lora
+    from w2s_jax.train import loop as T
 
     cfg = H.setup(args)
     rounds = args.rounds or (2 if args.quick else 5)

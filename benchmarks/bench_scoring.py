@@ -60,10 +60,10 @@ def setup(args):
         import torch
 
         if not torch.cuda.is_available():
-            from w2s_jax.errors import UserError
+            from w2s_jax.core.errors import UserError
 
             raise UserError("--device cuda: torch sees no CUDA GPU")
-    from w2s_jax.model import get_preset
+    from w2s_jax.models.config import get_preset
 
     over = dict(dtype=args.dtype, param_dtype=args.dtype, remat=getattr(args, "remat", "none"),
                 attention_impl=getattr(args, "attention", "auto"))
@@ -77,7 +77,7 @@ def random_params(cfg, seed: int = 0):
     """Random parameters in cfg.param_dtype, made on the JAX default device."""
     import jax
 
-    from w2s_jax.model import init_params
+    from w2s_jax.models.params import init_params
 
     return jax.block_until_ready(init_params(cfg, jax.random.PRNGKey(seed)))
 
@@ -100,7 +100,7 @@ def jax_peak_memory(compiled=None) -> tuple[int | None, str]:
     if st and st.get("peak_bytes_in_use"):
         return int(st["peak_bytes_in_use"]), "device memory_stats"
     if compiled is not None:
-        from w2s_jax.train import memory_stats
+        from w2s_jax.train.loop import memory_stats
 
         m = memory_stats(compiled)
         if m.get("peak_estimate_bytes"):
@@ -207,8 +207,8 @@ def run(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from w2s_jax.scoring import _completion_logprobs_jit, completion_logprobs
-    from w2s_jax.sharding import DEFAULT_RULES
+    from w2s_jax.infer.scoring import _completion_logprobs_jit, completion_logprobs
+    from w2s_jax.parallel.sharding import DEFAULT_RULES
 
     cfg = setup(args)
     rounds = args.rounds or (2 if args.quick else 5)

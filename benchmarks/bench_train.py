@@ -41,7 +41,7 @@ OMP_WAIT_POLICY = openmp_passive()  # before torch is imported (see _common.open
 def random_params(cfg, seed=0):
     import jax
 
-    from w2s_jax.model import param_shapes
+    from w2s_jax.models.params import param_shapes
 
     rng = np.random.default_rng(seed)
 
@@ -57,7 +57,7 @@ def make_torch(cfg, params, threads):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from w2s_jax.convert import params_to_state_dict
+    from w2s_jax.io.convert import params_to_state_dict
 
     torch.set_num_threads(threads)
     hc = LlamaConfig(
@@ -123,8 +123,8 @@ def main(argv=None) -> int:
 
     import jax
 
-    from w2s_jax import train as T
-    from w2s_jax.model import get_preset
+    from w2s_jax.models.config import get_preset
+    from w2s_jax.train import loop as T
 
     over = dict(dtype="float32", param_dtype="float32", remat=args.remat)
     if args.quick:

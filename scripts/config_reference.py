@@ -61,7 +61,7 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("SyntheticConfig", "kind"): "`arith`: this project's generator; the others come from reasoning-gym",
     ("SyntheticConfig", "max_steps"): "arith: most operations per problem",
     ("ModelSpec", "path"): "checkpoint: native dir, Hugging Face dir, `.gguf` file or PEFT adapter dir",
-    ("ModelSpec", "preset"): "a preset of `w2s_jax/model.py` initialised at random (give `path` or `preset`)",
+    ("ModelSpec", "preset"): "a preset of `w2s_jax/models/llama.py` initialised at random (give `path` or `preset`)",
     ("ModelSpec", "seed"): "initialisation seed of a preset",
     ("ModelSpec", "pretrain"): "demo only: train a preset on a generated pool first",
     ("PretrainConfig", "examples"): "pool size (0 = off)",
@@ -146,7 +146,7 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("DataSection", "ref_cache"): "dpo: reference log-probs cache (default `<out_dir>/ref_logps.jsonl`)",
     ("TrainRunConfig", "out_dir"): "model, checkpoints, metrics and the resolved config",
     ("TrainRunConfig", "export_hf"): "also write a Hugging Face dir (full fine-tuning) or a PEFT adapter (LoRA)",
-    ("CheckConfig", "model"): "a preset name of `w2s_jax/model.py`",
+    ("CheckConfig", "model"): "a preset name of `w2s_jax/models/llama.py`",
     ("CheckConfig", "model_overrides"): "ModelConfig fields",
     ("CheckConfig", "remat"): "rematerialisation policy of the training steps",
     ("CheckConfig", "param_dtype"): "parameter (master weight) dtype",
@@ -190,10 +190,10 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
 
 
 def roots() -> list[tuple[str, type]]:
-    from w2s_jax.compile_check import CheckConfig
-    from w2s_jax.model import ModelConfig
-    from w2s_jax.pipeline import RunConfig
-    from w2s_jax.train_cli import TrainRunConfig
+    from w2s_jax.cli.train import TrainRunConfig
+    from w2s_jax.models.config import ModelConfig
+    from w2s_jax.pipeline.run import RunConfig
+    from w2s_jax.tools.compile_check import CheckConfig
 
     return [
         ("`w2s run CONFIG`", RunConfig),
@@ -231,7 +231,7 @@ def _dataclasses_in(tp: typing.Any) -> list[type]:
 
 
 def _value(v: typing.Any) -> str:
-    from w2s_jax.config import to_dict
+    from w2s_jax.core.config import to_dict
 
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
         v = to_dict(v)

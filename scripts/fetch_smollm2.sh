@@ -9,4 +9,4 @@ if [ $# -ge 1 ]; then
   export W2S_CACHE="$1"
 fi
 cd "$(dirname "$0")/.."
-python -m w2s_jax.weights
+python -m w2s_jax.io.weights

@@ -3,7 +3,7 @@
     python tests/multihost_worker.py OUT.json --sft-out DIR --ckpt-dir DIR --gen-out FILE
         [--coordinator 127.0.0.1:PORT --num-processes 2 --process-id I]
 
-Joins the JAX distributed runtime (``w2s_jax.distributed.initialize``), lays one mesh over all
+Joins the JAX distributed runtime (``w2s_jax.parallel.distributed.initialize``), lays one mesh over all
 devices of all processes, runs a few SFT steps of a tiny model with ``train.py``'s compiled step (each
 process feeding only its part of every global batch), greedily generates continuations of a batch
 of prompts (a plain loop and the package's Sampler), splits and gathers records, runs the package's
@@ -52,8 +52,8 @@ def greedy_generate(params, cfg, prompts_global, mesh):
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
 
-    from w2s_jax import model as M
-    from w2s_jax.sharding import logical_to_spec
+    from w2s_jax.models import llama as M
+    from w2s_jax.parallel.sharding import logical_to_spec
 
     B, P = prompts_global.shape
     S = P + NEW
@@ -86,12 +86,12 @@ def sft_driver(mesh, out_dir: str, ckpt_dir: str, gen_out: str):
     returns (per-step losses, eval losses, files written under out_dir, generated records)."""
     import jax
 
-    from w2s_jax import model as M
-    from w2s_jax import sampler as S
-    from w2s_jax import train
-    from w2s_jax.checkpoint_io import LoadedModel
-    from w2s_jax.generate_cli import generate_records
-    from w2s_jax.tokenizer import ByteTokenizer
+    from w2s_jax.infer import sampler as S
+    from w2s_jax.io.native import LoadedModel
+    from w2s_jax.io.tokenizer import ByteTokenizer
+    from w2s_jax.models import llama as M
+    from w2s_jax.pipeline.generation import generate_records
+    from w2s_jax.train import loop as train
 
     train.COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}  # tiny model: compile fast
     S.CPU_COMPILER_OPTIONS = {**S.CPU_COMPILER_OPTIONS, "xla_backend_optimization_level": 0}
@@ -125,8 +125,8 @@ def main() -> int:
     ap.add_argument("--process-id", type=int)
     args = ap.parse_args()
 
-    from w2s_jax import distributed as D
-    from w2s_jax.errors import UserError
+    from w2s_jax.core.errors import UserError
+    from w2s_jax.parallel import distributed as D
 
     multi = D.initialize(args.coordinator, args.num_processes, args.process_id)
 
@@ -134,9 +134,9 @@ def main() -> int:
     import numpy as np
     from jax.sharding import NamedSharding
 
-    from w2s_jax import model as M
-    from w2s_jax import train
-    from w2s_jax.sharding import MeshConfig, logical_to_spec
+    from w2s_jax.models import llama as M
+    from w2s_jax.parallel.sharding import MeshConfig, logical_to_spec
+    from w2s_jax.train import loop as train
 
     mesh = MeshConfig(data=2, fsdp=2, tensor=2).build()
     cfg = M.get_preset("tiny")
@@ -164,7 +164,7 @@ def main() -> int:
     tokens = D.to_host(greedy_generate(state.params, cfg, D.process_local_batch(prompts, psh), mesh))
     # the same with the package's Sampler (one compiled prefill + while_loop program)
     try:
-        from w2s_jax.sampler import SampleConfig, Sampler
+        from w2s_jax.infer.sampler import SampleConfig, Sampler
 
         sampler = Sampler(state.params, cfg, None, mesh=mesh, layer_loop="scan", eos_ids=())
         outs = sampler.generate([r["prompt"] for r in records],
@@ -179,8 +179,8 @@ def main() -> int:
     try:
         from types import SimpleNamespace
 
-        from w2s_jax.scoring import score_records
-        from w2s_jax.tokenizer import ByteTokenizer
+        from w2s_jax.infer.scoring import score_records
+        from w2s_jax.io.tokenizer import ByteTokenizer
 
         class SmallByteTokenizer(ByteTokenizer):  # ids inside the tiny model's 256-token vocab
             add_bos = False
@@ -204,7 +204,7 @@ def main() -> int:
     except UserError as e:
         shared_error = str(e)
     # the run-directory lock: taken once, by process 0, in the shared directory
-    from w2s_jax.locking import hold
+    from w2s_jax.parallel.locking import hold
 
     lock = Path(args.ckpt_dir) / ".w2s.lock"
     with hold(lock, "the shared run directory"):

@@ -2,8 +2,9 @@
 
 import pytest
 
-from w2s_jax.model import attention_implementation, get_preset
-from w2s_jax.sampler import default_layer_loop
+from w2s_jax.infer.sampler import default_layer_loop
+from w2s_jax.models.config import get_preset
+from w2s_jax.models.decoder import attention_implementation
 
 
 def test_attention_auto_resolution():
@@ -34,8 +35,8 @@ def test_cudnn_fallback_and_error(monkeypatch, caplog):
     import jax.numpy as jnp
     import numpy as np
 
-    from w2s_jax import model as M
-    from w2s_jax.errors import UserError
+    from w2s_jax.core.errors import UserError
+    from w2s_jax.models import llama as M
 
     cfg = get_preset("tiny", dtype="bfloat16", param_dtype="bfloat16")
     params = M.init_params(cfg, jax.random.PRNGKey(0))
@@ -43,7 +44,7 @@ def test_cudnn_fallback_and_error(monkeypatch, caplog):
     monkeypatch.setattr(M.jax, "default_backend", lambda: "gpu")
     assert attention_implementation(cfg) == "cudnn"
     M._warn_once.cache_clear()
-    with caplog.at_level("WARNING", logger="w2s_jax.model"):
+    with caplog.at_level("WARNING", logger="w2s_jax.models.decoder"):
         auto = M.forward(params, tokens, cfg.replace(attention_impl="auto"))[0]
     assert "cuDNN attention is not available" in caplog.text
     ref = M.forward(params, tokens, cfg.replace(attention_impl="xla"))[0]
@@ -64,7 +65,7 @@ def test_per_device_bytes_counts_one_shard():
     import jax
     import jax.numpy as jnp
 
-    from w2s_jax.sampler import _per_device_bytes
+    from w2s_jax.infer.sampler import _per_device_bytes
 
     tree = {"a": jnp.zeros((4, 8), jnp.float32), "b": [jnp.zeros((3,), jnp.bfloat16)]}
     assert _per_device_bytes(tree) == 4 * 8 * 4 + 3 * 2

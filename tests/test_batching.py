@@ -3,8 +3,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from w2s_jax import losses as L
-from w2s_jax.batching import (
+from w2s_jax.core.errors import UserError
+from w2s_jax.io.tokenizer import ByteTokenizer, encode_example
+from w2s_jax.models.config import ModelConfig
+from w2s_jax.models.decoder import forward
+from w2s_jax.models.params import init_params
+from w2s_jax.train import losses as L
+from w2s_jax.train.batching import (
     DataPosition,
     PreferenceBatcher,
     SFTBatcher,
@@ -13,9 +18,6 @@ from w2s_jax.batching import (
     tokenize_pairs,
     tokenize_sft,
 )
-from w2s_jax.errors import UserError
-from w2s_jax.model import ModelConfig, forward, init_params
-from w2s_jax.tokenizer import ByteTokenizer, encode_example
 
 TOK = ByteTokenizer()
 

@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from w2s_jax import bench
-from w2s_jax.cli import main as cli_main
-from w2s_jax.errors import UserError
+from w2s_jax.cli.main import main as cli_main
+from w2s_jax.core.errors import UserError
+from w2s_jax.tools import bench
 
 
 def test_bench_quick_tiny(tmp_path, monkeypatch):
@@ -57,7 +57,7 @@ def test_gpu_plan_and_decode_bound():
     spec = importlib.util.spec_from_file_location("bench_generate", bench.benchmarks_dir() / "bench_generate.py")
     bg = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bg)
-    from w2s_jax.model import get_preset
+    from w2s_jax.models.config import get_preset
 
     cfg = get_preset("llama2-7b", dtype="bfloat16", param_dtype="bfloat16")
     nb = bg.decode_bytes_per_step(cfg, batch=1, context=100)

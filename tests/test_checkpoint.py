@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from w2s_jax import train as T
-from w2s_jax.batching import SFTBatcher, tokenize_sft
-from w2s_jax.checkpoint import Checkpointer, CheckpointWarning, tree_checksums
-from w2s_jax.model import ModelConfig, param_shapes
-from w2s_jax.tokenizer import ByteTokenizer
+from w2s_jax.io.orbax import Checkpointer, CheckpointWarning, tree_checksums
+from w2s_jax.io.tokenizer import ByteTokenizer
+from w2s_jax.models.config import ModelConfig
+from w2s_jax.models.params import param_shapes
+from w2s_jax.train import loop as T
+from w2s_jax.train.batching import SFTBatcher, tokenize_sft
 
 TOK = ByteTokenizer()
 CFG = ModelConfig("t", vocab_size=259, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
@@ -73,7 +74,7 @@ def test_kill_and_resume_gives_the_same_losses(tmp_path, baseline):
     r2 = run(tmp_path)
     assert r2.resumed_from == 12 and r2.history == []  # nothing left to do
     # the metrics log reads as one run: every step logged once
-    from w2s_jax.metrics_log import read_metrics
+    from w2s_jax.train.metrics_log import read_metrics
 
     steps = [m["step"] for m in read_metrics(tmp_path / "metrics.jsonl", "train")]
     assert steps == sorted(set(steps)) and steps[-1] == 12

@@ -9,9 +9,9 @@ from pathlib import Path
 import jax
 import pytest
 
-from w2s_jax import compile_check as C
-from w2s_jax import tpu_specs as T
-from w2s_jax.errors import UserError
+from w2s_jax.core.errors import UserError
+from w2s_jax.tools import compile_check as C
+from w2s_jax.tools import tpu_specs as T
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_libtpu = pytest.mark.skipif(not T.libtpu_available(), reason="libtpu not installed (pip install libtpu)")

@@ -4,7 +4,7 @@ from typing import Literal
 import pytest
 import yaml
 
-from w2s_jax.config import (
+from w2s_jax.core.config import (
     DataConfig,
     SyntheticConfig,
     config_hash,
@@ -14,7 +14,7 @@ from w2s_jax.config import (
     parse_overrides,
     to_dict,
 )
-from w2s_jax.errors import UserError
+from w2s_jax.core.errors import UserError
 
 
 @dataclass(frozen=True)

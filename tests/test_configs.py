@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from w2s_jax.config import load_config
-from w2s_jax.jsonl import read_jsonl
-from w2s_jax.pipeline import Pipeline, RunConfig, config_path, default_config_path, load_run_config
+from w2s_jax.core.config import load_config
+from w2s_jax.core.jsonl import read_jsonl
+from w2s_jax.pipeline.run import Pipeline, RunConfig, config_path, default_config_path, load_run_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("**/*.yaml"))
 RUN_CONFIGS = [p for p in CONFIGS if "tpu" not in p.parts]

@@ -13,12 +13,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from w2s_jax.checkpoint_io import load_model, save_model  # noqa: E402
-from w2s_jax.cli import main as cli_main  # noqa: E402
-from w2s_jax.convert import params_to_hf, params_to_state_dict, state_dict_to_params  # noqa: E402
-from w2s_jax.errors import UserError  # noqa: E402
-from w2s_jax.model import ModelConfig, forward, param_shapes  # noqa: E402
-from w2s_jax.tokenizer import ByteTokenizer  # noqa: E402
+from w2s_jax.cli.main import main as cli_main  # noqa: E402
+from w2s_jax.core.errors import UserError  # noqa: E402
+from w2s_jax.io.convert import params_to_hf, params_to_state_dict, state_dict_to_params  # noqa: E402
+from w2s_jax.io.native import load_model, save_model  # noqa: E402
+from w2s_jax.io.tokenizer import ByteTokenizer  # noqa: E402
+from w2s_jax.models.config import ModelConfig  # noqa: E402
+from w2s_jax.models.decoder import forward  # noqa: E402
+from w2s_jax.models.params import param_shapes  # noqa: E402
 
 CONFIGS = {
     "llama3-gqa": ModelConfig(

@@ -1,4 +1,4 @@
-"""Native CPU kernel (``w2s_jax/cpu_kernels.py``): the skinny matmul against float64 numpy on every code
+"""Native CPU kernel (``w2s_jax/infer/kernels.py``): the skinny matmul against float64 numpy on every code
 path (K-split with partial sums, column panels, row and column remainders, inside a while loop), the
 Sampler's kernel path against its XLA-dot path, and the fallback when the kernel cannot be built."""
 
@@ -12,11 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import w2s_jax.sampler as sampler_mod
-from w2s_jax import cpu_kernels
-from w2s_jax.errors import UserError
-from w2s_jax.model import get_preset, init_params
-from w2s_jax.sampler import SampleConfig, Sampler
+import w2s_jax.infer.sampler as sampler_mod
+from w2s_jax.core.errors import UserError
+from w2s_jax.infer import kernels as cpu_kernels
+from w2s_jax.infer.sampler import SampleConfig, Sampler
+from w2s_jax.models.config import get_preset
+from w2s_jax.models.params import init_params
 
 needs_kernel = pytest.mark.skipif(
     cpu_kernels._compiler() is None or jax.default_backend() != "cpu", reason="no C++ compiler / not on CPU"
@@ -108,7 +109,7 @@ def test_kernel_unavailable_falls_back(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("W2S_KERNEL_CACHE", str(tmp_path))
     cpu_kernels._load_once.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="w2s_jax.cpu_kernels"):
+        with caplog.at_level(logging.WARNING, logger="w2s_jax.infer.kernels"):
             assert not cpu_kernels.available()
         assert "native CPU kernels unavailable" in caplog.text
         assert not Sampler(p, cfg, eos_ids=[]).cpu_kernels

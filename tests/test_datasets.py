@@ -2,11 +2,11 @@ import json
 
 import pytest
 
-from w2s_jax.config import DataConfig, load_config
-from w2s_jax.datasets import consistency_sets, contrastive_pairs, full_weak_sft, to_llamafactory, to_trl, vote
-from w2s_jax.errors import UserError
-from w2s_jax.synth import make_synthetic
-from w2s_jax.tasks import TASKS, TaskAdapter, get_task, last_boxed, load_hf, load_local, load_splits, split_train
+from w2s_jax.core.config import DataConfig, load_config
+from w2s_jax.core.errors import UserError
+from w2s_jax.method.datasets import consistency_sets, contrastive_pairs, full_weak_sft, to_llamafactory, to_trl, vote
+from w2s_jax.method.synth import make_synthetic
+from w2s_jax.method.tasks import TASKS, TaskAdapter, get_task, last_boxed, load_hf, load_local, load_splits, split_train
 
 # --- samples -> votes -> pairs, every branch, expected pairs written out ------------------------
 
@@ -301,7 +301,7 @@ def test_task_adapters():
 def test_register_task():
     t = TaskAdapter("toy_boxed", "The answer is:", 2, "math")
     try:
-        from w2s_jax.tasks import register_task
+        from w2s_jax.method.tasks import register_task
 
         register_task(t)
         assert get_task("toy_boxed") is t
@@ -415,7 +415,7 @@ def test_synthetic_reasoning_gym_and_splits():
 
 
 def test_pad_sets_appends_disagreeing_questions_with_both_completions():
-    from w2s_jax.datasets import pad_sets
+    from w2s_jax.method.datasets import pad_sets
 
     weak = _weak({"a": "1", "b": "2", "c": "", "d": "4", "e": "5"})
     icl = [{"id": q, "prompt": f"P {q}", "response": f"icl {q}", "pred": p}

@@ -1,4 +1,4 @@
-"""Continuous-batching engine (w2s_jax/engine.py): greedy outputs identical to the static Sampler
+"""Continuous-batching engine (w2s_jax/infer/engine.py): greedy outputs identical to the static Sampler
 (model variants, LoRA, shared prefixes, rows finishing at different steps, slots refilled), sampled
 outputs independent of the other requests and of resuming, prefill shared by samples and prompts,
 occupancy, no cache copies in the decode loop."""
@@ -11,11 +11,12 @@ import jax
 import pytest
 from test_sampler import rand_prompts, sharp_params  # the sampler tests' random models and prompts
 
-import w2s_jax.sampler as sampler_mod
-from w2s_jax.engine import common_prefix
-from w2s_jax.lora import LoRAConfig, init_lora
-from w2s_jax.model import get_preset, init_params
-from w2s_jax.sampler import SampleConfig, Sampler
+import w2s_jax.infer.sampler as sampler_mod
+from w2s_jax.infer.engine import common_prefix
+from w2s_jax.infer.sampler import SampleConfig, Sampler
+from w2s_jax.models.config import get_preset
+from w2s_jax.models.lora import LoRAConfig, init_lora
+from w2s_jax.models.params import init_params
 
 BYTE = dict(vocab_size=259, bos_token_id=257, eos_token_id=258, pad_token_id=256)
 REAL_OPTIONS = dict(sampler_mod.CPU_COMPILER_OPTIONS)
@@ -75,7 +76,7 @@ def test_greedy_equals_static(name, loop, lora):
 
 
 def test_greedy_with_stop_strings_and_text():
-    from w2s_jax.tokenizer import ByteTokenizer
+    from w2s_jax.io.tokenizer import ByteTokenizer
 
     cfg = get_preset("tiny", **BYTE)
     tok = ByteTokenizer()
@@ -151,7 +152,7 @@ def test_occupancy_higher_than_static():
 
 
 def test_sharded_continuous_equals_single_device():
-    from w2s_jax.sharding import make_mesh
+    from w2s_jax.parallel.sharding import make_mesh
 
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 (simulated) devices")

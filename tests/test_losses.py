@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from w2s_jax import losses as L
+from w2s_jax.train import losses as L
 
 torch = pytest.importorskip("torch")
 trl = pytest.importorskip("trl")

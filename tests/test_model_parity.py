@@ -18,8 +18,8 @@ transformers = pytest.importorskip("transformers")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from w2s_jax.checkpoint_io import load_model  # noqa: E402
-from w2s_jax.model import forward  # noqa: E402
+from w2s_jax.io.native import load_model  # noqa: E402
+from w2s_jax.models.decoder import forward  # noqa: E402
 
 TOL = 1e-4
 V, T = 300, 24
@@ -112,7 +112,7 @@ def test_padding_matches_attention_mask(tmp_path):
 
 def test_hf_config_variants(tmp_path):
     """transformers 4.x style keys (rope_theta / rope_scaling at top level, eos list) are understood."""
-    from w2s_jax.convert import hf_config_to_model
+    from w2s_jax.io.convert import hf_config_to_model
 
     c = {
         "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
@@ -136,8 +136,7 @@ def test_hf_config_variants(tmp_path):
 def test_grouped_causal_attention_matches_reference():
     """The XLA:CPU training attention (grouped layout, causal query blocks) against
     ``jax.nn.dot_product_attention`` with the same packed causal mask: outputs and gradients."""
-    from w2s_jax import model as M
-
+    from w2s_jax.models import llama as M
     B, T, H, KV, D = 2, 128, 6, 2, 16
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((B, T, h, D)), jnp.float32) for h in (H, KV, KV))

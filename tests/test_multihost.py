@@ -4,7 +4,7 @@ The processes run tests/multihost_worker.py: a few SFT steps of a tiny model wit
 each process feeding its half of every global batch, then a greedy generation batch (a plain loop
 and the Sampler), a split/gather of records, the SFT driver (run_sft: only process 0 writes metrics,
 logs and the model) and generate_records. Plus in-process unit tests of the helpers in
-w2s_jax/distributed.py.
+w2s_jax/parallel/distributed.py.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from w2s_jax import distributed as D
-from w2s_jax.errors import UserError
-from w2s_jax.sharding import make_mesh
+from w2s_jax.core.errors import UserError
+from w2s_jax.parallel import distributed as D
+from w2s_jax.parallel.sharding import make_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "multihost_worker.py"
@@ -153,7 +153,7 @@ def test_sft_driver_two_processes(runs):
     no_tb = lambda files: {f for f in files if not f.startswith("tensorboard/")}  # noqa: E731 (host-named)
     assert no_tb(p0) == no_tb(single["sft_files"])
     assert p1 == set()  # process 1 wrote nothing outside the shared checkpoint dir
-    from w2s_jax.metrics_log import read_metrics
+    from w2s_jax.train.metrics_log import read_metrics
 
     train_recs = read_metrics(tmp_path / "p0_sft" / "metrics.jsonl", split="train")
     assert [m["step"] for m in train_recs] == [1, 2, 3]

@@ -1,4 +1,4 @@
-"""OlympicArena answer matching (w2s_jax.olympiad_grading) and the task's loader and prompt, on a
+"""OlympicArena answer matching (w2s_jax.method.olympiad_grading) and the task's loader and prompt, on a
 fixture of records in the data set's own format (GAIR/OlympicArena's fields and instruction layout;
 the problems are written for the test). Every expected verdict below is derived by hand from
 OlympicArena's judge.py rules, quirks included (each noted)."""
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from w2s_jax.olympiad_grading import auto_judge, encode_gold, equivalent, extract_pred, normalize
-from w2s_jax.tasks import get_task, load_local
+from w2s_jax.method.olympiad_grading import auto_judge, encode_gold, equivalent, extract_pred, normalize
+from w2s_jax.method.tasks import get_task, load_local
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "olympicarena_sample.jsonl"
 F = "Step by step ... The final answer is $\\boxed{%s}$."
@@ -110,8 +110,8 @@ def test_loader_filters_and_prompt():
 
 
 def test_grading_dispatch_uses_olympic_rules():
-    from w2s_jax.grading import equivalence, gold_answer, grade_records
-    from w2s_jax.grading import extract_pred as task_pred
+    from w2s_jax.method.grading import equivalence, gold_answer, grade_records
+    from w2s_jax.method.grading import extract_pred as task_pred
 
     recs = {r["id"]: r for r in load_local(FIXTURE, "olympicarena")}
     responses = {"Math_7": F % "0.25", "Math_11": F % "2, 3, 1", "Physics_17": F % "3, 2", "Biology_1": F % "C",
@@ -124,7 +124,7 @@ def test_grading_dispatch_uses_olympic_rules():
 
 
 def test_votes_and_consistency_group_equivalent_answers():
-    from w2s_jax.datasets import consistency_sets, vote
+    from w2s_jax.method.datasets import consistency_sets, vote
 
     preds = ["0.25", "\\frac{1}{4}", "\\frac14", "0.5", "\\frac{1}{4}", "0.5", "0.5", "0.25", "1", "0.25"]
     files = [[{"id": "q", "prompt": "P", "response": f"r{j}", "pred": p}] for j, p in enumerate(preds)]
@@ -138,8 +138,8 @@ def test_votes_and_consistency_group_equivalent_answers():
 
 
 def test_splits_have_no_train_1():
-    from w2s_jax.config import DataConfig
-    from w2s_jax.tasks import load_splits
+    from w2s_jax.core.config import DataConfig
+    from w2s_jax.method.tasks import load_splits
 
     s = load_splits(DataConfig(task="olympicarena", source="local", train=str(FIXTURE), test=str(FIXTURE)))
     assert s["train_1"] == [] and len(s["train_2"]) == 21 and len(s["test"]) == 21
@@ -147,8 +147,8 @@ def test_splits_have_no_train_1():
 
 def test_pipeline_data_stage(tmp_path: Path):
     """`w2s run` on OlympicArena JSONL: no train_1 (the weak model is used as given), prompts kept."""
-    from w2s_jax.jsonl import read_jsonl
-    from w2s_jax.pipeline import Pipeline, load_run_config
+    from w2s_jax.core.jsonl import read_jsonl
+    from w2s_jax.pipeline.run import Pipeline, load_run_config
 
     weak_dir = tmp_path / "weak"
     weak_dir.mkdir()
@@ -164,7 +164,7 @@ def test_pipeline_data_stage(tmp_path: Path):
     cfg2 = load_run_config(None, ["data.task=olympicarena", "data.source=local", f"data.train={FIXTURE}",
                                   f"data.test={FIXTURE}", "weak.preset=null", f"weak.path={weak_dir}",
                                   "weak.trained=true"])
-    from w2s_jax.errors import UserError
+    from w2s_jax.core.errors import UserError
 
     with pytest.raises(UserError, match="Astronomy_24"):
         Pipeline(cfg2, tmp_path / "run2", log=lambda m: None).run(until="data")
@@ -175,7 +175,7 @@ def test_hf_loader_reads_every_subject_and_filters(monkeypatch):
     order, then English only and no CODE/OT (the hub is replaced by the fixture's rows here)."""
     import datasets
 
-    from w2s_jax.tasks import OLYMPIC_SUBJECTS, load_hf
+    from w2s_jax.method.tasks import OLYMPIC_SUBJECTS, load_hf
 
     raw = [json.loads(x) for x in FIXTURE.read_text().splitlines()]
     calls = []

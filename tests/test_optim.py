@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from w2s_jax import optim
-from w2s_jax.train import TrainConfig, decay_mask, make_schedule
+from w2s_jax.train import optim
+from w2s_jax.train.loop import TrainConfig, decay_mask, make_schedule
 
 
 def _tree(seed):

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from w2s_jax.errors import UserError
-from w2s_jax.pipeline import STAGE_NAMES, Pipeline, load_run_config
+from w2s_jax.core.errors import UserError
+from w2s_jax.pipeline.run import STAGE_NAMES, Pipeline, load_run_config
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")  # byte-level models, offline
 TINY = [
@@ -104,7 +104,7 @@ def test_every_stage_and_artifact(run_dir: Path):
 
 def test_report_matches_graded_outputs(run_dir: Path):
     """results.json's accuracies equal an independent re-grading of the saved eval outputs."""
-    from w2s_jax.grading import extract_pred, is_equiv, normalize
+    from w2s_jax.method.grading import extract_pred, is_equiv, normalize
 
     res = json.loads((run_dir / "results.json").read_text())
     names = [r["model"] for r in res["models"]]
@@ -307,8 +307,8 @@ def test_demonstration_sources_and_gold_use(tmp_path: Path):
     reads a template; the report names the source, the ids and every stage that read gold."""
     import random
 
-    from w2s_jax.jsonl import write_jsonl_atomic
-    from w2s_jax.pipeline import _gold_use
+    from w2s_jax.core.jsonl import write_jsonl_atomic
+    from w2s_jax.pipeline.run import _gold_use
 
     run = tmp_path / "run"
     weak = [{"id": f"q{i}", "prompt": f"Question: {i}?\nAnswer:", "response": f"{i}\n#### {i}" if i % 4 else "no key",

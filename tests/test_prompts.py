@@ -2,8 +2,8 @@ import random
 
 import pytest
 
-from w2s_jax.errors import UserError
-from w2s_jax.prompts import (
+from w2s_jax.core.errors import UserError
+from w2s_jax.method.prompts import (
     STOP_STRINGS,
     choose_demonstrations,
     clean_response,
@@ -77,7 +77,7 @@ def test_choose_demonstrations_correct_ablation_reads_gold():
 def test_choose_demonstrations_reproduces_the_released_gemma_2b_set(shared_dir):
     """The released GSM8K Gemma-2B demonstrations are the 3rd to 6th records of the seed-42 shuffle of
     train_2's weak outputs (the first two, ids 434 and 2772, gave no `####` line for Gemma-2B)."""
-    from w2s_jax.jsonl import read_jsonl
+    from w2s_jax.core.jsonl import read_jsonl
 
     weak = read_jsonl(shared_dir / "data/weak_outputs/gsm8k_train_2/llama2_7b.jsonl")
     released = ("Sara sent letters to her friend in China", "Berry wants to make sure he reads",

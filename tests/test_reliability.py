@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from w2s_jax.errors import UserError
-from w2s_jax.jsonl import read_jsonl, write_jsonl_atomic
-from w2s_jax.locking import LOCK_NAME, FileLock, hold, lock_path_for_file
+from w2s_jax.core.errors import UserError
+from w2s_jax.core.jsonl import read_jsonl, write_jsonl_atomic
+from w2s_jax.parallel.locking import LOCK_NAME, FileLock, hold, lock_path_for_file
 
 REPO = Path(__file__).resolve().parents[1]
 
 HOLDER = """
 import sys, time
-from w2s_jax.locking import FileLock
+from w2s_jax.parallel.locking import FileLock
 FileLock(sys.argv[1], "test").acquire()
 print("locked", flush=True)
 time.sleep(120)
@@ -97,8 +97,7 @@ def test_lock_without_flock_decides_by_pid(tmp_path, monkeypatch, capsys):
 
 
 def test_multihost_locks_once_on_process_0(tmp_path, monkeypatch):
-    from w2s_jax import distributed
-
+    from w2s_jax.parallel import distributed
     monkeypatch.setattr(distributed, "process_count", lambda: 2)
     monkeypatch.setattr(distributed, "is_main_process", lambda: False)
     monkeypatch.setattr(distributed, "all_true", lambda flag: flag)
@@ -112,7 +111,7 @@ def test_multihost_locks_once_on_process_0(tmp_path, monkeypatch):
 
 
 def test_w2s_run_refuses_a_second_run_in_the_same_directory(tmp_path):
-    from w2s_jax.pipeline import Pipeline, load_run_config
+    from w2s_jax.pipeline.run import Pipeline, load_run_config
 
     out = tmp_path / "run"
     holder = start_holder(out / LOCK_NAME)
@@ -131,9 +130,10 @@ def test_w2s_run_refuses_a_second_run_in_the_same_directory(tmp_path):
 def model_dirs(tmp_path_factory):
     import jax
 
-    from w2s_jax.checkpoint_io import save_model
-    from w2s_jax.model import get_preset, init_params
-    from w2s_jax.tokenizer import ByteTokenizer
+    from w2s_jax.io.native import save_model
+    from w2s_jax.io.tokenizer import ByteTokenizer
+    from w2s_jax.models.config import get_preset
+    from w2s_jax.models.params import init_params
 
     cfg = get_preset("tiny", vocab_size=259, bos_token_id=257, eos_token_id=258, pad_token_id=256, max_seq_len=96,
                      n_layers=1)
@@ -147,7 +147,7 @@ def model_dirs(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def fast_compile(monkeypatch):
-    import w2s_jax.sampler as sampler_mod
+    import w2s_jax.infer.sampler as sampler_mod
 
     opts = {**sampler_mod.CPU_COMPILER_OPTIONS, "xla_backend_optimization_level": 0}
     monkeypatch.setattr(sampler_mod, "CPU_COMPILER_OPTIONS", opts)
@@ -157,7 +157,7 @@ INPUTS = [{"id": "a", "question": "2+3?", "gold": "5"}, {"id": "b", "question": 
 
 
 def generate(model, inp, out, *extra):
-    from w2s_jax.generate_cli import main
+    from w2s_jax.pipeline.generation import main
 
     return main(["--model", str(model), "--input", str(inp), "--output", str(out), "--max-new-tokens", "4",
                  "--no-progress", *extra])
@@ -171,7 +171,7 @@ def inp(tmp_path):
 
 
 def no_model_load(monkeypatch):
-    import w2s_jax.checkpoint_io as cio
+    import w2s_jax.io.native as cio
 
     def boom(*a, **k):
         raise AssertionError("the model was loaded before the input was checked")
@@ -249,7 +249,7 @@ def test_generate_checks_input_before_loading_the_model(model_dirs, tmp_path, mo
 
 @pytest.mark.parametrize("sub", ["vote", "full-weak", "pairs"])
 def test_data_commands_refuse_an_output_that_is_an_input(sub, tmp_path):
-    from w2s_jax.datasets import main as data
+    from w2s_jax.method.datasets import main as data
 
     recs = [{"id": 1, "prompt": "Q", "response": "5", "pred": "5", "result": True}]
     s = tmp_path / "s.jsonl"
@@ -268,7 +268,7 @@ def test_data_commands_refuse_an_output_that_is_an_input(sub, tmp_path):
 
 
 def test_grade_refuses_an_output_that_is_its_input(tmp_path, capsys):
-    from w2s_jax.cli import main
+    from w2s_jax.cli.main import main
 
     s = tmp_path / "s.jsonl"
     write_jsonl_atomic(s, [{"id": 1, "response": "#### 5", "gold": "5"}])
@@ -282,7 +282,7 @@ def test_grade_refuses_an_output_that_is_its_input(tmp_path, capsys):
 
 
 def test_sft_refuses_a_locked_out_dir(tmp_path):
-    from w2s_jax.train_cli import main as sft
+    from w2s_jax.cli.train import main as sft
 
     data = tmp_path / "sft.jsonl"
     write_jsonl_atomic(data, [{"id": "a", "prompt": "1+1=", "completion": "2"}])
@@ -318,7 +318,7 @@ def test_utf8_bom_is_accepted(tmp_path):
 
 
 def test_atomic_outputs_get_the_umask_mode(tmp_path):
-    from w2s_jax.jsonl import write_json_atomic, write_text_atomic
+    from w2s_jax.core.jsonl import write_json_atomic, write_text_atomic
 
     old = os.umask(0o027)
     try:
@@ -341,7 +341,7 @@ def test_write_errors_name_the_path(tmp_path, monkeypatch):
 
     import errno
 
-    import w2s_jax.jsonl as J
+    import w2s_jax.core.jsonl as J
 
     real = os.fsync
 
@@ -377,7 +377,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
 def test_native_model_bit_flip_is_detected_naming_the_file(model_dirs, tmp_path):
     import shutil
 
-    from w2s_jax.checkpoint_io import PARAMS_FILE, load_model
+    from w2s_jax.io.native import PARAMS_FILE, load_model
 
     d = tmp_path / "m"
     shutil.copytree(model_dirs[0], d)
@@ -391,7 +391,7 @@ def test_native_model_bit_flip_is_detected_naming_the_file(model_dirs, tmp_path)
 
 
 def test_convert_never_deletes_a_directory_it_did_not_write(model_dirs, tmp_path, capsys):
-    from w2s_jax.convert import main as convert
+    from w2s_jax.io.convert import main as convert
 
     project = tmp_path / "project"
     (project / "src").mkdir(parents=True)
@@ -421,22 +421,22 @@ def test_convert_never_deletes_a_directory_it_did_not_write(model_dirs, tmp_path
     ("weak_train.max_steps=0", "weak_train.max_steps"), ("generation.max_new_tokens=0", "generation.max_new_tokens"),
 ])
 def test_bad_config_values_are_rejected_at_load_naming_the_key(override, key):
-    from w2s_jax.pipeline import load_run_config
+    from w2s_jax.pipeline.run import load_run_config
 
     with pytest.raises(UserError, match=f"config key `{key}` must be"):
         load_run_config(None, [override])
 
 
 def test_train_config_lr_rejected_naming_the_key():
-    from w2s_jax.config import load_config
-    from w2s_jax.train_cli import TrainRunConfig
+    from w2s_jax.cli.train import TrainRunConfig
+    from w2s_jax.core.config import load_config
 
     with pytest.raises(UserError, match="config key `train.lr` must be a finite number >= 0, got -1"):
         load_config(TrainRunConfig, None, ["train.lr=-1"])
 
 
 def test_sft_non_string_completion_is_a_one_line_error(tmp_path, capsys):
-    from w2s_jax.cli import main
+    from w2s_jax.cli.main import main
 
     data = tmp_path / "sft.jsonl"
     write_jsonl_atomic(data, [{"id": "a", "prompt": "1+1=", "completion": "2"},
@@ -448,7 +448,7 @@ def test_sft_non_string_completion_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_corrupt_run_directory_config_is_a_user_error(tmp_path):
-    from w2s_jax.pipeline import Pipeline, load_run_config
+    from w2s_jax.pipeline.run import Pipeline, load_run_config
 
     out = tmp_path / "run"
     out.mkdir()
@@ -459,8 +459,8 @@ def test_corrupt_run_directory_config_is_a_user_error(tmp_path):
 
 def test_wrapped_disk_errors_are_one_line(monkeypatch, capsys):
     """A library that wraps the OSError (Orbax, TensorStore) still gives one line; a bug stays a traceback."""
-    import w2s_jax.grading as grading
-    from w2s_jax.cli import main
+    import w2s_jax.method.grading as grading
+    from w2s_jax.cli.main import main
 
     def wrapped(*a, **k):
         try:
@@ -490,8 +490,8 @@ def test_wrapped_disk_errors_are_one_line(monkeypatch, capsys):
 
 @pytest.mark.parametrize("err", [(28, "No space left on device"), (30, "Read-only file system")])
 def test_disk_errors_are_one_line_naming_the_path(err, monkeypatch, capsys):
-    import w2s_jax.grading as grading
-    from w2s_jax.cli import main
+    import w2s_jax.method.grading as grading
+    from w2s_jax.cli.main import main
 
     def fail(*a, **k):
         raise OSError(err[0], err[1], "/data/out.jsonl")
@@ -533,7 +533,7 @@ def test_launch_quotes_every_user_value_for_the_remote_shell(tmp_path):
 
 
 def test_checkpoint_fallback_warning_names_step_and_path_without_tensorstore_dump(tmp_path, monkeypatch):
-    from w2s_jax.checkpoint import Checkpointer, CheckpointWarning
+    from w2s_jax.io.orbax import Checkpointer, CheckpointWarning
 
     ck = Checkpointer(tmp_path / "ck", async_save=False)
     dump = ("INVALID_ARGUMENT: Error opening \"zarr\" driver: Error reading chunk state.params.embed/0.0 "
@@ -561,8 +561,7 @@ def test_checkpoint_fallback_warning_names_step_and_path_without_tensorstore_dum
 def test_cpu_commands_keep_jax_away_from_libtpu(monkeypatch):
     import importlib.util
 
-    from w2s_jax import cli
-
+    from w2s_jax.cli.main import main as cli
     if importlib.util.find_spec("libtpu") is None:
         pytest.skip("libtpu is not installed (it comes with the [test] extra on Linux x86-64)")
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)

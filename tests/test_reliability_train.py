@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from w2s_jax import train as T
-from w2s_jax.model import ModelConfig, param_shapes
-from w2s_jax.tokenizer import ByteTokenizer
+from w2s_jax.io.tokenizer import ByteTokenizer
+from w2s_jax.models.config import ModelConfig
+from w2s_jax.models.params import param_shapes
+from w2s_jax.train import loop as T
 
 TOK = ByteTokenizer()
 CFG = ModelConfig("t", vocab_size=259, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
@@ -52,8 +53,8 @@ def test_dpo_reference_with_repeated_ids_gives_ln2_at_step_one(tmp_path):
 
 def test_dpo_cli_writes_the_reference_cache_in_out_dir(tmp_path, capsys):
     """Nothing is written next to the training data (which may be a read-only mount)."""
-    from w2s_jax.cli import main
-    from w2s_jax.jsonl import write_jsonl_atomic
+    from w2s_jax.cli.main import main
+    from w2s_jax.core.jsonl import write_jsonl_atomic
 
     data = tmp_path / "data"
     write_jsonl_atomic(data / "prefs.jsonl", repeated_id_pairs(2, 2))
@@ -70,7 +71,7 @@ def test_dpo_cli_writes_the_reference_cache_in_out_dir(tmp_path, capsys):
 
 
 def test_training_refuses_a_model_dir_it_did_not_write_before_training(tmp_path):
-    from w2s_jax.errors import UserError
+    from w2s_jax.core.errors import UserError
 
     out = tmp_path / "run"
     (out / "hf").mkdir(parents=True)

@@ -9,11 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-import w2s_jax.sampler as sampler_mod
-from w2s_jax.convert import state_dict_to_params
-from w2s_jax.lora import LoRAConfig, init_lora, merge_lora
-from w2s_jax.model import ModelConfig, forward, get_preset, init_params
-from w2s_jax.sampler import (
+import w2s_jax.infer.sampler as sampler_mod
+from w2s_jax.infer.sampler import (
     SampleConfig,
     Sampler,
     StopMatcher,
@@ -22,7 +19,12 @@ from w2s_jax.sampler import (
     default_prompt_buckets,
     token_pieces,
 )
-from w2s_jax.tokenizer import ByteTokenizer
+from w2s_jax.io.convert import state_dict_to_params
+from w2s_jax.io.tokenizer import ByteTokenizer
+from w2s_jax.models.config import ModelConfig, get_preset
+from w2s_jax.models.decoder import forward
+from w2s_jax.models.lora import LoRAConfig, init_lora, merge_lora
+from w2s_jax.models.params import init_params
 
 BYTE = dict(vocab_size=259, bos_token_id=257, eos_token_id=258, pad_token_id=256)
 REAL_OPTIONS = dict(sampler_mod.CPU_COMPILER_OPTIONS)
@@ -53,7 +55,7 @@ def rand_prompts(lengths, seed=0, vocab=256):
 
 
 def hf_to_params(m, cfg: ModelConfig) -> dict:
-    """LlamaForCausalLM state dict -> our params tree (the mapping of ``w2s_jax.convert``)."""
+    """LlamaForCausalLM state dict -> our params tree (the mapping of ``w2s_jax.io.convert``)."""
     return state_dict_to_params({k: v.detach().float().numpy() for k, v in m.state_dict().items()}, cfg)
 
 
@@ -233,7 +235,7 @@ def test_top_k_top_p():
 
 
 def test_argmax_first_index_of_max():
-    from w2s_jax.sampler import _argmax
+    from w2s_jax.infer.sampler import _argmax
 
     x = np.random.default_rng(0).normal(size=(5, 300)).astype(np.float32)
     x[1, [7, 9, 250]] = 50.0  # ties: the first index wins, as in np.argmax
@@ -261,7 +263,7 @@ def test_stop_matcher_equals_substring_search():
 
 
 def test_token_pieces_and_cut():
-    from w2s_jax.tokenizer import HFTokenizer
+    from w2s_jax.io.tokenizer import HFTokenizer
 
     bt = ByteTokenizer()
     pieces = token_pieces(bt, 300)
@@ -325,7 +327,7 @@ def test_lora_unmerged_equals_merged():
 
 
 def test_sharded_equals_single_device():
-    from w2s_jax.sharding import make_mesh
+    from w2s_jax.parallel.sharding import make_mesh
 
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 (simulated) devices")

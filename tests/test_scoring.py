@@ -8,11 +8,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from w2s_jax.checkpoint_io import load_model  # noqa: E402
-from w2s_jax.cli import main as cli_main  # noqa: E402
-from w2s_jax.errors import UserError  # noqa: E402
-from w2s_jax.scoring import bucket_length, completion_logprobs, score_records, token_logprobs  # noqa: E402
-from w2s_jax.tokenizer import ByteTokenizer  # noqa: E402
+from w2s_jax.cli.main import main as cli_main  # noqa: E402
+from w2s_jax.core.errors import UserError  # noqa: E402
+from w2s_jax.infer.scoring import bucket_length, completion_logprobs, score_records, token_logprobs  # noqa: E402
+from w2s_jax.io.native import load_model  # noqa: E402
+from w2s_jax.io.tokenizer import ByteTokenizer  # noqa: E402
 
 RECORDS = [
     {"id": "a", "prompt": "Q: 1+1?", "completion": "2"},

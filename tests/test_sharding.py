@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-import w2s_jax.model as model_mod
-from w2s_jax.checkpoint_io import load_model, save_model
-from w2s_jax.lora import LoRAConfig, lora_axes
-from w2s_jax.model import PRESETS, ModelConfig, cache_axes, forward, param_axes, param_shapes
-from w2s_jax.scoring import score_records
-from w2s_jax.sharding import DEFAULT_RULES, make_mesh
-from w2s_jax.tokenizer import ByteTokenizer
+import w2s_jax.models.decoder as model_mod
+from w2s_jax.infer.scoring import score_records
+from w2s_jax.io.native import load_model, save_model
+from w2s_jax.io.tokenizer import ByteTokenizer
+from w2s_jax.models.config import PRESETS, ModelConfig
+from w2s_jax.models.decoder import forward
+from w2s_jax.models.lora import LoRAConfig, lora_axes
+from w2s_jax.models.params import cache_axes, param_axes, param_shapes
+from w2s_jax.parallel.sharding import DEFAULT_RULES, make_mesh
 
 CFG = ModelConfig("shard", 264, 64, 2, 8, 4, 8, 128, 128, rope_theta=10000.0)
 MESHES = [None, (8, 1, 1), (2, 2, 2), (1, 2, 4)]
@@ -36,7 +38,7 @@ def _random_params(cfg, seed=0):
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    from w2s_jax.convert import params_to_hf
+    from w2s_jax.io.convert import params_to_hf
 
     root = tmp_path_factory.mktemp("sharding")
     params = _random_params(CFG)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from w2s_jax.errors import UserError
-from w2s_jax.tokenizer import (
+from w2s_jax.core.errors import UserError
+from w2s_jax.io.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
     decode_generation,
@@ -203,7 +203,7 @@ try:
     sys.exit("torch is importable")
 except ImportError:
     pass
-from w2s_jax.tokenizer import load_tokenizer
+from w2s_jax.io.tokenizer import load_tokenizer
 out = {}
 for path, saved in zip(sys.argv[1::2], sys.argv[2::2]):
     t = load_tokenizer(path)

@@ -7,12 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from w2s_jax import train as T
-from w2s_jax.batching import PreferenceBatcher, SFTBatcher, tokenize_pairs, tokenize_sft
-from w2s_jax.convert import params_to_state_dict, state_dict_to_params
-from w2s_jax.lora import LoRAConfig
-from w2s_jax.model import ModelConfig, param_shapes
-from w2s_jax.tokenizer import ByteTokenizer
+from w2s_jax.io.convert import params_to_state_dict, state_dict_to_params
+from w2s_jax.io.tokenizer import ByteTokenizer
+from w2s_jax.models.config import ModelConfig
+from w2s_jax.models.lora import LoRAConfig
+from w2s_jax.models.params import param_shapes
+from w2s_jax.train import loop as T
+from w2s_jax.train.batching import PreferenceBatcher, SFTBatcher, tokenize_pairs, tokenize_sft
 
 torch = pytest.importorskip("torch")
 TOK = ByteTokenizer()
@@ -34,7 +35,7 @@ def init_params(cfg, seed):
 
 
 def init_lora(cfg, lcfg, seed):
-    from w2s_jax.lora import lora_shapes
+    from w2s_jax.models.lora import lora_shapes
 
     rng = np.random.default_rng(seed)
     return jax.tree_util.tree_map_with_path(
@@ -241,7 +242,7 @@ def test_lora_off_reference_equals_precomputed():
 
 
 def test_lora_off_without_lora_is_an_error():
-    from w2s_jax.errors import UserError
+    from w2s_jax.core.errors import UserError
 
     with pytest.raises(UserError, match="lora_off"):
         T.build_steps("dpo", CFG, T.TrainConfig(reference="lora_off"), 1, T._single_mesh())
@@ -263,7 +264,7 @@ def test_run_sft_and_dpo_drivers_write_outputs(tmp_path):
     assert {x["split"] for x in recs} == {"train", "eval"} and all("lr" in x for x in recs if x["split"] == "train")
     assert any((tmp_path / "sft" / "tensorboard").iterdir())
     assert (tmp_path / "sft" / "compile.json").is_file()
-    from w2s_jax.checkpoint_io import load_model
+    from w2s_jax.io.native import load_model
 
     loaded = load_model(r.model_dir)
     for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(r.params)):
@@ -288,8 +289,8 @@ def test_run_sft_and_dpo_drivers_write_outputs(tmp_path):
 
 
 def test_cli_sft_then_dpo_and_unknown_keys(tmp_path, capsys):
-    from w2s_jax.cli import main
-    from w2s_jax.jsonl import write_jsonl_atomic
+    from w2s_jax.cli.main import main
+    from w2s_jax.core.jsonl import write_jsonl_atomic
 
     write_jsonl_atomic(tmp_path / "sft.jsonl", sft_records(16))
     write_jsonl_atomic(tmp_path / "prefs.jsonl", pref_records(8))

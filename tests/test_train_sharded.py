@@ -12,12 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from w2s_jax import train as T
-from w2s_jax.batching import PreferenceBatcher, SFTBatcher, tokenize_pairs, tokenize_sft
-from w2s_jax.lora import LoRAConfig, lora_shapes
-from w2s_jax.model import ModelConfig, param_shapes
-from w2s_jax.sharding import make_mesh
-from w2s_jax.tokenizer import ByteTokenizer
+from w2s_jax.io.tokenizer import ByteTokenizer
+from w2s_jax.models.config import ModelConfig
+from w2s_jax.models.lora import LoRAConfig, lora_shapes
+from w2s_jax.models.params import param_shapes
+from w2s_jax.parallel.sharding import make_mesh
+from w2s_jax.train import loop as T
+from w2s_jax.train.batching import PreferenceBatcher, SFTBatcher, tokenize_pairs, tokenize_sft
 
 TOK = ByteTokenizer()
 # vocab 264 and 64-wide MLP divide the mesh axes; kv_heads=2 does not divide tensor=4 (dropped)

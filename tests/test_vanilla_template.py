@@ -4,8 +4,8 @@ prompt/completion boundary when the two are joined into one text."""
 
 import pytest
 
-from w2s_jax.batching import TEMPLATES, encode_vanilla, tokenize_pairs, tokenize_sft
-from w2s_jax.tokenizer import encode_example, encode_prompt, load_tokenizer
+from w2s_jax.io.tokenizer import encode_example, encode_prompt, load_tokenizer
+from w2s_jax.train.batching import TEMPLATES, encode_vanilla, tokenize_pairs, tokenize_sft
 
 
 def _merging_tokenizer(tmp_path):

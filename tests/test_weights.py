@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from w2s_jax import weights
-from w2s_jax.errors import UserError
-from w2s_jax.pipeline import Pipeline, load_run_config
+from w2s_jax.core.errors import UserError
+from w2s_jax.io import weights
+from w2s_jax.pipeline.run import Pipeline, load_run_config
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
 CONTENT = b"GGUF fake weights " * 1000

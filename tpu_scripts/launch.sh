@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Launch the same w2s command on every worker of the slice at once (one JAX process per host;
-# w2s_jax.distributed joins them into one program), in the background with a log and pid file per
+# w2s_jax.parallel.distributed joins them into one program), in the background with a log and pid file per
 # worker, then follow worker 0's log (Ctrl-C stops following, not the run).
 #
 #   tpu_scripts/launch.sh --config configs/my_run.yaml                     # w2s run CONFIG --out ...
