@@ -52,17 +52,18 @@ def greedy_generate(params, cfg, prompts_global, mesh):
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
 
-    from w2s_jax.models import llama as M
+    from w2s_jax.models import decoder as M
+    from w2s_jax.models import params as MP
     from w2s_jax.parallel.sharding import logical_to_spec
 
     B, P = prompts_global.shape
     S = P + NEW
-    c_sh = NamedSharding(mesh, logical_to_spec(M.cache_axes()["k"], (cfg.n_layers, B, S, cfg.n_kv_heads,
+    c_sh = NamedSharding(mesh, logical_to_spec(MP.cache_axes()["k"], (cfg.n_layers, B, S, cfg.n_kv_heads,
                                                                      cfg.head_dim), mesh))
 
     @jax.jit
     def run(params, prompts):
-        cache = jax.lax.with_sharding_constraint(M.init_cache(cfg, B, S), {"k": c_sh, "v": c_sh})
+        cache = jax.lax.with_sharding_constraint(MP.init_cache(cfg, B, S), {"k": c_sh, "v": c_sh})
         logits, cache = M.forward(params, prompts, cfg, cache=cache, cache_index=0, mesh=mesh)
         tok = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
 
@@ -89,15 +90,16 @@ def sft_driver(mesh, out_dir: str, ckpt_dir: str, gen_out: str):
     from w2s_jax.infer import sampler as S
     from w2s_jax.io.native import LoadedModel
     from w2s_jax.io.tokenizer import ByteTokenizer
-    from w2s_jax.models import llama as M
+    from w2s_jax.models import config as MC
+    from w2s_jax.models import params as MP
     from w2s_jax.pipeline.generation import generate_records
     from w2s_jax.train import loop as train
 
     train.COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}  # tiny model: compile fast
     S.CPU_COMPILER_OPTIONS = {**S.CPU_COMPILER_OPTIONS, "xla_backend_optimization_level": 0}
     tok = ByteTokenizer()
-    cfg = M.get_preset("tiny", vocab_size=tok.vocab_size)
-    params = M.init_params(cfg, jax.random.PRNGKey(1), mesh)
+    cfg = MC.get_preset("tiny", vocab_size=tok.vocab_size)
+    params = MP.init_params(cfg, jax.random.PRNGKey(1), mesh)
     records = [{"id": f"s{i}", "prompt": f"{i}+{i % 5}=", "completion": str(i + i % 5)} for i in range(32)]
     tc = train.TrainConfig(batch_size=ROWS, seq_len=SEQ, lr=1e-2, max_steps=STEPS, schedule="constant",
                            packing=False, eval_fraction=0.25, log_every=1, async_checkpointing=False,
@@ -134,13 +136,14 @@ def main() -> int:
     import numpy as np
     from jax.sharding import NamedSharding
 
-    from w2s_jax.models import llama as M
+    from w2s_jax.models import config as MC
+    from w2s_jax.models import params as MP
     from w2s_jax.parallel.sharding import MeshConfig, logical_to_spec
     from w2s_jax.train import loop as train
 
     mesh = MeshConfig(data=2, fsdp=2, tensor=2).build()
-    cfg = M.get_preset("tiny")
-    params = M.init_params(cfg, jax.random.PRNGKey(0), mesh)
+    cfg = MC.get_preset("tiny")
+    params = MP.init_params(cfg, jax.random.PRNGKey(0), mesh)
     tc = train.TrainConfig(batch_size=ROWS, seq_len=SEQ, lr=1e-2, max_steps=STEPS, schedule="constant",
                            max_grad_norm=1.0, tensorboard=False, progress=False)
     bundle = train.build_steps("sft", cfg, tc, STEPS, mesh)

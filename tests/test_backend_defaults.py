@@ -36,10 +36,11 @@ def test_cudnn_fallback_and_error(monkeypatch, caplog):
     import numpy as np
 
     from w2s_jax.core.errors import UserError
-    from w2s_jax.models import llama as M
+    from w2s_jax.models import decoder as M
+    from w2s_jax.models import params as MP
 
     cfg = get_preset("tiny", dtype="bfloat16", param_dtype="bfloat16")
-    params = M.init_params(cfg, jax.random.PRNGKey(0))
+    params = MP.init_params(cfg, jax.random.PRNGKey(0))
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 16)), jnp.int32)
     monkeypatch.setattr(M.jax, "default_backend", lambda: "gpu")
     assert attention_implementation(cfg) == "cudnn"

@@ -136,7 +136,7 @@ def test_hf_config_variants(tmp_path):
 def test_grouped_causal_attention_matches_reference():
     """The XLA:CPU training attention (grouped layout, causal query blocks) against
     ``jax.nn.dot_product_attention`` with the same packed causal mask: outputs and gradients."""
-    from w2s_jax.models import llama as M
+    from w2s_jax.models import decoder as M
     B, T, H, KV, D = 2, 128, 6, 2, 16
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((B, T, h, D)), jnp.float32) for h in (H, KV, KV))

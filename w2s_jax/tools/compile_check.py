@@ -280,7 +280,8 @@ def build_targets(cfg: CheckConfig, mesh, gen_mesh) -> list[Target]:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from w2s_jax.models import llama as M
+    from w2s_jax.models import decoder as M
+    from w2s_jax.models import params as MP
     from w2s_jax.parallel.sharding import logical_to_spec, tree_shardings
     from w2s_jax.train import loop as train
 
@@ -305,7 +306,7 @@ def build_targets(cfg: CheckConfig, mesh, gen_mesh) -> list[Target]:
         ab = _sds(ab, bsh)
         frozen = None
         if bundle.frozen_sh is not None:
-            frozen = _sds(M.param_shapes(mcfg), bundle.frozen_sh)
+            frozen = _sds(MP.param_shapes(mcfg), bundle.frozen_sh)
         rows = tc.grad_accum * tc.batch_size * (1 if kind == "sft" else 2)
         # model FLOPs per token: full fine-tuning 6N; LoRA ~4N (no weight gradients for the frozen base)
         lora = tc.lora is not None
@@ -327,12 +328,12 @@ def build_targets(cfg: CheckConfig, mesh, gen_mesh) -> list[Target]:
         gcfg = gcfg.replace(max_seq_len=max(gcfg.max_seq_len, S))
         GB = g.batch_size
         cache_dtype = jnp.dtype(g.cache_dtype or cfg.dtype)
-        gp_shapes = M.param_shapes(gcfg)
-        gp_shard = tree_shardings(gen_mesh, M.param_axes(gcfg), gp_shapes, rules)
+        gp_shapes = MP.param_shapes(gcfg)
+        gp_shard = tree_shardings(gen_mesh, MP.param_axes(gcfg), gp_shapes, rules)
         gparams_abs = _sds(gp_shapes, gp_shard)
         cshape = (gcfg.n_layers, GB, S, gcfg.n_kv_heads, gcfg.head_dim)
         c_struct = {"k": jax.ShapeDtypeStruct(cshape, cache_dtype), "v": jax.ShapeDtypeStruct(cshape, cache_dtype)}
-        c_shard = tree_shardings(gen_mesh, M.cache_axes(), c_struct, rules)
+        c_shard = tree_shardings(gen_mesh, MP.cache_axes(), c_struct, rules)
         cache_abs = _sds(c_struct, c_shard)
         g_rep = NamedSharding(gen_mesh, PartitionSpec())
         vsh = NamedSharding(gen_mesh, logical_to_spec(("batch",), (GB,), gen_mesh, rules))
