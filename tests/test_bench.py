@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from w2s_jax.cli.main import main as cli_main
+from w2s_jax.cli.app import main as cli_main
 from w2s_jax.core.errors import UserError
 from w2s_jax.tools import bench
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from w2s_jax.cli.main import main
+from w2s_jax.cli.app import main
 
 
 def _write(path, records):

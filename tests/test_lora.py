@@ -12,7 +12,7 @@ peft = pytest.importorskip("peft")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from w2s_jax.cli.main import main as cli_main  # noqa: E402
+from w2s_jax.cli.app import main as cli_main  # noqa: E402
 from w2s_jax.core.errors import UserError  # noqa: E402
 from w2s_jax.io.convert import lora_to_peft  # noqa: E402
 from w2s_jax.io.native import load_model, save_model  # noqa: E402

@@ -268,7 +268,7 @@ def test_data_commands_refuse_an_output_that_is_an_input(sub, tmp_path):
 
 
 def test_grade_refuses_an_output_that_is_its_input(tmp_path, capsys):
-    from w2s_jax.cli.main import main
+    from w2s_jax.cli.app import main
 
     s = tmp_path / "s.jsonl"
     write_jsonl_atomic(s, [{"id": 1, "response": "#### 5", "gold": "5"}])
@@ -436,7 +436,7 @@ def test_train_config_lr_rejected_naming_the_key():
 
 
 def test_sft_non_string_completion_is_a_one_line_error(tmp_path, capsys):
-    from w2s_jax.cli.main import main
+    from w2s_jax.cli.app import main
 
     data = tmp_path / "sft.jsonl"
     write_jsonl_atomic(data, [{"id": "a", "prompt": "1+1=", "completion": "2"},
@@ -460,7 +460,7 @@ def test_corrupt_run_directory_config_is_a_user_error(tmp_path):
 def test_wrapped_disk_errors_are_one_line(monkeypatch, capsys):
     """A library that wraps the OSError (Orbax, TensorStore) still gives one line; a bug stays a traceback."""
     import w2s_jax.method.grading as grading
-    from w2s_jax.cli.main import main
+    from w2s_jax.cli.app import main
 
     def wrapped(*a, **k):
         try:
@@ -491,7 +491,7 @@ def test_wrapped_disk_errors_are_one_line(monkeypatch, capsys):
 @pytest.mark.parametrize("err", [(28, "No space left on device"), (30, "Read-only file system")])
 def test_disk_errors_are_one_line_naming_the_path(err, monkeypatch, capsys):
     import w2s_jax.method.grading as grading
-    from w2s_jax.cli.main import main
+    from w2s_jax.cli.app import main
 
     def fail(*a, **k):
         raise OSError(err[0], err[1], "/data/out.jsonl")
@@ -561,7 +561,7 @@ def test_checkpoint_fallback_warning_names_step_and_path_without_tensorstore_dum
 def test_cpu_commands_keep_jax_away_from_libtpu(monkeypatch):
     import importlib.util
 
-    from w2s_jax.cli.main import main as cli
+    from w2s_jax.cli import app as cli
     if importlib.util.find_spec("libtpu") is None:
         pytest.skip("libtpu is not installed (it comes with the [test] extra on Linux x86-64)")
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)

@@ -53,7 +53,7 @@ def test_dpo_reference_with_repeated_ids_gives_ln2_at_step_one(tmp_path):
 
 def test_dpo_cli_writes_the_reference_cache_in_out_dir(tmp_path, capsys):
     """Nothing is written next to the training data (which may be a read-only mount)."""
-    from w2s_jax.cli.main import main
+    from w2s_jax.cli.app import main
     from w2s_jax.core.jsonl import write_jsonl_atomic
 
     data = tmp_path / "data"

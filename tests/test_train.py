@@ -289,7 +289,7 @@ def test_run_sft_and_dpo_drivers_write_outputs(tmp_path):
 
 
 def test_cli_sft_then_dpo_and_unknown_keys(tmp_path, capsys):
-    from w2s_jax.cli.main import main
+    from w2s_jax.cli.app import main
     from w2s_jax.core.jsonl import write_jsonl_atomic
 
     write_jsonl_atomic(tmp_path / "sft.jsonl", sft_records(16))

@@ -1,5 +1,5 @@
 """The `w2s` command line: argument parsing for each subcommand, nothing else."""
 
-from w2s_jax.cli.main import main
+from w2s_jax.cli.app import main
 
 __all__ = ["main"]

@@ -1,5 +1,5 @@
 import sys
 
-from w2s_jax.cli.main import main
+from w2s_jax.cli.app import main
 
 sys.exit(main())
