@@ -138,8 +138,7 @@ def test_votes_and_consistency_group_equivalent_answers():
 
 
 def test_splits_have_no_train_1():
-    from w2s_jax.core.config import DataConfig
-    from w2s_jax.method.tasks import load_splits
+    from w2s_jax.method.splits import DataConfig, load_splits
 
     s = load_splits(DataConfig(task="olympicarena", source="local", train=str(FIXTURE), test=str(FIXTURE)))
     assert s["train_1"] == [] and len(s["train_2"]) == 21 and len(s["test"]) == 21

@@ -459,7 +459,7 @@ def test_corrupt_run_directory_config_is_a_user_error(tmp_path):
 
 def test_wrapped_disk_errors_are_one_line(monkeypatch, capsys):
     """A library that wraps the OSError (Orbax, TensorStore) still gives one line; a bug stays a traceback."""
-    import w2s_jax.method.grading as grading
+    import w2s_jax.cli.grade as grading
     from w2s_jax.cli.main import main
 
     def wrapped(*a, **k):
@@ -490,7 +490,7 @@ def test_wrapped_disk_errors_are_one_line(monkeypatch, capsys):
 
 @pytest.mark.parametrize("err", [(28, "No space left on device"), (30, "Read-only file system")])
 def test_disk_errors_are_one_line_naming_the_path(err, monkeypatch, capsys):
-    import w2s_jax.method.grading as grading
+    import w2s_jax.cli.grade as grading
     from w2s_jax.cli.main import main
 
     def fail(*a, **k):

@@ -16,10 +16,10 @@ from w2s_jax.core.errors import UserError
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("w2s_jax.pipeline.run", "run the weak-to-strong pipeline from a config"),
-    "data": ("w2s_jax.method.datasets", "build data sets: split, full-weak, consistency, vote, pairs"),
-    "grade": ("w2s_jax.method.grading", "extract and grade answers in a JSONL file"),
-    "generate": ("w2s_jax.pipeline.generation", "batched generation with a KV cache"),
+    "run": ("w2s_jax.cli.run", "run the weak-to-strong pipeline from a config"),
+    "data": ("w2s_jax.cli.data", "build data sets: split, full-weak, consistency, vote, pairs"),
+    "grade": ("w2s_jax.cli.grade", "extract and grade answers in a JSONL file"),
+    "generate": ("w2s_jax.cli.generate", "batched generation with a KV cache"),
     "logprobs": ("w2s_jax.infer.scoring", "summed completion log-probabilities"),
     "convert": ("w2s_jax.io.convert", "convert checkpoints between HF/GGUF and w2s-jax"),
     "sft": ("w2s_jax.cli.train", "supervised fine-tuning"),

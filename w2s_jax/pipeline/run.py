@@ -38,10 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from w2s_jax.core.config import DataConfig, SyntheticConfig, config_hash, dump_yaml, from_dict, load_config, to_dict
+from w2s_jax.core.config import config_hash, dump_yaml, from_dict, load_config, to_dict
 from w2s_jax.core.errors import UserError
 from w2s_jax.core.jsonl import read_jsonl, write_json_atomic, write_jsonl_atomic
 from w2s_jax.infer.sampler import SampleConfig
+from w2s_jax.method.splits import DataConfig, SyntheticConfig
 from w2s_jax.parallel import distributed
 from w2s_jax.parallel.sharding import MeshConfig
 from w2s_jax.train.loop import TrainConfig
@@ -523,7 +524,7 @@ class Pipeline:
     # --------------------------------------------------------------- stages
 
     def stage_data(self, d: Path) -> dict:
-        from w2s_jax.method.tasks import load_splits
+        from w2s_jax.method.splits import load_splits
 
         splits = load_splits(self.cfg.data)
         missing = [r["id"] for r in splits["test"] if r.get("answer") in (None, "", [])]
