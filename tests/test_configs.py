@@ -8,7 +8,8 @@ import pytest
 
 from w2s_jax.core.config import load_config
 from w2s_jax.core.jsonl import read_jsonl
-from w2s_jax.pipeline.run import Pipeline, RunConfig, config_path, default_config_path, load_run_config
+from w2s_jax.pipeline.config import RunConfig, config_path, default_config_path, load_run_config
+from w2s_jax.pipeline.stages import Pipeline
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("**/*.yaml"))
 RUN_CONFIGS = [p for p in CONFIGS if "tpu" not in p.parts]

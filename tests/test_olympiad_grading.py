@@ -147,7 +147,8 @@ def test_splits_have_no_train_1():
 def test_pipeline_data_stage(tmp_path: Path):
     """`w2s run` on OlympicArena JSONL: no train_1 (the weak model is used as given), prompts kept."""
     from w2s_jax.core.jsonl import read_jsonl
-    from w2s_jax.pipeline.run import Pipeline, load_run_config
+    from w2s_jax.pipeline.config import load_run_config
+    from w2s_jax.pipeline.stages import Pipeline
 
     weak_dir = tmp_path / "weak"
     weak_dir.mkdir()

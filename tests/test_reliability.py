@@ -111,7 +111,8 @@ def test_multihost_locks_once_on_process_0(tmp_path, monkeypatch):
 
 
 def test_w2s_run_refuses_a_second_run_in_the_same_directory(tmp_path):
-    from w2s_jax.pipeline.run import Pipeline, load_run_config
+    from w2s_jax.pipeline.config import load_run_config
+    from w2s_jax.pipeline.stages import Pipeline
 
     out = tmp_path / "run"
     holder = start_holder(out / LOCK_NAME)
@@ -157,7 +158,7 @@ INPUTS = [{"id": "a", "question": "2+3?", "gold": "5"}, {"id": "b", "question": 
 
 
 def generate(model, inp, out, *extra):
-    from w2s_jax.pipeline.generation import main
+    from w2s_jax.cli.generate import main
 
     return main(["--model", str(model), "--input", str(inp), "--output", str(out), "--max-new-tokens", "4",
                  "--no-progress", *extra])
@@ -421,15 +422,15 @@ def test_convert_never_deletes_a_directory_it_did_not_write(model_dirs, tmp_path
     ("weak_train.max_steps=0", "weak_train.max_steps"), ("generation.max_new_tokens=0", "generation.max_new_tokens"),
 ])
 def test_bad_config_values_are_rejected_at_load_naming_the_key(override, key):
-    from w2s_jax.pipeline.run import load_run_config
+    from w2s_jax.pipeline.config import load_run_config
 
     with pytest.raises(UserError, match=f"config key `{key}` must be"):
         load_run_config(None, [override])
 
 
 def test_train_config_lr_rejected_naming_the_key():
-    from w2s_jax.cli.train import TrainRunConfig
     from w2s_jax.core.config import load_config
+    from w2s_jax.pipeline.train_job import TrainRunConfig
 
     with pytest.raises(UserError, match="config key `train.lr` must be a finite number >= 0, got -1"):
         load_config(TrainRunConfig, None, ["train.lr=-1"])
@@ -448,7 +449,8 @@ def test_sft_non_string_completion_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_corrupt_run_directory_config_is_a_user_error(tmp_path):
-    from w2s_jax.pipeline.run import Pipeline, load_run_config
+    from w2s_jax.pipeline.config import load_run_config
+    from w2s_jax.pipeline.stages import Pipeline
 
     out = tmp_path / "run"
     out.mkdir()
