@@ -250,7 +250,7 @@ def test_generate_checks_input_before_loading_the_model(model_dirs, tmp_path, mo
 
 @pytest.mark.parametrize("sub", ["vote", "full-weak", "pairs"])
 def test_data_commands_refuse_an_output_that_is_an_input(sub, tmp_path):
-    from w2s_jax.method.datasets import main as data
+    from w2s_jax.cli.data import main as data
 
     recs = [{"id": 1, "prompt": "Q", "response": "5", "pred": "5", "result": True}]
     s = tmp_path / "s.jsonl"
@@ -561,9 +561,10 @@ def test_checkpoint_fallback_warning_names_step_and_path_without_tensorstore_dum
 
 
 def test_cpu_commands_keep_jax_away_from_libtpu(monkeypatch):
+    import importlib
     import importlib.util
 
-    from w2s_jax.cli.main import main as cli
+    cli = importlib.import_module("w2s_jax.cli.main")  # the module (the package's `main` is the function)
     if importlib.util.find_spec("libtpu") is None:
         pytest.skip("libtpu is not installed (it comes with the [test] extra on Linux x86-64)")
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
