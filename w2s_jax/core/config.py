@@ -31,6 +31,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import yaml
+
 from w2s_jax.core.errors import UserError
 from w2s_jax.core.jsonl import _atomic_write_text
 
@@ -256,8 +258,6 @@ def deep_merge(base: Mapping, over: Mapping) -> dict:
 
 
 def _safe_load(text: str, where: str) -> Any:
-    import yaml
-
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -347,8 +347,6 @@ def load_config(
 
 def dump_yaml(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically), in field order."""
-    import yaml
-
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
     _atomic_write_text(path, lambda f: f.write(text))
 

@@ -35,12 +35,14 @@ An empty prediction is wrong unless the gold also normalizes to empty.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import re
 import select
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -273,9 +275,6 @@ def _sympy_equiv(gold: str, pred: str) -> bool:
 
 def _stdio_worker() -> None:  # pragma: no cover - runs in the child process
     """Child loop: one JSON ``[gold, pred]`` per stdin line -> ``true``/``false`` per stdout line."""
-    import json
-    import warnings
-
     warnings.filterwarnings("ignore")
     out = sys.stdout.buffer
     for line in sys.stdin.buffer:
@@ -334,8 +333,6 @@ class _SymbolicWorker:
             proc.stdin.close()
 
     def compare(self, gold: str, pred: str, timeout: float) -> bool:
-        import json
-
         if self._proc is None or self._proc.poll() is not None:
             self._kill()
             self._start()

@@ -14,6 +14,7 @@ optional) and generated data (:mod:`w2s_jax.method.synth`). :func:`w2s_jax.metho
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -208,8 +209,6 @@ def get_task(task: str | TaskAdapter) -> TaskAdapter:
     try:
         return TASKS[task]
     except KeyError:
-        import difflib
-
         close = difflib.get_close_matches(str(task), TASKS, n=1)
         hint = f" (did you mean `{close[0]}`?)" if close else ""
         raise UserError(f"unknown task `{task}`{hint}; known: {', '.join(sorted(TASKS))}") from None
