@@ -61,9 +61,9 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("SyntheticConfig", "kind"): "`arith`: this project's generator; the others come from reasoning-gym",
     ("SyntheticConfig", "max_steps"): "arith: most operations per problem",
     ("ModelSpec", "path"): "checkpoint: native dir, Hugging Face dir, `.gguf` file or PEFT adapter dir",
-    ("ModelSpec", "preset"): "a preset of `w2s_jax/models/llama.py` initialised at random (give `path` or `preset`)",
+    ("ModelSpec", "preset"): "a preset of `w2s_jax/models/config.py` initialised at random (give `path` or `preset`)",
     ("ModelSpec", "seed"): "initialisation seed of a preset",
-    ("ModelSpec", "pretrain"): "demo only: train a preset on a generated pool first",
+    ("RunModelSpec", "pretrain"): "demo only: train a preset on a generated pool first",
     ("PretrainConfig", "examples"): "pool size (0 = off)",
     ("PretrainConfig", "seed"): "seed of the pool (disjoint from the run's data)",
     ("PretrainConfig", "few_shot_max"): "up to this many solved problems precede each pool example",
@@ -135,18 +135,12 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("MeshConfig", "tensor"): "tensor-parallel axis",
     ("MeshConfig", "sequence"): "sequence axis",
     ("MeshConfig", "rules"): "replacement table: logical axis name -> mesh axes",
-    ("ModelSection", "path"): "checkpoint: native dir, Hugging Face dir, `.gguf` file or PEFT adapter dir",
-    ("ModelSection", "preset"): "a preset initialised at random",
-    ("ModelSection", "overrides"): "ModelConfig fields (dtype, remat, ...)",
-    ("ModelSection", "tokenizer"): "`byte` or a tokenizer dir (default: the checkpoint's own)",
-    ("ModelSection", "base"): "base model of a PEFT adapter path",
-    ("ModelSection", "seed"): "initialisation seed of a preset",
     ("DataSection", "train"): "JSONL: `{id, prompt, completion}` (sft) or `{id, prompt, chosen, rejected}` (dpo)",
     ("DataSection", "eval"): "held-out file (else `train.eval_fraction` of `train`)",
     ("DataSection", "ref_cache"): "dpo: reference log-probs cache (default `<out_dir>/ref_logps.jsonl`)",
     ("TrainRunConfig", "out_dir"): "model, checkpoints, metrics and the resolved config",
     ("TrainRunConfig", "export_hf"): "also write a Hugging Face dir (full fine-tuning) or a PEFT adapter (LoRA)",
-    ("CheckConfig", "model"): "a preset name of `w2s_jax/models/llama.py`",
+    ("CheckConfig", "model"): "a preset name of `w2s_jax/models/config.py`",
     ("CheckConfig", "model_overrides"): "ModelConfig fields",
     ("CheckConfig", "remat"): "rematerialisation policy of the training steps",
     ("CheckConfig", "param_dtype"): "parameter (master weight) dtype",
@@ -190,9 +184,9 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
 
 
 def roots() -> list[tuple[str, type]]:
-    from w2s_jax.cli.train import TrainRunConfig
     from w2s_jax.models.config import ModelConfig
-    from w2s_jax.pipeline.run import RunConfig
+    from w2s_jax.pipeline.config import RunConfig
+    from w2s_jax.pipeline.train_job import TrainRunConfig
     from w2s_jax.tools.compile_check import CheckConfig
 
     return [
@@ -204,7 +198,12 @@ def roots() -> list[tuple[str, type]]:
 
 
 def _comments(cls: type) -> tuple[dict[str, str], str]:
-    """Inline ``# comment`` of each field line, and the class docstring's first paragraph."""
+    """Inline ``# comment`` of each field line (fields inherited from a dataclass base: the base's), and
+    the class docstring's first paragraph."""
+    inherited: dict[str, str] = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            inherited.update(_comments(base)[0])
     src = inspect.getsource(cls)
     tree = ast.parse(src)
     node = tree.body[0]
@@ -218,7 +217,15 @@ def _comments(cls: type) -> tuple[dict[str, str], str]:
         if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
             out[stmt.target.id] = line_comment.get(stmt.end_lineno, "")
     doc = ast.get_docstring(node) or ""
-    return out, " ".join(doc.split("\n\n")[0].split())
+    return {**inherited, **out}, " ".join(doc.split("\n\n")[0].split())
+
+
+def _description(cls: type, key: str) -> str:
+    """The DESCRIPTIONS entry of ``key`` for ``cls`` or the dataclass it inherits the key from."""
+    for c in cls.__mro__:
+        if (c.__name__, key) in DESCRIPTIONS:
+            return DESCRIPTIONS[(c.__name__, key)]
+    return ""
 
 
 def _dataclasses_in(tp: typing.Any) -> list[type]:
@@ -267,7 +274,7 @@ def _table(cls: type) -> tuple[list[str], list[type]]:
         nested += [s for s in subs if s not in nested]
         d = _default(f)
         raw_type = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        meaning = comments.get(f.name) or DESCRIPTIONS.get((cls.__name__, f.name), "")
+        meaning = comments.get(f.name) or _description(cls, f.name)
         if d is dataclasses.MISSING:
             default = "required"
         elif dataclasses.is_dataclass(d) and not isinstance(d, type):

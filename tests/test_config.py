@@ -5,8 +5,6 @@ import pytest
 import yaml
 
 from w2s_jax.core.config import (
-    DataConfig,
-    SyntheticConfig,
     config_hash,
     dump_yaml,
     from_dict,
@@ -15,6 +13,7 @@ from w2s_jax.core.config import (
     to_dict,
 )
 from w2s_jax.core.errors import UserError
+from w2s_jax.method.splits import DataConfig, SyntheticConfig
 
 
 @dataclass(frozen=True)

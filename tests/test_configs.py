@@ -8,7 +8,8 @@ import pytest
 
 from w2s_jax.core.config import load_config
 from w2s_jax.core.jsonl import read_jsonl
-from w2s_jax.pipeline.run import Pipeline, RunConfig, config_path, default_config_path, load_run_config
+from w2s_jax.pipeline.config import RunConfig, config_path, default_config_path, load_run_config
+from w2s_jax.pipeline.stages import Pipeline
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("**/*.yaml"))
 RUN_CONFIGS = [p for p in CONFIGS if "tpu" not in p.parts]
@@ -64,3 +65,30 @@ def test_paper_configs_keep_the_release_settings(path: Path):
     base = yaml.safe_load(path.read_text()).get("base")
     text = path.read_text() + ((path.parent / base).read_text() if base else "")
     assert "# ours" in text  # the values the release does not fix are marked as this project's choice
+
+
+def test_one_model_spec_for_run_and_train_configs():
+    """`weak:`/`strong:` of `w2s run` and `model:` of `w2s sft`/`w2s dpo` are one ModelSpec read by one loader:
+    a preset takes the byte tokenizer's vocabulary (259) and ids (pad 256, bos 257, eos 258); a smaller
+    `overrides.vocab_size` and an unknown override are errors naming the key; run-only keys stay run-only."""
+    from w2s_jax.core.errors import UserError
+    from w2s_jax.io.tokenizer import ByteTokenizer
+    from w2s_jax.pipeline.config import RunModelSpec
+    from w2s_jax.pipeline.model_spec import ModelSpec, check_model_spec, preset_config
+    from w2s_jax.pipeline.train_job import TrainRunConfig
+
+    assert issubclass(RunModelSpec, ModelSpec) and TrainRunConfig().model == ModelSpec()
+    cfg = preset_config(ModelSpec(preset="tiny"), ByteTokenizer())
+    assert (cfg.vocab_size, cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id) == (259, 256, 257, 258)
+    assert preset_config(ModelSpec(preset="tiny", overrides={"vocab_size": 300}), ByteTokenizer()).vocab_size == 300
+    with pytest.raises(UserError, match=r"`model.overrides.vocab_size`: 100 is smaller than the tokenizer's"):
+        preset_config(ModelSpec(preset="tiny", overrides={"vocab_size": 100}), ByteTokenizer())
+    with pytest.raises(UserError, match=r"unknown key `strong.overrides.n_layer` \(did you mean `strong.overrides"
+                                        r".n_layers`\?\)"):
+        check_model_spec(ModelSpec(preset="tiny", overrides={"n_layer": 1}), "strong")
+    with pytest.raises(UserError, match="give exactly one of `weak.path` or `weak.preset`"):
+        check_model_spec(ModelSpec(), "weak")
+    with pytest.raises(UserError, match="unknown key `model.trained`"):
+        load_config(TrainRunConfig, None, ["model.trained=true"])
+    with pytest.raises(UserError, match="unknown key `weak.overrides.n_layer`"):
+        load_run_config("smoke", ["weak.overrides={n_layer: 1}"])

@@ -2,11 +2,12 @@ import json
 
 import pytest
 
-from w2s_jax.core.config import DataConfig, load_config
+from w2s_jax.core.config import load_config
 from w2s_jax.core.errors import UserError
 from w2s_jax.method.datasets import consistency_sets, contrastive_pairs, full_weak_sft, to_llamafactory, to_trl, vote
+from w2s_jax.method.splits import DataConfig, load_splits
 from w2s_jax.method.synth import make_synthetic
-from w2s_jax.method.tasks import TASKS, TaskAdapter, get_task, last_boxed, load_hf, load_local, load_splits, split_train
+from w2s_jax.method.tasks import TASKS, TaskAdapter, get_task, last_boxed, load_hf, load_local, split_train
 
 # --- samples -> votes -> pairs, every branch, expected pairs written out ------------------------
 

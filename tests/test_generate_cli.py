@@ -8,13 +8,13 @@ import json
 import jax
 import pytest
 
+from w2s_jax.cli.generate import main
 from w2s_jax.core.errors import UserError
 from w2s_jax.core.jsonl import read_jsonl, write_jsonl_atomic
 from w2s_jax.io.native import save_model
 from w2s_jax.io.tokenizer import ByteTokenizer
 from w2s_jax.models.config import get_preset
 from w2s_jax.models.params import init_params
-from w2s_jax.pipeline.generation import main
 
 BASE_FIELDS = {"id", "sample", "seed", "prompt", "response", "num_tokens", "finish_reason"}
 

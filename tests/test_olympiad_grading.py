@@ -138,8 +138,7 @@ def test_votes_and_consistency_group_equivalent_answers():
 
 
 def test_splits_have_no_train_1():
-    from w2s_jax.core.config import DataConfig
-    from w2s_jax.method.tasks import load_splits
+    from w2s_jax.method.splits import DataConfig, load_splits
 
     s = load_splits(DataConfig(task="olympicarena", source="local", train=str(FIXTURE), test=str(FIXTURE)))
     assert s["train_1"] == [] and len(s["train_2"]) == 21 and len(s["test"]) == 21
@@ -148,7 +147,8 @@ def test_splits_have_no_train_1():
 def test_pipeline_data_stage(tmp_path: Path):
     """`w2s run` on OlympicArena JSONL: no train_1 (the weak model is used as given), prompts kept."""
     from w2s_jax.core.jsonl import read_jsonl
-    from w2s_jax.pipeline.run import Pipeline, load_run_config
+    from w2s_jax.pipeline.config import load_run_config
+    from w2s_jax.pipeline.stages import Pipeline
 
     weak_dir = tmp_path / "weak"
     weak_dir.mkdir()

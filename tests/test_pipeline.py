@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 
 from w2s_jax.core.errors import UserError
-from w2s_jax.pipeline.run import STAGE_NAMES, Pipeline, load_run_config
+from w2s_jax.pipeline.config import load_run_config
+from w2s_jax.pipeline.fingerprints import STAGE_NAMES
+from w2s_jax.pipeline.stages import Pipeline
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")  # byte-level models, offline
 TINY = [
@@ -308,7 +310,7 @@ def test_demonstration_sources_and_gold_use(tmp_path: Path):
     import random
 
     from w2s_jax.core.jsonl import write_jsonl_atomic
-    from w2s_jax.pipeline.run import _gold_use
+    from w2s_jax.pipeline.report import gold_use
 
     run = tmp_path / "run"
     weak = [{"id": f"q{i}", "prompt": f"Question: {i}?\nAnswer:", "response": f"{i}\n#### {i}" if i % 4 else "no key",
@@ -328,7 +330,7 @@ def test_demonstration_sources_and_gold_use(tmp_path: Path):
     (run / "stages").mkdir(parents=True)
     (run / "stages" / "strong_icl.json").write_text(json.dumps(
         {"demos": [d["id"] for d in demos], "demos_source": "correct", "demos_read_gold": True}))
-    use = _gold_use(p)
+    use = gold_use(p)
     assert use["demonstrations"] == {"source": "correct", "ids": [d["id"] for d in demos], "read_gold": True}
     assert any("stage1.demos=correct" in x for x in use["train_2_gold_read_by"])
     f = tmp_path / "demos.txt"

@@ -111,7 +111,8 @@ def test_multihost_locks_once_on_process_0(tmp_path, monkeypatch):
 
 
 def test_w2s_run_refuses_a_second_run_in_the_same_directory(tmp_path):
-    from w2s_jax.pipeline.run import Pipeline, load_run_config
+    from w2s_jax.pipeline.config import load_run_config
+    from w2s_jax.pipeline.stages import Pipeline
 
     out = tmp_path / "run"
     holder = start_holder(out / LOCK_NAME)
@@ -157,7 +158,7 @@ INPUTS = [{"id": "a", "question": "2+3?", "gold": "5"}, {"id": "b", "question": 
 
 
 def generate(model, inp, out, *extra):
-    from w2s_jax.pipeline.generation import main
+    from w2s_jax.cli.generate import main
 
     return main(["--model", str(model), "--input", str(inp), "--output", str(out), "--max-new-tokens", "4",
                  "--no-progress", *extra])
@@ -249,7 +250,7 @@ def test_generate_checks_input_before_loading_the_model(model_dirs, tmp_path, mo
 
 @pytest.mark.parametrize("sub", ["vote", "full-weak", "pairs"])
 def test_data_commands_refuse_an_output_that_is_an_input(sub, tmp_path):
-    from w2s_jax.method.datasets import main as data
+    from w2s_jax.cli.data import main as data
 
     recs = [{"id": 1, "prompt": "Q", "response": "5", "pred": "5", "result": True}]
     s = tmp_path / "s.jsonl"
@@ -421,15 +422,15 @@ def test_convert_never_deletes_a_directory_it_did_not_write(model_dirs, tmp_path
     ("weak_train.max_steps=0", "weak_train.max_steps"), ("generation.max_new_tokens=0", "generation.max_new_tokens"),
 ])
 def test_bad_config_values_are_rejected_at_load_naming_the_key(override, key):
-    from w2s_jax.pipeline.run import load_run_config
+    from w2s_jax.pipeline.config import load_run_config
 
     with pytest.raises(UserError, match=f"config key `{key}` must be"):
         load_run_config(None, [override])
 
 
 def test_train_config_lr_rejected_naming_the_key():
-    from w2s_jax.cli.train import TrainRunConfig
     from w2s_jax.core.config import load_config
+    from w2s_jax.pipeline.train_job import TrainRunConfig
 
     with pytest.raises(UserError, match="config key `train.lr` must be a finite number >= 0, got -1"):
         load_config(TrainRunConfig, None, ["train.lr=-1"])
@@ -448,7 +449,8 @@ def test_sft_non_string_completion_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_corrupt_run_directory_config_is_a_user_error(tmp_path):
-    from w2s_jax.pipeline.run import Pipeline, load_run_config
+    from w2s_jax.pipeline.config import load_run_config
+    from w2s_jax.pipeline.stages import Pipeline
 
     out = tmp_path / "run"
     out.mkdir()
@@ -459,8 +461,8 @@ def test_corrupt_run_directory_config_is_a_user_error(tmp_path):
 
 def test_wrapped_disk_errors_are_one_line(monkeypatch, capsys):
     """A library that wraps the OSError (Orbax, TensorStore) still gives one line; a bug stays a traceback."""
-    import w2s_jax.method.grading as grading
-    from w2s_jax.cli.app import main
+    import w2s_jax.cli.grade as grading
+    from w2s_jax.cli import main
 
     def wrapped(*a, **k):
         try:
@@ -490,8 +492,8 @@ def test_wrapped_disk_errors_are_one_line(monkeypatch, capsys):
 
 @pytest.mark.parametrize("err", [(28, "No space left on device"), (30, "Read-only file system")])
 def test_disk_errors_are_one_line_naming_the_path(err, monkeypatch, capsys):
-    import w2s_jax.method.grading as grading
-    from w2s_jax.cli.app import main
+    import w2s_jax.cli.grade as grading
+    from w2s_jax.cli import main
 
     def fail(*a, **k):
         raise OSError(err[0], err[1], "/data/out.jsonl")
@@ -559,9 +561,10 @@ def test_checkpoint_fallback_warning_names_step_and_path_without_tensorstore_dum
 
 
 def test_cpu_commands_keep_jax_away_from_libtpu(monkeypatch):
+    import importlib
     import importlib.util
 
-    from w2s_jax.cli import app as cli
+    cli = importlib.import_module("w2s_jax.cli.app")
     if importlib.util.find_spec("libtpu") is None:
         pytest.skip("libtpu is not installed (it comes with the [test] extra on Linux x86-64)")
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from w2s_jax.pipeline.run import results_figure
+from w2s_jax.pipeline.report import results_figure
 
 CASES = {
     "spread": [("weak", .13), ("full weak FT", .11), ("Stage I", .46), ("Stage II (sigmoid)", .47),

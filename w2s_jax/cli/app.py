@@ -6,20 +6,31 @@ imported only when its command runs, so `w2s grade` never pays for importing JAX
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import difflib
 import errno
+import glob
 import importlib
+import importlib.util
+import io
 import os
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
+from w2s_jax import __version__
 from w2s_jax.core.errors import UserError
+from w2s_jax.core.hostmem import tune_host_malloc
+from w2s_jax.core.paths import check_output_not_input
+from w2s_jax.parallel import distributed
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("w2s_jax.pipeline.run", "run the weak-to-strong pipeline from a config"),
-    "data": ("w2s_jax.method.datasets", "build data sets: split, full-weak, consistency, vote, pairs"),
-    "grade": ("w2s_jax.method.grading", "extract and grade answers in a JSONL file"),
-    "generate": ("w2s_jax.pipeline.generation", "batched generation with a KV cache"),
+    "run": ("w2s_jax.cli.run", "run the weak-to-strong pipeline from a config"),
+    "data": ("w2s_jax.cli.data", "build data sets: split, full-weak, consistency, vote, pairs"),
+    "grade": ("w2s_jax.cli.grade", "extract and grade answers in a JSONL file"),
+    "generate": ("w2s_jax.cli.generate", "batched generation with a KV cache"),
     "logprobs": ("w2s_jax.infer.scoring", "summed completion log-probabilities"),
     "convert": ("w2s_jax.io.convert", "convert checkpoints between HF/GGUF and w2s-jax"),
     "sft": ("w2s_jax.cli.train", "supervised fine-tuning"),
@@ -54,8 +65,6 @@ def _compile_cache_defaults() -> None:
 
 def _tpu_chips_present() -> bool:
     """Whether this machine has TPU chips (Google PCI devices, as JAX itself checks)."""
-    import glob
-
     for f in glob.glob("/sys/bus/pci/devices/*/vendor"):
         try:
             with open(f) as fh:
@@ -74,16 +83,12 @@ def _platform_defaults(command: str) -> None:
     prints an ``E0000 ... INVALID_ARGUMENT`` block. Unless ``JAX_PLATFORMS`` is set, or the command
     asks for a TPU topology (``compile-check``), the platforms are then the GPU ones whose plugins are
     installed (skipped by JAX when no GPU is visible) and the CPU."""
-    import importlib.util
-
     if "JAX_PLATFORMS" in os.environ or command == "compile-check":
         return
     if importlib.util.find_spec("libtpu") is None or _tpu_chips_present():
         return
     platforms = []
     try:
-        from importlib.metadata import entry_points
-
         names = [ep.name for ep in entry_points(group="jax_plugins")]
     except Exception:  # noqa: BLE001 -- metadata of a broken install: CPU only
         names = []
@@ -110,10 +115,6 @@ def _guard_outputs(name: str, args: list[str]) -> None:
     spec = _OUTPUT_GUARDS.get(name)
     if spec is None or any(a in ("-h", "--help") for a in args):
         return
-    import argparse
-    import contextlib
-    import io
-
     ap = argparse.ArgumentParser(add_help=False)
     for flag in (*spec[0], *spec[1]):
         ap.add_argument(flag)
@@ -122,8 +123,6 @@ def _guard_outputs(name: str, args: list[str]) -> None:
             ns, _ = ap.parse_known_args(args)
     except SystemExit:  # malformed: the command's own parser reports it
         return
-    from w2s_jax.core.paths import check_output_not_input
-
     get = lambda f: getattr(ns, f[2:].replace("-", "_"))  # noqa: E731
     check_output_not_input({f: get(f) for f in spec[1]}, {f: get(f) for f in spec[0]})
 
@@ -144,25 +143,19 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     if argv[0] == "--version":
-        from w2s_jax import __version__
         print(__version__)
         return 0
     name = argv[0]
     if name not in COMMANDS:
-        import difflib
-
         close = difflib.get_close_matches(name, COMMANDS, n=1)
         hint = f" (did you mean `{close[0]}`?)" if close else ""
         print(f"w2s: unknown command `{name}`{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     _compile_cache_defaults()
     _platform_defaults(name)
-    from w2s_jax.core.hostmem import tune_host_malloc
-
     tune_host_malloc()  # before JAX/torch start their threads (see w2s_jax/core/hostmem.py)
     module = importlib.import_module(COMMANDS[name][0])
     if name in MULTIHOST_COMMANDS and not any(a in ("-h", "--help") for a in argv[1:]):
-        from w2s_jax.parallel import distributed
         distributed.initialize()  # joins a multi-host run (TPU pod, W2S_COORDINATOR, ...); else does nothing
     try:
         _guard_outputs(name, argv[1:])

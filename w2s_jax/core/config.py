@@ -28,11 +28,13 @@ import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import yaml
+
 from w2s_jax.core.errors import UserError
+from w2s_jax.core.jsonl import _atomic_write_text
 
 __all__ = [
     "from_dict",
@@ -44,8 +46,6 @@ __all__ = [
     "deep_merge",
     "dump_yaml",
     "config_hash",
-    "SyntheticConfig",
-    "DataConfig",
 ]
 
 T = TypeVar("T")
@@ -71,66 +71,76 @@ def _describe(value: Any) -> str:
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
+    """``value`` checked against (and converted to) the field type ``tp``; errors name ``key``."""
     if tp is Any or tp is typing.Any:
         return value
     origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-
     if origin is typing.Union or origin is types.UnionType:
-        if value is None:
-            if type(None) in args:
-                return None
-            raise UserError(f"`{_name(key)}`: a value is required (got null), expected {_typename(tp)}")
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(a, value, key)
-            except UserError as e:
-                errors.append(str(e))
-        if len(errors) == 1:
-            raise UserError(errors[0])
-        raise UserError(f"`{_name(key)}`: expected {_typename(tp)}, got {_describe(value)}")
-
+        return _convert_union(tp, value, key)
     if origin is Literal:
-        for a in args:
-            if value == a and type(value) is type(a):
-                return a
-        choices = ", ".join(repr(a) for a in args)
-        raise UserError(f"`{_name(key)}`: expected one of {choices}, got {_describe(value)}")
-
+        return _convert_literal(tp, value, key)
     if value is None:
         raise UserError(f"`{_name(key)}`: a value is required (got null), expected {_typename(tp)}")
-
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        return from_dict(tp, value, key)
+        return value if isinstance(value, tp) else from_dict(tp, value, key)
+    if origin in (list, Sequence, tuple, dict, Mapping) or tp in (list, Sequence, tuple, dict, Mapping):
+        return _convert_container(tp, value, key)
+    return _convert_scalar(tp, value, key)
 
-    if origin in (list, Sequence) or tp in (list, Sequence):
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"`{_name(key)}`: expected a list, got {_describe(value)}")
-        (item_tp,) = args or (Any,)
-        return [_convert(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
 
-    if origin is tuple or tp is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"`{_name(key)}`: expected a list, got {_describe(value)}")
-        if not args:
-            return tuple(value)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
-        if len(args) != len(value):
-            raise UserError(f"`{_name(key)}`: expected a list of {len(args)} items, got {len(value)}")
-        return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+def _convert_union(tp: Any, value: Any, key: str) -> Any:
+    """``Optional[X]``/``X | None`` and other unions: the first member type that accepts ``value``."""
+    args = typing.get_args(tp)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise UserError(f"`{_name(key)}`: a value is required (got null), expected {_typename(tp)}")
+    errors = []
+    for a in args:
+        if a is type(None):
+            continue
+        try:
+            return _convert(a, value, key)
+        except UserError as e:
+            errors.append(str(e))
+    if len(errors) == 1:
+        raise UserError(errors[0])
+    raise UserError(f"`{_name(key)}`: expected {_typename(tp)}, got {_describe(value)}")
 
-    if origin in (dict, Mapping) or tp in (dict, Mapping):
+
+def _convert_literal(tp: Any, value: Any, key: str) -> Any:
+    for a in typing.get_args(tp):
+        if value == a and type(value) is type(a):
+            return a
+    choices = ", ".join(repr(a) for a in typing.get_args(tp))
+    raise UserError(f"`{_name(key)}`: expected one of {choices}, got {_describe(value)}")
+
+
+def _convert_container(tp: Any, value: Any, key: str) -> Any:
+    """``list[T]``, ``tuple[T, ...]``/``tuple[A, B]`` and ``dict[K, V]``, item by item."""
+    origin = typing.get_origin(tp) or tp
+    args = typing.get_args(tp)
+    if origin in (dict, Mapping):
         if not isinstance(value, Mapping):
             raise UserError(f"`{_name(key)}`: expected a mapping, got {_describe(value)}")
         kt, vt = args or (Any, Any)
         return {_convert(kt, k, f"{key}.<key>"): _convert(vt, v, f"{key}.{k}") for k, v in value.items()}
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"`{_name(key)}`: expected a list, got {_describe(value)}")
+    if origin in (list, Sequence):
+        (item_tp,) = args or (Any,)
+        return [_convert(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if not args:
+        return tuple(value)
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    if len(args) != len(value):
+        raise UserError(f"`{_name(key)}`: expected a list of {len(args)} items, got {len(value)}")
+    return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
 
+
+def _convert_scalar(tp: Any, value: Any, key: str) -> Any:
+    """``bool``, ``int``, ``float``, ``str``, ``Path`` and other plain classes (an instance of them)."""
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -248,8 +258,6 @@ def deep_merge(base: Mapping, over: Mapping) -> dict:
 
 
 def _safe_load(text: str, where: str) -> Any:
-    import yaml
-
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -339,10 +347,6 @@ def load_config(
 
 def dump_yaml(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically), in field order."""
-    import yaml
-
-    from w2s_jax.core.jsonl import _atomic_write_text
-
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
     _atomic_write_text(path, lambda f: f.write(text))
 
@@ -351,58 +355,3 @@ def config_hash(cfg: Any) -> str:
     """Stable sha256 hex digest of the config's canonical JSON (sorted keys, no spaces)."""
     blob = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-# --- the data stage's section --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SyntheticConfig:
-    """Generated GSM8K-style data (``data.source=synthetic``; see :mod:`w2s_jax.method.synth`)."""
-
-    kind: Literal["arith", "gsm_symbolic", "basic_arithmetic"] = "arith"
-    min_steps: int = 1  # arith: operations per problem
-    max_steps: int = 2
-    max_value: int = 20  # arith: operands drawn from 1..max_value
-    ops: tuple[str, ...] = ("add", "sub", "mul")  # arith: operations used
-    difficulty: float = 1.0  # gsm_symbolic difficulty
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where the task data comes from and how ``train`` is split into ``train_1``/``train_2``.
-
-    ``source``: ``local`` (JSONL/JSON paths), ``hf`` (Hugging Face ``datasets``: local paths through
-    the ``json`` builder, or ``hf_name``/``hf_config`` from the hub), ``tfds`` (tensorflow-datasets
-    ``gsm8k``) or ``synthetic`` (generated). With ``train_1``/``train_2`` given, they are used as they
-    are; otherwise ``train`` is split with ``seed`` into ``n_train_1``/``n_train_2`` (default: halves).
-    For ``synthetic``, missing sizes default to 1000 / 1000 / 200.
-    """
-
-    task: str = "gsm8k"
-    source: Literal["local", "hf", "tfds", "synthetic"] = "local"
-    train: str | None = None
-    train_1: str | None = None
-    train_2: str | None = None
-    test: str | None = None
-    hf_name: str | None = None
-    hf_config: str | None = None
-    hf_train_split: str = "train"
-    hf_test_split: str = "test"
-    n_train_1: int | None = None
-    n_train_2: int | None = None
-    n_test: int | None = None
-    seed: int = 42
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-
-    def __post_init__(self) -> None:
-        from w2s_jax.method.tasks import TASKS
-
-        if self.task not in TASKS:
-            close = difflib.get_close_matches(self.task, TASKS, n=1)
-            hint = f" (did you mean `{close[0]}`?)" if close else ""
-            raise ValueError(f"unknown task `{self.task}`{hint}; known: {', '.join(sorted(TASKS))}")
-        for k in ("n_train_1", "n_train_2", "n_test"):
-            v = getattr(self, k)
-            if v is not None and v < 0:
-                raise ValueError(f"`{k}` must be >= 0, got {v}")

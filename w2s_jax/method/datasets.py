@@ -1,4 +1,4 @@
-"""``w2s data``: the data sets of the weak-to-strong method, as pure functions and a CLI.
+"""The data sets of the weak-to-strong method, as pure functions (``w2s data``: :mod:`w2s_jax.cli.data`).
 
 JSONL interchange (records joined by ``id``):
 
@@ -43,14 +43,14 @@ This consumes the generator exactly as the release's ``construct_paired_data_gsm
 
 from __future__ import annotations
 
-import argparse
 import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from w2s_jax.core.errors import UserError
-from w2s_jax.core.jsonl import check_unique_ids, read_jsonl, write_json_atomic, write_jsonl_atomic
+from w2s_jax.core.jsonl import check_unique_ids, write_json_atomic, write_jsonl_atomic
+from w2s_jax.method.tasks import get_task
 
 __all__ = [
     "GEN_FIELDS",
@@ -61,7 +61,10 @@ __all__ = [
     "contrastive_pairs",
     "to_llamafactory",
     "to_trl",
-    "main",
+    "write_set",
+    "set_files",
+    "path_stem",
+    "stats_path",
 ]
 
 GEN_FIELDS = ("id", "prompt", "response", "pred")
@@ -280,8 +283,6 @@ def contrastive_pairs(
     ``(pairs, counts)``; ``counts`` has every branch, and ``chosen_correct``/``chosen_with_result``
     when the inputs carry ``result``.
     """
-    from w2s_jax.method.tasks import get_task
-
     k = get_task(task).pairs_per_question if max_pairs is None else max_pairs
     if k < 1:
         raise UserError(f"max_pairs must be >= 1 (got {k})")
@@ -290,65 +291,63 @@ def contrastive_pairs(
     check_unique_ids(weak, weak_path)
     votes_by_id = _by_id(votes, votes_path)
     _same_ids(weak, weak_path, votes, votes_path)
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # one generator, consumed question by question in weak-file order
     counts: dict[str, Any] = {key: 0 for key in _COUNT_KEYS}
-    chosen_correct = chosen_known = 0
+    chosen_results: list[bool] = []
     pairs: list[dict] = []
-
-    def add(w: dict, chosen: str, rejected: str, branch: str, correct: Any) -> None:
-        nonlocal chosen_correct, chosen_known
-        pairs.append({"id": w["id"], "prompt": w["prompt"], "chosen": chosen, "rejected": rejected, "branch": branch})
-        counts[f"pairs_{branch}"] += 1
-        if correct is not None:
-            chosen_known += 1
-            chosen_correct += bool(correct)
-
     for w in weak:
-        v = votes_by_id[w["id"]]
         counts["questions"] += 1
-        conf = float(v["confidence"])
-        majority = "" if v["majority"] is None else str(v["majority"])
-        if conf < low:
-            counts["skipped_low_confidence"] += 1
-            continue
-        if majority == "":
-            counts["skipped_empty_majority"] += 1
-            continue
-        if _same(_pred(w), majority, equiv):
-            negatives = list(v["negatives"])
-            if not negatives:
-                counts["skipped_no_negative"] += 1
-                continue
-            if k == 1:
-                chosen_neg = rng.sample(negatives, 1)
-            else:  # no de-duplication: equal texts may give equal pairs, as in the release
-                chosen_neg = rng.sample(negatives, k) if len(negatives) > k else negatives
-            counts["weak_chosen_questions"] += 1
-            for neg in chosen_neg:
-                add(w, w["response"], neg["response"], "weak_chosen", w.get("result"))
-        elif conf >= high:
-            positives = list(v["positives"])
-            if not positives:  # inconsistent votes file: a majority needs samples
-                raise UserError(f"{votes_path}: id {w['id']!r} has confidence {conf} but no positives")
-            picked = rng.sample(positives, 1)
-            if k > 1:  # then positives in sample order whose text differs from the first pick (only)
-                first = picked[0]["response"]
-                for p in positives:
-                    if len(picked) >= k:
-                        break
-                    if p["response"] != first:
-                        picked.append(p)
-            counts["weak_rejected_questions"] += 1
-            for pos in picked:
-                add(w, pos["response"], w["response"], "weak_rejected", pos.get("result"))
-        else:
-            counts["skipped_weak_disagrees_below_high"] += 1
+        outcome, picked = _question_pairs(w, votes_by_id[w["id"]], k, rng, low, high, equiv, votes_path)
+        counts[outcome] += 1
+        for chosen, rejected, branch, correct in picked:
+            pairs.append({"id": w["id"], "prompt": w["prompt"], "chosen": chosen, "rejected": rejected,
+                          "branch": branch})
+            counts[f"pairs_{branch}"] += 1
+            if correct is not None:
+                chosen_results.append(bool(correct))
     counts["pairs"] = len(pairs)
-    if chosen_known:
-        counts["chosen_with_result"] = chosen_known
-        counts["chosen_correct"] = chosen_correct
+    if chosen_results:
+        counts["chosen_with_result"] = len(chosen_results)
+        counts["chosen_correct"] = sum(chosen_results)
     counts.update(seed=seed, low=low, high=high, max_pairs_per_question=k)
     return pairs, counts
+
+
+def _question_pairs(w: dict, v: dict, k: int, rng: random.Random, low: float, high: float, equiv,
+                    votes_path: str) -> tuple[str, list[tuple[str, str, str, Any]]]:
+    """The pairs of one question: ``(counter, [(chosen, rejected, branch, chosen's result or None)])``,
+    ``counter`` the key of ``counts`` the question adds to (a skip reason or the branch's questions)."""
+    conf = float(v["confidence"])
+    majority = "" if v["majority"] is None else str(v["majority"])
+    if conf < low:
+        return "skipped_low_confidence", []
+    if majority == "":
+        return "skipped_empty_majority", []
+    if _same(_pred(w), majority, equiv):
+        negatives = list(v["negatives"])
+        if not negatives:
+            return "skipped_no_negative", []
+        if k == 1:
+            chosen_neg = rng.sample(negatives, 1)
+        else:  # no de-duplication: equal texts may give equal pairs, as in the release
+            chosen_neg = rng.sample(negatives, k) if len(negatives) > k else negatives
+        return "weak_chosen_questions", [(w["response"], neg["response"], "weak_chosen", w.get("result"))
+                                         for neg in chosen_neg]
+    if conf < high:
+        return "skipped_weak_disagrees_below_high", []
+    positives = list(v["positives"])
+    if not positives:  # inconsistent votes file: a majority needs samples
+        raise UserError(f"{votes_path}: id {w['id']!r} has confidence {conf} but no positives")
+    picked = rng.sample(positives, 1)
+    if k > 1:  # then positives in sample order whose text differs from the first pick (only)
+        first = picked[0]["response"]
+        for p in positives:
+            if len(picked) >= k:
+                break
+            if p["response"] != first:
+                picked.append(p)
+    return "weak_rejected_questions", [(pos["response"], w["response"], "weak_rejected", pos.get("result"))
+                                       for pos in picked]
 
 
 # --- other tools' formats -----------------------------------------------------------------------
@@ -384,15 +383,15 @@ def to_trl(records: Sequence[dict]) -> list[dict]:
     return [{"prompt": r["prompt"], "completion": " " + r["completion"]} for r in records]
 
 
-def _stem(path: Path) -> Path:
+def path_stem(path: Path) -> Path:
     return path.with_name(path.name[: -len(path.suffix)] if path.suffix else path.name)
 
 
-def _write_set(path: Path, records: list[dict], formats: Sequence[str], preference: bool = False) -> list[Path]:
+def write_set(path: Path, records: list[dict], formats: Sequence[str], preference: bool = False) -> list[Path]:
     """Write ``records`` to ``path`` (JSONL) and the requested tool formats next to it."""
     written = [path]
     write_jsonl_atomic(path, records)
-    stem = _stem(path)
+    stem = path_stem(path)
     for fmt in formats:
         if fmt == "llamafactory":
             data = to_llamafactory(records)
@@ -408,192 +407,9 @@ def _write_set(path: Path, records: list[dict], formats: Sequence[str], preferen
     return written
 
 
-# --- CLI ----------------------------------------------------------------------------------------
-
-
-def _add_format(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--format",
-        action="append",
-        choices=("llamafactory", "trl"),
-        default=[],
-        help="also write the set in this tool's format (repeatable)",
-    )
-
-
-def _equiv(task: str | None):
-    """How a task's predictions are compared (OlympicArena: its matching rules; else string equality)."""
-    if task is None:
-        return None
-    from w2s_jax.method.grading import equivalence
-
-    return equivalence(task)
-
-
-def _cmd_split(args: argparse.Namespace) -> int:
-    from w2s_jax.core.config import DataConfig, dump_yaml, load_config
-    from w2s_jax.method.tasks import load_splits
-
-    over: list[str] = []
-    mapping = {
-        "task": args.task,
-        "source": args.source,
-        "train": args.train,
-        "train_1": args.train_1,
-        "train_2": args.train_2,
-        "test": args.test,
-        "hf_name": args.hf_name,
-        "hf_config": args.hf_config,
-        "n_train_1": args.n_train_1,
-        "n_train_2": args.n_train_2,
-        "n_test": args.n_test,
-        "seed": args.seed,
-        "synthetic.kind": args.synthetic_kind,
-        "synthetic.max_value": args.max_value,
-        "synthetic.max_steps": args.max_steps,
-    }
-    import json
-
-    for k, v in mapping.items():
-        if v is not None:
-            over.append(f"{k}={json.dumps(v)}")  # JSON is valid YAML: strings stay strings
-    cfg = load_config(DataConfig, args.config, over + list(args.set))
-    splits = load_splits(cfg)
-    out = Path(args.output_dir)
-    for name in ("train_1", "train_2", "test"):
-        write_jsonl_atomic(out / f"{name}.jsonl", splits[name])
-    dump_yaml(cfg, out / "data_config.yaml")
-    sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
-    print(f"{cfg.task} ({cfg.source}): {sizes} -> {out}")
-    return 0
-
-
-def _cmd_full_weak(args: argparse.Namespace) -> int:
-    weak = read_jsonl(args.weak, required=("id", "prompt", "response"))
-    sft = full_weak_sft(weak, args.weak)
-    _write_set(Path(args.output), sft, args.format)
-    print(f"full-weak: {len(sft)} SFT records -> {args.output}")
-    return 0
-
-
-def _cmd_consistency(args: argparse.Namespace) -> int:
-    weak = read_jsonl(args.weak, required=GEN_FIELDS)
-    strong = read_jsonl(args.strong, required=("id", "response", "pred"))
-    sets, stats = consistency_sets(weak, strong, args.weak, args.strong, equiv=_equiv(args.task))
-    out = Path(args.output_dir)
-    for name in ("weak", "icl", "hybrid"):
-        _write_set(out / f"{name}.jsonl", sets[name], args.format)
-    write_json_atomic(out / "stats.json", stats)
-    acc = f", kept accuracy {stats['kept_accuracy']:.4f}" if "kept_accuracy" in stats else ""
-    print(
-        f"consistency: kept {stats['kept']} / {stats['total']} ({stats['kept_fraction']:.4f}){acc}; "
-        f"hybrid {stats['hybrid_examples']} examples -> {out}"
-    )
-    return 0
-
-
-def _cmd_vote(args: argparse.Namespace) -> int:
-    lists = [read_jsonl(p, required=("id", "response", "pred")) for p in args.samples]
-    votes = vote(lists, args.samples, equiv=_equiv(args.task))
-    write_jsonl_atomic(args.output, votes)
-    hist: dict[float, int] = {}
-    for v in votes:
-        hist[v["confidence"]] = hist.get(v["confidence"], 0) + 1
-    summary = ", ".join(f"{c:g}: {hist[c]}" for c in sorted(hist))
-    print(f"vote: {len(votes)} questions over {len(lists)} samples; confidence histogram {summary} -> {args.output}")
-    return 0
-
-
-def _cmd_pairs(args: argparse.Namespace) -> int:
-    weak = read_jsonl(args.weak, required=GEN_FIELDS)
-    votes = read_jsonl(args.votes, required=("id", "majority", "confidence", "positives", "negatives"))
-    pairs, counts = contrastive_pairs(
-        args.task,
-        weak,
-        votes,
-        seed=args.seed,
-        low=args.low,
-        high=args.high,
-        max_pairs=args.max_pairs,
-        weak_path=args.weak,
-        votes_path=args.votes,
-        equiv=_equiv(args.task),
-    )
-    out = Path(args.output)
-    _write_set(out, pairs, args.format, preference=True)
-    stats_path = _stem(out).with_name(_stem(out).name + ".stats.json")
-    write_json_atomic(stats_path, counts)
-    for key, value in counts.items():
-        print(f"  {key}: {value}")
-    print(f"pairs: {len(pairs)} -> {out} (counts in {stats_path})")
-    return 0
-
-
-def _parser(prog: str) -> argparse.ArgumentParser:
-    from w2s_jax.method.tasks import TASKS
-
-    ap = argparse.ArgumentParser(prog=prog, description="Build the weak-to-strong data sets.")
-    sub = ap.add_subparsers(dest="sub", metavar="SUBCOMMAND")
-    sub.required = True
-
-    p = sub.add_parser("split", help="load a task and write train_1/train_2/test JSONL")
-    p.add_argument("--config", help="YAML file with the data section's keys (DataConfig)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--task", choices=sorted(TASKS))
-    p.add_argument("--source", choices=("local", "hf", "tfds", "synthetic"))
-    p.add_argument("--train", help="full train set to split (file, or HF local file/hub name)")
-    p.add_argument("--train-1", dest="train_1", help="already split train_1 (used as is)")
-    p.add_argument("--train-2", dest="train_2", help="already split train_2 (used as is)")
-    p.add_argument("--test")
-    p.add_argument("--hf-name", dest="hf_name", help="Hugging Face dataset name (e.g. openai/gsm8k)")
-    p.add_argument("--hf-config", dest="hf_config", help="Hugging Face dataset config (e.g. main)")
-    p.add_argument("--n-train-1", dest="n_train_1", type=int)
-    p.add_argument("--n-train-2", dest="n_train_2", type=int)
-    p.add_argument("--n-test", dest="n_test", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--synthetic-kind", dest="synthetic_kind", choices=("arith", "gsm_symbolic", "basic_arithmetic"))
-    p.add_argument("--max-value", dest="max_value", type=int, help="synthetic arith: largest operand")
-    p.add_argument("--max-steps", dest="max_steps", type=int, help="synthetic arith: most operations")
-    p.add_argument("--output-dir", required=True)
-    p.set_defaults(fn=_cmd_split)
-
-    p = sub.add_parser("full-weak", help="every weak output as an SFT record (baseline)")
-    p.add_argument("--weak", required=True)
-    p.add_argument("--output", required=True)
-    _add_format(p)
-    p.set_defaults(fn=_cmd_full_weak)
-
-    p = sub.add_parser("consistency", help="consistency filter: weak.jsonl, icl.jsonl, hybrid.jsonl, stats.json")
-    p.add_argument("--weak", required=True, help="weak-model generation records")
-    p.add_argument("--strong", required=True, help="strong-ICL generation records")
-    p.add_argument("--task", choices=sorted(TASKS), help="compare predictions by this task's rules (olympicarena)")
-    p.add_argument("--output-dir", required=True)
-    _add_format(p)
-    p.set_defaults(fn=_cmd_consistency)
-
-    p = sub.add_parser("vote", help="majority vote over sample files")
-    p.add_argument("--samples", nargs="+", required=True)
-    p.add_argument("--task", choices=sorted(TASKS), help="compare predictions by this task's rules (olympicarena)")
-    p.add_argument("--output", required=True)
-    p.set_defaults(fn=_cmd_vote)
-
-    p = sub.add_parser("pairs", help="contrastive preference pairs")
-    p.add_argument("--task", required=True, choices=sorted(TASKS))
-    p.add_argument("--weak", required=True)
-    p.add_argument("--votes", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--seed", type=int, default=PAIR_SEED)
-    p.add_argument("--low", type=float, default=LOW_CONFIDENCE, help="skip below this confidence")
-    p.add_argument("--high", type=float, default=HIGH_CONFIDENCE, help="weak-rejected pairs need this")
-    p.add_argument("--max-pairs", dest="max_pairs", type=int, help="pairs per question (task default)")
-    _add_format(p)
-    p.set_defaults(fn=_cmd_pairs)
-    return ap
-
-
-def _set_files(path: Path, formats: Sequence[str]) -> list[Path]:
-    """The files :func:`_write_set` writes for ``path``."""
-    stem = _stem(path)
+def set_files(path: Path, formats: Sequence[str]) -> list[Path]:
+    """The files :func:`write_set` writes for ``path``."""
+    stem = path_stem(path)
     out = [path]
     for fmt in formats or ():
         if fmt == "llamafactory":
@@ -604,36 +420,7 @@ def _set_files(path: Path, formats: Sequence[str]) -> list[Path]:
     return out
 
 
-def _planned_outputs(args: argparse.Namespace) -> list[Path]:
-    fmt = getattr(args, "format", ())
-    if args.sub == "split":
-        d = Path(args.output_dir)
-        return [d / f"{n}.jsonl" for n in ("train_1", "train_2", "test")] + [d / "data_config.yaml"]
-    if args.sub == "consistency":
-        d = Path(args.output_dir)
-        return [f for n in ("weak", "icl", "hybrid") for f in _set_files(d / f"{n}.jsonl", fmt)] + [d / "stats.json"]
-    out = Path(args.output)
-    files = _set_files(out, fmt) if args.sub in ("full-weak", "pairs") else [out]
-    if args.sub == "pairs":
-        files.append(_stem(out).with_name(_stem(out).name + ".stats.json"))
-    return files
-
-
-def _check_outputs(args: argparse.Namespace) -> None:
-    """Before any work: no output may be one of the inputs, and every output must be writable as a file."""
-    from w2s_jax.core.paths import check_output_file, check_output_not_input
-
-    inputs = {f"--{k.replace('_', '-')}": getattr(args, k, None)
-              for k in ("weak", "strong", "samples", "votes", "train", "train_1", "train_2", "test", "config")}
-    inputs = {k: v for k, v in inputs.items() if v}
-    outputs = _planned_outputs(args)
-    flag = "--output" if getattr(args, "output", None) else "--output-dir"
-    for o in outputs:
-        check_output_file(o, flag)
-    check_output_not_input({flag: outputs}, inputs)
-
-
-def main(argv: list[str], prog: str = "w2s data", command: str = "data") -> int:
-    args = _parser(prog).parse_args(argv)
-    _check_outputs(args)
-    return int(args.fn(args) or 0)
+def stats_path(path: Path) -> Path:
+    """Where the counts of the pairs written to ``path`` go (``<stem>.stats.json``)."""
+    stem = path_stem(path)
+    return stem.with_name(stem.name + ".stats.json")

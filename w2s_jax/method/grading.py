@@ -34,19 +34,24 @@ An empty prediction is wrong unless the gold also normalizes to empty.
 
 from __future__ import annotations
 
-import argparse
 import atexit
+import json
 import os
 import re
 import select
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from w2s_jax.core.errors import UserError
+from w2s_jax.method.olympiad_grading import encode_gold, equivalent
+from w2s_jax.method.olympiad_grading import extract_pred as olympic_pred
+from w2s_jax.method.olympiad_grading import grade as olympic_grade
+from w2s_jax.method.tasks import get_task
 
 __all__ = [
     "MODES",
@@ -59,7 +64,6 @@ __all__ = [
     "grade_one",
     "grade_records",
     "pass_at_k",
-    "main",
 ]
 
 MODES = ("paper", "symbolic")
@@ -137,8 +141,6 @@ _KEY_RE_CACHE: dict[str, re.Pattern] = {}
 
 
 def _answer_key(task: Any) -> str:
-    from w2s_jax.method.tasks import get_task
-
     return get_task(task).answer_key
 
 
@@ -206,15 +208,13 @@ def normalize(ans: str) -> str:
 
 
 def _olympic(task: Any) -> bool:
-    return _get_task(task).style == "olympic"
+    return get_task(task).style == "olympic"
 
 
 def extract_pred(response: str, task: Any) -> str:
     """Normalized extracted prediction ("" when none): the ``pred`` field of graded records.
     OlympicArena: the normalized first ``\\boxed{}`` (:mod:`w2s_jax.method.olympiad_grading`)."""
     if _olympic(task):
-        from w2s_jax.method.olympiad_grading import extract_pred as olympic_pred
-
         return olympic_pred(response)
     return normalize(extract_answer(response, task))
 
@@ -223,8 +223,6 @@ def equivalence(task: Any):
     """How two stored predictions of ``task`` are compared by the consistency filter, the votes and
     the pairs: None = string equality (GSM8K, MATH: the paper's), else a function (OlympicArena's rules)."""
     if _olympic(task):
-        from w2s_jax.method.olympiad_grading import equivalent
-
         return equivalent
     return None
 
@@ -233,8 +231,6 @@ def gold_answer(record: dict, task: Any) -> str:
     """The raw gold of a record: ``gold`` if present, else ``answer``; for a task whose answer key is
     ``####`` (GSM8K), a worked solution is reduced to the text after its last ``####``."""
     if _olympic(task) and record.get("gold") is None:  # the answer list and type sequence, as one string
-        from w2s_jax.method.olympiad_grading import encode_gold
-
         enc = encode_gold(record)
         if enc is None:
             raise KeyError("gold")
@@ -246,16 +242,10 @@ def gold_answer(record: dict, task: Any) -> str:
     else:
         raise KeyError("gold")
     gold = str(gold)
-    t = _get_task(task)
+    t = get_task(task)
     if t.answer_key == "####" and "####" in gold:
         gold = gold.split("####")[-1].strip()
     return gold
-
-
-def _get_task(task: Any):
-    from w2s_jax.method.tasks import get_task
-
-    return get_task(task)
 
 
 # --- symbolic comparison in a time-bounded worker process --------------------------------------------
@@ -285,9 +275,6 @@ def _sympy_equiv(gold: str, pred: str) -> bool:
 
 def _stdio_worker() -> None:  # pragma: no cover - runs in the child process
     """Child loop: one JSON ``[gold, pred]`` per stdin line -> ``true``/``false`` per stdout line."""
-    import json
-    import warnings
-
     warnings.filterwarnings("ignore")
     out = sys.stdout.buffer
     for line in sys.stdin.buffer:
@@ -346,8 +333,6 @@ class _SymbolicWorker:
             proc.stdin.close()
 
     def compare(self, gold: str, pred: str, timeout: float) -> bool:
-        import json
-
         if self._proc is None or self._proc.poll() is not None:
             self._kill()
             self._start()
@@ -402,9 +387,7 @@ def grade_one(response: str, gold: str, task: Any, mode: str = "paper", timeout:
     """``(pred, gold_normalized, result)`` for one response and raw gold answer (OlympicArena: the
     encoded answer list, matched by OlympicArena's rules whatever ``mode``)."""
     if _olympic(task):
-        from w2s_jax.method.olympiad_grading import grade
-
-        pred, result = grade(response, gold, timeout)
+        pred, result = olympic_grade(response, gold, timeout)
         return pred, gold, result
     pred = extract_pred(response, task)
     g = normalize(gold)
@@ -450,38 +433,3 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 # --- CLI -----------------------------------------------------------------------------------------
-
-
-def main(argv: list[str], prog: str = "w2s grade", command: str = "grade") -> int:
-    from w2s_jax.core.jsonl import read_jsonl, write_jsonl_atomic
-    from w2s_jax.method.tasks import TASKS
-
-    ap = argparse.ArgumentParser(
-        prog=prog,
-        description="Extract answers from `response` and grade them against `gold` (or `answer`).",
-    )
-    ap.add_argument("--task", required=True, choices=sorted(TASKS))
-    ap.add_argument("--input", required=True, help="JSONL/JSON records with `response` and a gold")
-    ap.add_argument("--output", required=True, help="graded JSONL (every record + `pred`, `result`)")
-    ap.add_argument(
-        "--mode",
-        default="paper",
-        choices=MODES,
-        help="paper: normalized string equality, reproduces the released labels (default); "
-        "symbolic: sympy equivalence with a time bound per item",
-    )
-    ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per symbolic check")
-    args = ap.parse_args(argv)
-
-    records = read_jsonl(args.input, required=("response",))
-    graded = grade_records(records, args.task, mode=args.mode, timeout=args.timeout, path=args.input)
-    write_jsonl_atomic(args.output, graded)
-    n_right = sum(r["result"] for r in graded)
-    n_empty = sum(r["pred"] == "" for r in graded)
-    acc = n_right / len(graded)
-    print(f"accuracy: {acc:.4f} ({n_right}/{len(graded)}; {n_empty} without an answer) -> {args.output}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main(sys.argv[1:]))

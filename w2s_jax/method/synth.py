@@ -166,25 +166,3 @@ def make_synthetic(kind: str = "arith", n: int = 100, seed: int = 0, **kw: Any) 
     if kind == "basic_arithmetic":
         return make_basic_arithmetic(n, seed, **kw)
     raise UserError(f"unknown synthetic kind `{kind}` (choose from {', '.join(KINDS)})")
-
-
-def make_synthetic_splits(cfg) -> dict[str, list[dict]]:
-    """Canonical ``train_1``/``train_2``/``test`` generated for a :class:`~w2s_jax.core.config.DataConfig`
-    with ``source=synthetic``: one stream of ``n_train_1 + n_train_2 + n_test`` items from ``seed``
-    (default sizes 1000 / 1000 / 200), cut in that order; for ``arith`` all questions are distinct,
-    so no test question appears in training."""
-    from w2s_jax.method.tasks import to_records
-
-    s = cfg.synthetic
-    n1 = 1000 if cfg.n_train_1 is None else cfg.n_train_1
-    n2 = 1000 if cfg.n_train_2 is None else cfg.n_train_2
-    nt = 200 if cfg.n_test is None else cfg.n_test
-    total = n1 + n2 + nt
-    if s.kind == "arith":
-        raw = make_arith(total, cfg.seed, s.min_steps, s.max_steps, s.max_value, tuple(s.ops))
-    elif s.kind == "gsm_symbolic":
-        raw = make_gsm_symbolic(total, cfg.seed, s.difficulty)
-    else:
-        raw = make_synthetic(s.kind, total, cfg.seed)
-    recs = to_records(cfg.task, raw, f"synthetic:{s.kind}")
-    return {"train_1": recs[:n1], "train_2": recs[n1 : n1 + n2], "test": recs[n1 + n2 :]}

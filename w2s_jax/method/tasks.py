@@ -8,12 +8,13 @@ otherwise). New tasks: ``register_task(TaskAdapter(...))``.
 
 Loaders: local JSONL/JSON (:func:`load_local`), Hugging Face ``datasets`` (:func:`load_hf`; local
 files via the ``json`` builder, or a hub name), tensorflow-datasets ``gsm8k`` (:func:`load_tfds`,
-optional) and generated data (:mod:`w2s_jax.method.synth`). :func:`load_splits` builds ``train_1`` /
-``train_2`` / ``test`` from a :class:`~w2s_jax.core.config.DataConfig`.
+optional) and generated data (:mod:`w2s_jax.method.synth`). :func:`w2s_jax.method.splits.load_splits` builds
+``train_1`` / ``train_2`` / ``test`` from a :class:`~w2s_jax.method.splits.DataConfig`.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from w2s_jax.core.errors import UserError
+from w2s_jax.core.jsonl import check_unique_ids, read_jsonl
+from w2s_jax.method.prompts import demo_text, few_shot_prompt, zero_shot_prompt
 
 __all__ = [
     "TaskAdapter",
@@ -34,7 +37,6 @@ __all__ = [
     "load_olympicarena",
     "load_tfds",
     "split_train",
-    "load_splits",
 ]
 
 _CALC_RE = re.compile(r"<<.*?>>")
@@ -93,11 +95,7 @@ class TaskAdapter:
 
     def prompt(self, rec: dict, demos=None) -> str:
         """The prompt of a canonical record: zero-shot, or few-shot with ``demos`` (docs/method.md)."""
-        from w2s_jax.method.prompts import few_shot_prompt, zero_shot_prompt
-
         if self.style == "olympic":  # the demonstrations, then the record's own instruction prompt
-            from w2s_jax.method.prompts import demo_text
-
             return "\n\n".join([*(demo_text(d) for d in (demos or [])), rec["prompt"]])
         return few_shot_prompt(rec["question"], demos) if demos else zero_shot_prompt(rec["question"])
 
@@ -211,31 +209,21 @@ def get_task(task: str | TaskAdapter) -> TaskAdapter:
     try:
         return TASKS[task]
     except KeyError:
-        import difflib
-
         close = difflib.get_close_matches(str(task), TASKS, n=1)
         hint = f" (did you mean `{close[0]}`?)" if close else ""
         raise UserError(f"unknown task `{task}`{hint}; known: {', '.join(sorted(TASKS))}") from None
-
-
-def _check_unique(records: list[dict], where: str) -> None:
-    from w2s_jax.core.jsonl import check_unique_ids
-
-    check_unique_ids(records, where)
 
 
 def to_records(task: str | TaskAdapter, raws: Sequence[dict], where: str = "") -> list[dict]:
     """Canonical records of ``raws`` (ids: the raw ``id`` when present, else ``{task}_{index}``)."""
     t = get_task(task)
     recs = [t.to_record(r, i, f"{where}:{i + 1}" if where else "") for i, r in enumerate(raws) if t.keep(r)]
-    _check_unique(recs, where or t.name)
+    check_unique_ids(recs, where or t.name)
     return recs
 
 
 def load_local(path: str | Path, task: str | TaskAdapter) -> list[dict]:
     """Canonical records from a local ``.jsonl`` / ``.json`` file of any supported raw shape."""
-    from w2s_jax.core.jsonl import read_jsonl
-
     return to_records(task, read_jsonl(path), str(path))
 
 
@@ -321,68 +309,3 @@ def split_train(records: Sequence[dict], n_train_1: int, n_train_2: int, seed: i
     i1 = sorted(int(i) for i in perm[:n_train_1])
     i2 = sorted(int(i) for i in perm[n_train_1 : n_train_1 + n_train_2])
     return [records[i] for i in i1], [records[i] for i in i2]
-
-
-def load_splits(cfg) -> dict[str, list[dict]]:
-    """``{"train_1", "train_2", "test"}`` canonical records for a :class:`~w2s_jax.core.config.DataConfig`.
-
-    Already split ``train_1``/``train_2`` files are used as they are; otherwise the full ``train`` set
-    is split by :func:`split_train` (default sizes: half and half). ``n_test`` keeps the first
-    ``n_test`` test records. ``source="synthetic"`` generates everything (see :mod:`w2s_jax.method.synth`).
-    """
-    task = get_task(cfg.task)
-    src = cfg.source
-    if src == "synthetic":
-        from w2s_jax.method.synth import make_synthetic_splits
-
-        if task.style != "gsm8k":
-            raise UserError(f"synthetic data is GSM8K-style; set data.task=gsm8k (got `{task.name}`)")
-        return make_synthetic_splits(cfg)
-
-    def load(path_or_name: str | None, split: str) -> list[dict] | None:
-        if src == "local":
-            return None if path_or_name is None else load_local(path_or_name, task)
-        if src == "hf":
-            if path_or_name is not None:
-                return load_hf(task, path_or_name)
-            if cfg.hf_name is None:
-                return None
-            return load_hf(task, cfg.hf_name, cfg.hf_config, split)
-        if src == "tfds":
-            return load_tfds(task, split)
-        raise UserError(f"unknown data source `{src}` (local, hf, tfds, synthetic)")
-
-    test = load(cfg.test, cfg.hf_test_split)
-    if test is None:
-        raise UserError(f"data source `{src}` needs a test set (data.test or data.hf_name)")
-    if cfg.train_1 is not None or cfg.train_2 is not None:
-        if src != "local" and src != "hf":
-            raise UserError("already split train_1/train_2 files need source local or hf")
-        if cfg.train_1 is None or cfg.train_2 is None:
-            raise UserError("give both data.train_1 and data.train_2 (or one full data.train to split)")
-        t1, t2 = load(cfg.train_1, "train"), load(cfg.train_2, "train")
-        assert t1 is not None and t2 is not None
-        if cfg.n_train_1 is not None:
-            t1 = t1[: cfg.n_train_1]
-        if cfg.n_train_2 is not None:
-            t2 = t2[: cfg.n_train_2]
-    elif task.style == "olympic":  # no train_1: the weak model is used as given; train_2 = the whole set
-        t1, t2 = [], load(cfg.train, cfg.hf_train_split)
-        if t2 is None:
-            raise UserError(f"data source `{src}` needs data.train (or data.train_2): the train_2 questions")
-        if cfg.n_train_2 is not None:
-            t2 = t2[: cfg.n_train_2]
-    else:
-        full = load(cfg.train, cfg.hf_train_split)
-        if full is None:
-            raise UserError(f"data source `{src}` needs data.train (full train set) or train_1/train_2")
-        n1 = cfg.n_train_1 if cfg.n_train_1 is not None else len(full) // 2
-        n2 = cfg.n_train_2 if cfg.n_train_2 is not None else len(full) - n1
-        t1, t2 = split_train(full, n1, n2, cfg.seed)
-    if cfg.n_test is not None:
-        test = test[: cfg.n_test]
-    ids1 = {r["id"] for r in t1}
-    both = [r["id"] for r in t2 if r["id"] in ids1]
-    if both:
-        raise UserError(f"train_1 and train_2 share ids (e.g. {both[0]!r}); they must be disjoint")
-    return {"train_1": t1, "train_2": t2, "test": test}

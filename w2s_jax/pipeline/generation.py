@@ -47,24 +47,45 @@ all hosts; the others read the final file back).
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import functools
+import hashlib
+import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from w2s_jax.core.errors import UserError
-from w2s_jax.parallel.sharding import DEFAULT_RULES, Rules
+from w2s_jax.core.jsonl import (
+    JsonlAppender,
+    check_streamable,
+    check_unique_ids,
+    read_done_ids,
+    read_jsonl,
+    scan_stream,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
+from w2s_jax.core.paths import check_output_file, check_output_not_input
+from w2s_jax.infer.sampler import SampleConfig, Sampler
+from w2s_jax.io import native
+from w2s_jax.method.grading import MODES, gold_answer, grade_records
+from w2s_jax.method.prompts import clean_response, few_shot_prompt, zero_shot_prompt
+from w2s_jax.method.tasks import get_task
+from w2s_jax.models.lora import merge_lora
+from w2s_jax.parallel import distributed
+from w2s_jax.parallel.locking import hold, lock_path_for_file
+from w2s_jax.parallel.sharding import DEFAULT_RULES, Rules, parse_mesh_arg
 
-__all__ = ["build_prompts", "generate_records", "main"]
+__all__ = ["build_prompts", "gold_answers", "generate_records", "GenerateJob", "run_generate_job"]
 
 
 def build_prompts(records: Sequence[dict], demos: Sequence[dict] | None = None, where: str = "<input>") -> list[str]:
     """The prompt of each input record (``prompt`` verbatim, else the zero/few-shot prompt of ``question``)."""
-    from w2s_jax.method.prompts import few_shot_prompt, zero_shot_prompt
-
     out = []
     for i, r in enumerate(records):
         if r.get("prompt") is not None:
@@ -79,8 +100,6 @@ def build_prompts(records: Sequence[dict], demos: Sequence[dict] | None = None, 
 
 def gold_answers(inputs: Sequence[dict], task, where: str = "<input>") -> list:
     """The gold answer of every input record for grading, or a UserError naming the first without one."""
-    from w2s_jax.method.grading import gold_answer
-
     golds = []
     for i, r in enumerate(inputs):
         try:
@@ -100,10 +119,6 @@ def settings_path(output: str | Path) -> Path:
 def check_settings(output: Path, settings: dict, write: bool, log=print) -> None:
     """Refuse to add to ``output`` when it was generated with another model or other settings;
     record ``settings`` beside it (when ``write``) for the next run."""
-    import json
-
-    from w2s_jax.core.jsonl import write_json_atomic
-
     sp = settings_path(output)
     if sp.exists():
         try:
@@ -129,9 +144,6 @@ def check_settings(output: Path, settings: dict, write: bool, log=print) -> None
 def _existing(path: Path, ids: dict, sc) -> tuple[list[dict], set[tuple[int, int]]]:
     """Records already in the output (after repairing a cut-off last line) and the (input index,
     sample) pairs they cover."""
-    from w2s_jax.core.jsonl import read_done_ids, read_jsonl
-    from w2s_jax.parallel import distributed
-
     if distributed.is_main_process() and path.exists():
         read_done_ids(path)  # drops (or completes) a partial final line left by a killed run
     distributed.sync("generate: output repaired")  # every process then reads the same records
@@ -172,41 +184,51 @@ def generate_records(
     docstring for the record shape, streaming and resuming). ``model`` is a ``LoadedModel``
     (its LoRA adapters, if any, are applied unmerged). Returns the output records of ``inputs``
     (``sample < n``) in input order. Multi-host: call on every process; process 0 writes and logs."""
-    import contextlib
-
-    from w2s_jax.core.jsonl import JsonlAppender, check_unique_ids, read_jsonl, write_jsonl_atomic
-    from w2s_jax.infer.sampler import Sampler
-    from w2s_jax.method.prompts import clean_response
-    from w2s_jax.parallel import distributed
-
     out_path = Path(out_path)
     inputs = list(inputs)
     check_unique_ids(inputs, "<input>")
     prompts = build_prompts(inputs, demos)
-    if grade_task is not None:
-        from w2s_jax.method.grading import MODES, grade_records
-
-        if grade_mode not in MODES:
-            raise UserError(f"unknown grading mode {grade_mode!r}; valid: {MODES}")
-        golds = gold_answers(inputs, grade_task)
-    else:
-        golds = [r.get("gold") for r in inputs]
+    golds = _golds(inputs, grade_task, grade_mode)
     sc = sample_cfg
     if sampler is None:
-        if model.tokenizer is None:
-            raise UserError(f"model {model.source} has no tokenizer; pass one (--tokenizer PATH|byte)")
-        scale = model.lora_cfg.scale if model.lora_cfg is not None else 1.0
-        sampler = Sampler(model.params, model.cfg, model.tokenizer, mesh=mesh, rules=rules, lora=model.lora,
-                          lora_scale=scale)
+        sampler = _model_sampler(model, mesh, rules)
     main = distributed.is_main_process()
     if not main:
         log = lambda *a, **k: None  # noqa: E731
         progress = False
     distributed.check_shared_dir(out_path.parent)  # (multi-host only)
     index = {r["id"]: i for i, r in enumerate(inputs)}
-    existing, done = _existing(out_path, index, sc)
+    _, done = _existing(out_path, index, sc)
+    ids = _encode_prompts(sampler, prompts, inputs, sc, log)
+    todo = len(inputs) * sc.n - len({p for p in done if p[1] < sc.n})
+    if done:
+        log(f"[generate] resuming {out_path}: {len(inputs) * sc.n - todo} of {len(inputs) * sc.n} samples done")
+    if todo:
+        make = functools.partial(_output_record, inputs, prompts, golds, sc.stop, grade_task, grade_mode)
+        _stream(sampler, ids, sc, out_path, done, make, desc=desc, progress=progress, log=log, main=main)
+    return _in_input_order(out_path, inputs, index, sc, main)
 
-    # encode once, check lengths against the context (error names the id, or left-truncate)
+
+def _golds(inputs: list[dict], grade_task: Any, grade_mode: str) -> list:
+    """The gold of each input: graded ones must have one (checked now); else the ``gold`` field if any."""
+    if grade_task is None:
+        return [r.get("gold") for r in inputs]
+    if grade_mode not in MODES:
+        raise UserError(f"unknown grading mode {grade_mode!r}; valid: {MODES}")
+    return gold_answers(inputs, grade_task)
+
+
+def _model_sampler(model, mesh, rules: Rules) -> Sampler:
+    if model.tokenizer is None:
+        raise UserError(f"model {model.source} has no tokenizer; pass one (--tokenizer PATH|byte)")
+    scale = model.lora_cfg.scale if model.lora_cfg is not None else 1.0
+    return Sampler(model.params, model.cfg, model.tokenizer, mesh=mesh, rules=rules, lora=model.lora,
+                   lora_scale=scale)
+
+
+def _encode_prompts(sampler, prompts: list[str], inputs: list[dict], sc, log) -> list[list[int]]:
+    """The token ids of every prompt, checked against the context: an error naming the id, or (with
+    ``truncate_prompts``) the left part dropped, keeping BOS."""
     ids = sampler.encode(prompts)
     limit = sampler.max_prompt_len(sc)
     bos = getattr(sampler.tokenizer, "bos_id", None)
@@ -224,41 +246,50 @@ def generate_records(
             truncated += 1
     if truncated:
         log(f"[generate] left-truncated {truncated} of {len(ids)} prompts to {limit} tokens")
+    return ids
 
-    todo = len(inputs) * sc.n - len({p for p in done if p[1] < sc.n})
-    if done:
-        log(f"[generate] resuming {out_path}: {len(inputs) * sc.n - todo} of {len(inputs) * sc.n} samples done")
+
+def _output_record(inputs: list[dict], prompts: list[str], golds: list, stop, grade_task: Any, grade_mode: str,
+                   i: int, j: int, c) -> dict:
+    """The output record of input ``i``, sample ``j`` (completion ``c``), graded when ``grade_task`` is set."""
+    r = inputs[i]
+    rec = {
+        "id": r["id"], "sample": j, "seed": c.seed, "prompt": prompts[i],
+        "response": clean_response(c.text, stop), "num_tokens": c.num_tokens,
+        "finish_reason": c.finish_reason,
+    }
+    if golds[i] is not None:
+        rec["gold"] = r["gold"] if r.get("gold") is not None else golds[i]
+    if grade_task is not None:
+        rec = grade_records([rec], grade_task, mode=grade_mode)[0]
+    return rec
+
+
+def _stream(sampler, ids: list[list[int]], sc, out_path: Path, done: set, make_record: Callable, *, desc: str,
+            progress: bool, log, main: bool) -> None:
+    """Generate the samples not ``done``; process 0 appends each record as its batch finishes."""
     t0 = time.perf_counter()
     c0, k0, tok0 = sampler.compile_seconds, sampler.num_compiled, sampler.stats["tokens"]
     written = 0
-    if todo:
-        # every process runs the batches (one SPMD program); process 0 writes
-        with JsonlAppender(out_path) if main else contextlib.nullcontext() as app:
-            for i, j, c in sampler.stream(ids, sc, progress=progress, skip=done, desc=desc):
-                written += 1
-                if not main:
-                    continue
-                r = inputs[i]
-                rec = {
-                    "id": r["id"], "sample": j, "seed": c.seed, "prompt": prompts[i],
-                    "response": clean_response(c.text, sc.stop), "num_tokens": c.num_tokens,
-                    "finish_reason": c.finish_reason,
-                }
-                if golds[i] is not None:
-                    rec["gold"] = r["gold"] if r.get("gold") is not None else golds[i]
-                if grade_task is not None:
-                    rec = grade_records([rec], grade_task, mode=grade_mode)[0]
-                app.write(rec)
-        el = time.perf_counter() - t0
-        gen = sampler.stats["tokens"] - tok0
-        comp = sampler.compile_seconds - c0
-        log(f"[generate] {written} samples, {gen} tokens in {el:.1f}s ({gen / max(el - comp, 1e-9):.1f} tok/s "
-            f"excluding compilation); {sampler.num_compiled - k0} programs compiled in {comp:.1f}s")
-    # every pair is done: rewrite in input order (atomic), keeping any extra records (other ids/samples)
+    # every process runs the batches (one SPMD program); process 0 writes
+    with JsonlAppender(out_path) if main else contextlib.nullcontext() as app:
+        for i, j, c in sampler.stream(ids, sc, progress=progress, skip=done, desc=desc):
+            written += 1
+            if main:
+                app.write(make_record(i, j, c))
+    el = time.perf_counter() - t0
+    gen = sampler.stats["tokens"] - tok0
+    comp = sampler.compile_seconds - c0
+    log(f"[generate] {written} samples, {gen} tokens in {el:.1f}s ({gen / max(el - comp, 1e-9):.1f} tok/s "
+        f"excluding compilation); {sampler.num_compiled - k0} programs compiled in {comp:.1f}s")
+
+
+def _in_input_order(out_path: Path, inputs: list[dict], index: dict, sc, main: bool) -> list[dict]:
+    """Every pair is done: the output rewritten in input order (atomic; extra records of other ids or
+    samples kept) and the records of ``inputs`` returned."""
     if main:
         recs = read_jsonl(out_path, required=("id",), allow_empty=True) if out_path.exists() else []
-        order = lambda r: (index.get(r["id"], len(index)), int(r.get("sample", 0)))
-        recs.sort(key=order)
+        recs.sort(key=lambda r: (index.get(r["id"], len(index)), int(r.get("sample", 0))))
         write_jsonl_atomic(out_path, recs)
     distributed.sync("generate: output written")
     if not main:  # the file process 0 wrote (graded, in order)
@@ -270,120 +301,86 @@ def generate_records(
     return mine
 
 
-def main(argv: list[str] | None = None, prog: str = "w2s generate", command: str = "generate") -> int:
-    ap = argparse.ArgumentParser(
-        prog=prog, description=__doc__.split("\n\n")[0], epilog="Output format and resuming: see "
-        "`python -c 'import w2s_jax.pipeline.generation as m; print(m.__doc__)'`.",
-    )
-    ap.add_argument("--model", required=True, help="native dir, Hugging Face dir, .gguf file or PEFT adapter dir")
-    ap.add_argument("--input", required=True, help="input .jsonl: id + prompt | question [+ gold | answer]")
-    ap.add_argument("--output", required=True, help="output .jsonl (streamed; rerun to resume)")
-    ap.add_argument("--n", type=int, default=1, help="samples per record (seeds seed..seed+n-1)")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-k", type=int, default=0, help="0 = off")
-    ap.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-new-tokens", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=16, help="rows (record x sample) per compiled batch")
-    ap.add_argument("--stop", action="append", default=None,
-                    help="stop string (repeatable; default: Question, Answer)")
-    ap.add_argument("--no-stop", action="store_true", help="no stop strings (EOS and --max-new-tokens only)")
-    ap.add_argument("--few-shot", default=None, help="demonstrations .jsonl (prompt|question + response|completion)")
-    ap.add_argument("--grade", default=None, metavar="TASK", help="add pred/result graded for TASK (e.g. gsm8k)")
-    ap.add_argument("--grade-mode", default="paper", choices=["paper", "symbolic"])
-    ap.add_argument("--truncate-prompts", action="store_true", help="left-truncate prompts that do not fit")
-    ap.add_argument("--mesh", default=None, help="device mesh, e.g. data=-1,tensor=1 (default: one device)")
-    ap.add_argument("--base", default=None, help="base model of a PEFT adapter directory")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer path/spec overriding the model's ('byte')")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="parameter dtype")
-    ap.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the weights first")
-    ap.add_argument("--no-lora", action="store_true", help="ignore the model's LoRA adapters")
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
+# --- a generation job: w2s generate --------------------------------------------------------------
 
-    from w2s_jax.core.jsonl import check_streamable, check_unique_ids, read_jsonl, scan_stream
-    from w2s_jax.core.paths import check_output_file, check_output_not_input
-    from w2s_jax.infer.sampler import SampleConfig
-    from w2s_jax.method.prompts import STOP_STRINGS
 
-    check_output_file(args.output)
-    check_streamable(args.output)
-    check_output_not_input({"--output": args.output}, {"--input": args.input, "--few-shot": args.few_shot})
-    stop = () if args.no_stop else tuple(args.stop) if args.stop else STOP_STRINGS
-    sc = SampleConfig(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        n=args.n, seed=args.seed, stop=stop, batch_size=args.batch_size, truncate_prompts=args.truncate_prompts,
-    )
-    if args.grade is not None:
-        from w2s_jax.method.tasks import get_task
+@dataclass
+class GenerateJob:
+    """What ``w2s generate`` does: a model, an input and an output file, and the settings."""
 
-        get_task(args.grade)
-    inputs = read_jsonl(args.input, required=("id",))
-    check_unique_ids(inputs, args.input)
-    demos = read_jsonl(args.few_shot) if args.few_shot else None
+    model: str  # native dir, Hugging Face dir, .gguf file or PEFT adapter dir
+    input: str
+    output: str
+    sample: SampleConfig
+    few_shot: str | None = None  # demonstrations .jsonl
+    grade: str | None = None  # task to grade for
+    grade_mode: str = "paper"
+    mesh: str | None = None  # e.g. "data=-1,tensor=1" (default: one device)
+    base: str | None = None  # base model of a PEFT adapter directory
+    tokenizer: str | None = None
+    dtype: str | None = None
+    lora: str = "on"  # on | off (ignore the adapters) | merged (folded into the weights first)
+    progress: bool = True
+
+
+def run_generate_job(job: GenerateJob) -> str:
+    """Check everything that can be checked before loading the model (outputs, inputs, demonstrations,
+    golds, the model's format, the settings of an existing output), then generate under the output's
+    lock; returns a one-line summary."""
+    check_output_file(job.output)
+    check_streamable(job.output)
+    check_output_not_input({"--output": job.output}, {"--input": job.input, "--few-shot": job.few_shot})
+    if job.grade is not None:
+        get_task(job.grade)
+    inputs = read_jsonl(job.input, required=("id",))
+    check_unique_ids(inputs, job.input)
+    demos = read_jsonl(job.few_shot) if job.few_shot else None
     if demos is not None:
-        build_prompts([{"id": "-", "question": "?"}], demos, where=args.few_shot)  # validate the demos early
-    build_prompts(inputs, demos, where=args.input)  # fail on a bad record before loading the model
-    if args.grade is not None:
-        gold_answers(inputs, args.grade, where=args.input)
-    import hashlib
-    import json
-
-    from w2s_jax.io.native import detect_format, model_fingerprint
-    from w2s_jax.parallel import distributed
-    from w2s_jax.parallel.locking import hold, lock_path_for_file
-
-    detect_format(args.model)  # a missing or unrecognised model is reported before anything else
-    settings = {
-        "model": model_fingerprint(args.model, args.base), "tokenizer": args.tokenizer, "dtype": args.dtype,
-        "lora": "off" if args.no_lora else "merged" if args.merge_lora else "on",
-        "temperature": sc.temperature, "top_k": sc.top_k, "top_p": sc.top_p, "max_new_tokens": sc.max_new_tokens,
-        "stop": list(sc.stop), "truncate_prompts": sc.truncate_prompts, "grade": args.grade,
-        "grade_mode": args.grade_mode if args.grade else None,
-        "few_shot": hashlib.sha256(json.dumps(demos, sort_keys=True).encode()).hexdigest()[:16] if demos else None,
-    }
-    out = Path(args.output)
+        build_prompts([{"id": "-", "question": "?"}], demos, where=job.few_shot)  # validate the demos early
+    build_prompts(inputs, demos, where=job.input)  # fail on a bad record before loading the model
+    if job.grade is not None:
+        gold_answers(inputs, job.grade, where=job.input)
+    native.detect_format(job.model)  # a missing or unrecognised model is reported before anything else
+    out = Path(job.output)
     with hold(lock_path_for_file(out), f"output {out}"):
         if out.exists():
             scan_stream(out)  # not a valid output: refused before anything changes
-        check_settings(out, settings, write=distributed.is_main_process())
-        return _generate(args, sc, inputs, demos)
+        check_settings(out, _settings(job, demos), write=distributed.is_main_process())
+        return _generate(job, inputs, demos)
 
 
-def _generate(args, sc, inputs: list[dict], demos: list[dict] | None) -> int:
-    from w2s_jax.io.native import load_model
+def _settings(job: GenerateJob, demos: list[dict] | None) -> dict:
+    """The model fingerprint and the settings recorded beside the output (see :func:`check_settings`)."""
+    sc = job.sample
+    return {
+        "model": native.model_fingerprint(job.model, job.base), "tokenizer": job.tokenizer, "dtype": job.dtype,
+        "lora": job.lora,
+        "temperature": sc.temperature, "top_k": sc.top_k, "top_p": sc.top_p, "max_new_tokens": sc.max_new_tokens,
+        "stop": list(sc.stop), "truncate_prompts": sc.truncate_prompts, "grade": job.grade,
+        "grade_mode": job.grade_mode if job.grade else None,
+        "few_shot": hashlib.sha256(json.dumps(demos, sort_keys=True).encode()).hexdigest()[:16] if demos else None,
+    }
 
+
+def _generate(job: GenerateJob, inputs: list[dict], demos: list[dict] | None) -> str:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("w2s_jax.infer.sampler").setLevel(logging.INFO)
-    from w2s_jax.parallel.sharding import parse_mesh_arg
-
-    mesh = parse_mesh_arg(args.mesh)
-    model = load_model(args.model, mesh=mesh, dtype=args.dtype, base=args.base, tokenizer=args.tokenizer)
-    if args.no_lora:
+    mesh = parse_mesh_arg(job.mesh)
+    model = native.load_model(job.model, mesh=mesh, dtype=job.dtype, base=job.base, tokenizer=job.tokenizer)
+    if job.lora == "off":
         model.lora, model.lora_cfg = None, None
-    elif args.merge_lora and model.lora is not None:
-        from w2s_jax.models.lora import merge_lora
-
+    elif job.lora == "merged" and model.lora is not None:
         model.params = merge_lora(model.params, model.lora, model.cfg, model.lora_cfg.scale)
         model.lora, model.lora_cfg = None, None
-    from w2s_jax.infer.sampler import Sampler
-    from w2s_jax.io.native import tokenizer_of
-
-    sampler = Sampler(model.params, model.cfg, tokenizer_of(model), mesh=mesh, lora=model.lora,
+    sampler = Sampler(model.params, model.cfg, native.tokenizer_of(model), mesh=mesh, lora=model.lora,
                       lora_scale=model.lora_cfg.scale if model.lora_cfg is not None else 1.0)
     model.params = None  # the sampler holds what it needs (per-layer weights on CPU)
-    recs = generate_records(model, inputs, sc, args.output, demos=demos, grade_task=args.grade,
-                            grade_mode=args.grade_mode, mesh=mesh, progress=not args.no_progress, sampler=sampler)
-    msg = f"{len(recs)} records ({len(inputs)} ids x {sc.n} samples) in {args.output}"
-    if args.grade is not None and recs:
+    sc = job.sample
+    recs = generate_records(model, inputs, sc, job.output, demos=demos, grade_task=job.grade,
+                            grade_mode=job.grade_mode, mesh=mesh, progress=job.progress, sampler=sampler)
+    msg = f"{len(recs)} records ({len(inputs)} ids x {sc.n} samples) in {job.output}"
+    if job.grade is not None and recs:
         acc = sum(bool(r.get("result")) for r in recs) / len(recs)
-        msg += f"; accuracy {acc:.4f} ({args.grade}, {args.grade_mode})"
-    from w2s_jax.parallel import distributed
-    if distributed.is_main_process():
-        print(msg)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        msg += f"; accuracy {acc:.4f} ({job.grade}, {job.grade_mode})"
+    return msg
