@@ -6,7 +6,7 @@ metadata holds its logical axis names (``sharding.py`` maps them onto a mesh); k
 dimension), which LoRA uses to split a kernel into its factors. The layers are created with
 ``nnx.vmap``, which stacks them on a leading axis and adds ``"layers"`` to their axis names, so
 
-    nnx.state(Llama(cfg, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict()
+    nnx.to_pure_dict(nnx.state(Llama(cfg, rngs=nnx.Rngs(0)), nnx.Param))
 
 is exactly the parameter dict the functional code uses (``params.py``). ``param_axes`` and
 ``param_shapes`` are read off the abstract model (``nnx.eval_shape``), not written out by hand.
@@ -96,7 +96,7 @@ class DecoderLayer(nnx.Module):
         slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         mask = decoder._attention_mask(slots, slots, segment_ids, segment_ids, segment_ids > 0, self.cfg.sliding_window)
         mask |= jnp.eye(T, dtype=bool)[None]
-        p = nnx.state(self, BASE).to_pure_dict()
+        p = nnx.to_pure_dict(nnx.state(self, BASE))
         carry = (x, mask, positions, jnp.int32(0), None)
         (x, *_), _ = decoder._layer(self.cfg, mesh, rules, lora_scale, 0.0, carry, (p, lora, None, None, 0))
         return x
@@ -125,7 +125,7 @@ class Llama(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, params: dict | None = None):
         if params is None and rngs is not None:
-            params = init_values(cfg, rngs.params())
+            params = _init_jit(cfg, rngs.params())
         V, D = cfg.vocab_size, cfg.d_model
         p = partial(_declare, cfg, params, None)
         self.cfg = cfg
@@ -143,17 +143,18 @@ class Llama(nnx.Module):
 
     def params(self) -> dict:
         """The base weights as the functional parameter dict (the module's arrays, not copies)."""
-        return nnx.state(self, BASE).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(self, BASE))
 
     def layer(self, i: int) -> DecoderLayer:
         """Layer ``i`` as a single DecoderLayer (its slices of the stacked weights)."""
-        return DecoderLayer(self.cfg, {k: v[i] for k, v in nnx.state(self.layers, BASE).to_pure_dict().items()})
+        stacked = nnx.to_pure_dict(nnx.state(self.layers, BASE))
+        return DecoderLayer(self.cfg, {k: v[i] for k, v in stacked.items()})
 
     def shardings(self, mesh, rules: Rules = DEFAULT_RULES) -> dict:
         """NamedShardings of :meth:`params` on ``mesh`` from the weights' logical axis metadata."""
         st = nnx.state(self, BASE)
-        axes = jax.tree.map(lambda v: v.get_metadata("out_sharding"), st, is_leaf=_is_var).to_pure_dict()
-        return tree_shardings(mesh, axes, st.to_pure_dict(), rules)
+        axes = nnx.to_pure_dict(jax.tree.map(lambda v: v.get_metadata("out_sharding"), st, is_leaf=_is_var))
+        return tree_shardings(mesh, axes, nnx.to_pure_dict(st), rules)
 
     def __call__(self, tokens, *, positions=None, segment_ids=None, lora: dict | None = None,
                  lora_scale: float = 1.0, mesh=None, rules: Rules = DEFAULT_RULES):
@@ -200,7 +201,7 @@ def abstract_model(cfg: ModelConfig) -> Llama:
 def layout(cfg: ModelConfig) -> tuple[Leaf, ...]:
     """Every parameter of ``cfg``'s model with its shape and metadata, in the parameter dict's
     flattening order (read off :func:`abstract_model`; cached per config)."""
-    flat = nnx.state(abstract_model(cfg), BASE).flat_state()
+    flat = nnx.to_flat_state(nnx.state(abstract_model(cfg), BASE))
     leaves = [
         Leaf(tuple(str(k) for k in path), tuple(v.shape), jnp.dtype(v.dtype).name,
              tuple(v.get_metadata("out_sharding")), v.get_metadata().get("n_in"))
@@ -234,3 +235,7 @@ def init_values(cfg: ModelConfig, key: jax.Array) -> dict:
 
     index = {leaf.path: i for i, leaf in enumerate(leaves)}
     return layout_tree(cfg, lambda leaf: draw(leaf, keys[index[leaf.path]]))
+
+
+# compiled, as params.init_params is, so both give the same bits for a key
+_init_jit = jax.jit(init_values, static_argnums=0)

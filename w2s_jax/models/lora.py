@@ -5,8 +5,9 @@ input/output dims (the kernel's metadata in ``llama.py``); delta W = (alpha / r)
 starts at zero so a fresh adapter leaves the model unchanged (as in PEFT).
 
 On the NNX model the same tree is held as ``nnx.LoRAParam`` variables (:class:`Adapters`, attached
-by :func:`add_lora` as ``model.lora``): ``nnx.state(model.lora, nnx.LoRAParam).to_pure_dict()`` is the
-tree above, and ``nnx.split(model, nnx.LoRAParam, ...)`` separates the adapters from the frozen weights.
+by :func:`add_lora` as ``model.lora``): ``nnx.to_pure_dict(nnx.state(model.lora, nnx.LoRAParam))`` is
+the tree above, and ``nnx.split(model, nnx.LoRAParam, ...)`` separates the adapters from the frozen
+weights.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ class Adapters(nnx.Module):
 
     def tree(self) -> dict:
         """The adapter tree (the module's arrays, not copies)."""
-        return nnx.state(self, nnx.LoRAParam).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(self, nnx.LoRAParam))
 
 
 def add_lora(model: Llama, lcfg: LoRAConfig, *, rngs: nnx.Rngs | None = None, lora: dict | None = None) -> Llama:

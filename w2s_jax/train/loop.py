@@ -185,9 +185,9 @@ def make_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
 
 def decay_mask(tree) -> Any:
     """True for weights that get weight decay, decided by the model's logical axis metadata
-    (``param_axes`` / ``lora_axes``): not norm scales (axes ``("norm",)`` or ``("layers", "norm")``),
-    and at least 2 axes besides ``layers`` (so LoRA factors decay). Leaves the model does not declare
-    decay when they are at least 2-D."""
+    (``param_axes`` / ``lora_axes``, or an NNX variable's own ``out_sharding``): not norm scales (axes
+    ``("norm",)`` or ``("layers", "norm")``), and at least 2 axes besides ``layers`` (so LoRA factors
+    decay). Leaves the model does not declare decay when they are at least 2-D."""
     cfg = ModelConfig()
     tables = (param_axes(cfg), lora_axes(cfg, LoRAConfig()))
 
@@ -200,12 +200,16 @@ def decay_mask(tree) -> Any:
         return None
 
     def decide(path, x):
+        if hasattr(x, "get_metadata"):  # an nnx.Variable (an nnx.State of the model): its own metadata
+            axes = x.get_metadata().get("out_sharding")
+            return x.replace(x.ndim >= 2 if axes is None else decide_axes(tuple(axes)))
         axes = axes_of([str(getattr(k, "key", getattr(k, "name", ""))) for k in path])
-        if axes is None:
-            return x.ndim >= 2
+        return x.ndim >= 2 if axes is None else decide_axes(axes)
+
+    def decide_axes(axes):
         return axes[-1] != "norm" and sum(a != "layers" for a in axes) >= 2
 
-    return jax.tree_util.tree_map_with_path(decide, tree)
+    return jax.tree_util.tree_map_with_path(decide, tree, is_leaf=lambda x: hasattr(x, "get_metadata"))
 
 
 def make_optimizer(cfg: TrainConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
