@@ -47,6 +47,8 @@ def _declare(cfg: ModelConfig, values, rngs, name: str, shape: tuple, axes: tupl
     """One ``nnx.Param``: the given value (shape-checked), a fresh draw from ``rngs``, or zeros."""
     dtype = jnp.dtype(cfg.param_dtype)
     if values is not None:
+        if name not in values:
+            raise ValueError(f"parameter {name!r} is missing for {cfg.name}")
         value = values[name]
         if tuple(value.shape) != tuple(shape):
             raise ValueError(f"parameter {name!r}: shape {tuple(value.shape)}, expected {tuple(shape)} for {cfg.name}")
