@@ -1,8 +1,13 @@
 """LoRA adapters as a separate parameter tree, applied unmerged inside the model's einsums.
 
 ``lora["layers"][target] = {"a": [L, in..., r], "b": [L, r, out...]}`` with the base kernel's
-input/output dims (see the layout in ``model.py``); delta W = (alpha / r) * A @ B. ``b`` starts at
-zero so a fresh adapter leaves the model unchanged (as in PEFT).
+input/output dims (the kernel's metadata in ``llama.py``); delta W = (alpha / r) * A @ B. ``b``
+starts at zero so a fresh adapter leaves the model unchanged (as in PEFT).
+
+On the NNX model the same tree is held as ``nnx.LoRAParam`` variables (:class:`Adapters`, attached
+by :func:`add_lora` as ``model.lora``): ``nnx.to_pure_dict(nnx.state(model.lora, nnx.LoRAParam))`` is
+the tree above, and ``nnx.split(model, nnx.LoRAParam, ...)`` separates the adapters from the frozen
+weights.
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from w2s_jax.models.config import ModelConfig
+from w2s_jax.models.llama import Llama, layout
 
 # short name (PEFT target module) -> our kernel name
 TARGETS = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_up", "down": "w_down"}
@@ -48,17 +55,13 @@ class LoRAConfig:
 
 
 def _split_dims(cfg: ModelConfig, name: str):
-    """(input dims, input logical names, output dims, output logical names) of a kernel."""
-    D, F, H, K, Dh = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    return {
-        "wq": ((D,), ("embed",), (H, Dh), ("heads", "head_dim")),
-        "wk": ((D,), ("embed",), (K, Dh), ("kv_heads", "head_dim")),
-        "wv": ((D,), ("embed",), (K, Dh), ("kv_heads", "head_dim")),
-        "wo": ((H, Dh), ("heads", "head_dim"), (D,), ("embed",)),
-        "w_gate": ((D,), ("embed",), (F,), ("mlp",)),
-        "w_up": ((D,), ("embed",), (F,), ("mlp",)),
-        "w_down": ((F,), ("mlp",), (D,), ("embed",)),
-    }[name]
+    """(input dims, input logical names, output dims, output logical names) of a kernel, from the
+    base weight's metadata in the NNX model (its per-layer shape and axes, split after ``n_in``)."""
+    leaf = next((x for x in layout(cfg) if x.path == ("layers", name)), None)
+    if leaf is None or leaf.n_in is None:
+        raise KeyError(name)
+    shape, axes, n = leaf.shape[1:], leaf.axes[1:], leaf.n_in  # without the stacked layer axis
+    return shape[:n], axes[:n], shape[n:], axes[n:]
 
 
 def lora_axes(cfg: ModelConfig, lcfg: LoRAConfig) -> dict:
@@ -112,3 +115,46 @@ def merge_lora(params: dict, lora: dict, cfg: ModelConfig, scale: float) -> dict
         w = layers[name]
         layers[name] = (w.astype(jnp.float32) + lora_delta(cfg, name, ab, scale)).astype(w.dtype)
     return {**params, "layers": layers}
+
+
+# ----------------------------------------------------------------------------- adapters on the NNX model
+
+
+class Adapters(nnx.Module):
+    """LoRA adapters of a :class:`~w2s_jax.models.llama.Llama` as ``nnx.LoRAParam`` variables, laid out as
+    the adapter tree (``layers/<kernel>/{a,b}``) with their logical axes as ``out_sharding`` metadata."""
+
+    def __init__(self, cfg: ModelConfig, lcfg: LoRAConfig, lora: dict):
+        axes, shapes = lora_axes(cfg, lcfg)["layers"], lora_shapes(cfg, lcfg)["layers"]
+        if set(lora["layers"]) != set(axes):
+            raise ValueError(f"adapter targets {sorted(lora['layers'])} differ from the config's {sorted(axes)}")
+        layers = {}
+        for name, ab in lora["layers"].items():
+            for k in ("a", "b"):
+                got, want = tuple(ab[k].shape), shapes[name][k].shape
+                if got != want:
+                    raise ValueError(f"adapter {name}.{k}: shape {got}, expected {want}")
+            layers[name] = nnx.Dict(
+                {k: nnx.LoRAParam(ab[k], out_sharding=axes[name][k], eager_sharding=False) for k in ("a", "b")}
+            )
+        self.lcfg = lcfg
+        self.layers = nnx.Dict(layers)
+
+    @property
+    def scale(self) -> float:
+        return self.lcfg.scale
+
+    def tree(self) -> dict:
+        """The adapter tree (the module's arrays, not copies)."""
+        return nnx.to_pure_dict(nnx.state(self, nnx.LoRAParam))
+
+
+def add_lora(model: Llama, lcfg: LoRAConfig, *, rngs: nnx.Rngs | None = None, lora: dict | None = None) -> Llama:
+    """Attach adapters to ``model`` (in place; returned for chaining): ``lora`` (an existing tree) or
+    fresh ones drawn with :func:`init_lora` from ``rngs.params()`` (float32, ``b`` = 0)."""
+    if lora is None:
+        if rngs is None:
+            raise ValueError("add_lora needs rngs (fresh adapters) or lora (an existing adapter tree)")
+        lora = init_lora(model.cfg, lcfg, rngs.params())
+    model.lora = Adapters(model.cfg, lcfg, lora)
+    return model

@@ -184,19 +184,32 @@ def make_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(tree) -> Any:
-    """True for weights that get weight decay: not norms, and at least 2-D per layer (the stacked
-    ``layers`` leaves have one extra leading dim)."""
+    """True for weights that get weight decay, decided by the model's logical axis metadata
+    (``param_axes`` / ``lora_axes``, or an NNX variable's own ``out_sharding``): not norm scales (axes
+    ``("norm",)`` or ``("layers", "norm")``), and at least 2 axes besides ``layers`` (so LoRA factors
+    decay). Leaves the model does not declare decay when they are at least 2-D."""
+    cfg = ModelConfig()
+    tables = (param_axes(cfg), lora_axes(cfg, LoRAConfig()))
+
+    def axes_of(names):
+        for node in tables:
+            for n in names:
+                node = node.get(n) if isinstance(node, dict) else None
+            if isinstance(node, tuple):
+                return node
+        return None
 
     def decide(path, x):
-        names = [getattr(k, "key", getattr(k, "name", "")) for k in path]
-        if any("norm" in str(n) for n in names):
-            return False
-        per_layer_ndim = x.ndim - (1 if "layers" in names and names[-1] not in ("a", "b") else 0)
-        if names and names[-1] in ("a", "b"):
-            per_layer_ndim = x.ndim - 1
-        return per_layer_ndim >= 2
+        if hasattr(x, "get_metadata"):  # an nnx.Variable (an nnx.State of the model): its own metadata
+            axes = x.get_metadata().get("out_sharding")
+            return x.replace(x.ndim >= 2 if axes is None else decide_axes(tuple(axes)))
+        axes = axes_of([str(getattr(k, "key", getattr(k, "name", ""))) for k in path])
+        return x.ndim >= 2 if axes is None else decide_axes(axes)
 
-    return jax.tree_util.tree_map_with_path(decide, tree)
+    def decide_axes(axes):
+        return axes[-1] != "norm" and sum(a != "layers" for a in axes) >= 2
+
+    return jax.tree_util.tree_map_with_path(decide, tree, is_leaf=lambda x: hasattr(x, "get_metadata"))
 
 
 def make_optimizer(cfg: TrainConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
