@@ -57,7 +57,7 @@ def make_torch(cfg, params, threads):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from w2s_jax.io.convert import params_to_state_dict
+    from w2s_jax.io.hf import params_to_state_dict
 
     torch.set_num_threads(threads)
     hc = LlamaConfig(

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from w2s_jax.io.convert import params_to_state_dict, state_dict_to_params
+from w2s_jax.io.hf import params_to_state_dict, state_dict_to_params
 from w2s_jax.io.tokenizer import ByteTokenizer
 from w2s_jax.models.config import ModelConfig
 from w2s_jax.models.lora import LoRAConfig
