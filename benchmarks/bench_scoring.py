@@ -100,7 +100,7 @@ def jax_peak_memory(compiled=None) -> tuple[int | None, str]:
     if st and st.get("peak_bytes_in_use"):
         return int(st["peak_bytes_in_use"]), "device memory_stats"
     if compiled is not None:
-        from w2s_jax.train.loop import memory_stats
+        from w2s_jax.train.build import memory_stats
 
         m = memory_stats(compiled)
         if m.get("peak_estimate_bytes"):
