@@ -390,7 +390,7 @@ def _default_dtype(code: str) -> str:
 def hf_to_params(
     path: str | os.PathLike, mesh=None, rules: Rules = DEFAULT_RULES, dtype=None
 ) -> tuple[dict, ModelConfig]:
-    """``(params, cfg)`` from a Hugging Face safetensors directory (streamed, see checkpoint_io)."""
+    """``(params, cfg)`` from a Hugging Face safetensors directory (streamed, see ``io/native.py``)."""
     m = load_hf(path, mesh=mesh, rules=rules, dtype=dtype, tokenizer=False)
     return m.params, m.cfg
 

@@ -70,7 +70,7 @@ class TrainingDiverged(UserError):
 @dataclass
 class TrainModel:
     """What the drivers train: parameters, config, tokenizer and optionally an existing adapter.
-    ``checkpoint_io.LoadedModel`` has the same attributes."""
+    ``io.modeldir.LoadedModel`` has the same attributes."""
 
     params: Any
     cfg: ModelConfig
