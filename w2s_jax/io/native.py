@@ -47,7 +47,7 @@ import numpy as np
 from w2s_jax.core.errors import UserError
 from w2s_jax.io.gguf import load_gguf
 from w2s_jax.io.hf import load_hf
-from w2s_jax.io.modeldir import LoadedModel, atomic_directory, check_params, check_tokenizer_vocab
+from w2s_jax.io.modeldir import LoadedModel, atomic_directory, check_params, check_tokenizer_vocab, read_json
 from w2s_jax.io.peft import load_peft, peft_base, peft_tokenizer
 from w2s_jax.io.tensor_files import (
     SafetensorsStore,
@@ -182,10 +182,7 @@ def _load_native(path: Path, mesh, rules, dtype, tokenizer) -> LoadedModel:
     if path.is_file():
         path = path.parent
     meta_path = path / META_FILE
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{meta_path}: malformed JSON: {e}") from None
+    meta = read_json(meta_path)
     if meta.get("format") != "w2s-jax" or "model" not in meta:
         raise UserError(f"{meta_path}: not a w2s-jax model file (missing format/model)")
     if meta.get("version", 1) > FORMAT_VERSION:
