@@ -159,7 +159,8 @@ def _bytes(n) -> str:
 def compile_steps(bundle: StepBundle, kind: str, cfg: TrainConfig, lengths: Sequence[int],
                   total_steps: int | None = None) -> dict:
     """Compile the step ahead of time for each row length; returns {T: {seconds, memory}}.
-    With ``total_steps`` (which fixes the schedule) executables are reused within the process."""
+    With ``total_steps`` (which fixes the schedule) executables are kept in and taken from
+    ``bundle.programs`` (shared by the bundles built with the same cache)."""
     mesh, rules = bundle.spec.mesh, bundle.spec.rules
     frozen_abs = None
     if bundle.frozen_sh is not None:
