@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from w2s_jax.core.programs import ProgramCache
 from w2s_jax.io.hf import params_to_state_dict, state_dict_to_params
 from w2s_jax.io.tokenizer import ByteTokenizer
 from w2s_jax.models.config import ModelConfig
@@ -188,6 +189,19 @@ def test_schedules():
     assert float(s(0)) == pytest.approx(1.0) and float(s(5)) == pytest.approx(0.5) and float(s(10)) == pytest.approx(0)
     s = TO.make_schedule(TC.TrainConfig(lr=2.0, schedule="constant", warmup_ratio=0.5), 4)
     assert [float(s(i)) for i in range(5)] == pytest.approx([0.0, 1.0, 2.0, 2.0, 2.0])
+
+
+def test_a_shared_program_cache_compiles_a_step_once():
+    tc = TC.TrainConfig(batch_size=2, seq_len=16, packing=False, max_steps=3)
+    mesh = TB.single_mesh()
+    programs = ProgramCache()
+    first = TB.build_steps("sft", CFG, tc, 3, mesh, programs=programs)
+    assert "cached" not in TB.compile_steps(first, "sft", tc, [16], 3)[16]
+    second = TB.build_steps("sft", CFG, tc, 3, mesh, programs=programs)
+    assert TB.compile_steps(second, "sft", tc, [16], 3)[16]["cached"] is True
+    assert second.compiled[16] is first.compiled[16] and second.eval_fn is first.eval_fn
+    own = TB.build_steps("sft", CFG, tc, 3, mesh)  # a bundle without a shared cache compiles its own
+    assert own.programs is not programs and own.eval_fn is not first.eval_fn
 
 
 def _dpo_batch(pairs, rows, seq_len=32):
