@@ -1,4 +1,4 @@
-"""Sequence lengths: the one truncation function and the bucketing helpers.
+"""Sequence lengths: the one truncation function and the bucket ladders.
 
 Compiled programs are specialised to shapes, so batches are padded to a few *bucket* sizes instead
 of their exact lengths: each bucket compiles once. :func:`doubling_buckets` gives the usual ladder

@@ -26,7 +26,7 @@ def convert_checkpoint(src: str, inp: str | os.PathLike, output: str | os.PathLi
     """Read the ``src`` checkpoint at ``inp`` (``hf|gguf|native|peft``) and write it to ``output`` as
     ``to`` (``native|hf|peft``; default: hf from native, else native). ``merge`` folds LoRA adapters
     into the weights (always for ``to="hf"``). Returns what was done, as lines for the user."""
-    notes: list[str] = []
+    lines: list[str] = []
     to = to or ("hf" if src == "native" else "native")
     inp = Path(inp)
     found = detect_format(inp)
@@ -45,11 +45,11 @@ def convert_checkpoint(src: str, inp: str | os.PathLike, output: str | os.PathLi
         if base is None and src == "peft":
             base = peft_config(inp).get("base_model_name_or_path")
         lora_to_peft(output, lora, lcfg, m.cfg, base_model_name_or_path=base, tokenizer=None, overwrite=overwrite)
-        notes.append(f"wrote PEFT adapter ({lcfg.rank=}, targets {list(lcfg.targets)}) to {output}")
-        return notes
+        lines.append(f"wrote PEFT adapter ({lcfg.rank=}, targets {list(lcfg.targets)}) to {output}")
+        return lines
     if lora is not None and (to == "hf" or merge):
         if to == "hf" and not merge:
-            notes.append("merging LoRA adapters into the base weights (use --to peft to export the adapter alone)")
+            lines.append("merging LoRA adapters into the base weights (use --to peft to export the adapter alone)")
         params = merge_lora(params, lora, m.cfg, lcfg.scale)
         lora = lcfg = None
     if to == "hf":
@@ -57,5 +57,5 @@ def convert_checkpoint(src: str, inp: str | os.PathLike, output: str | os.PathLi
     else:
         save_model(output, params, m.cfg, m.tokenizer, lora=lora, lora_cfg=lcfg, overwrite=overwrite)
     n = sum(int(np.prod(x.shape)) for x in flatten_tree(params).values())
-    notes.append(f"wrote {to} model ({m.cfg.n_layers} layers, {n:,} parameters, {m.cfg.param_dtype}) to {output}")
-    return notes
+    lines.append(f"wrote {to} model ({m.cfg.n_layers} layers, {n:,} parameters, {m.cfg.param_dtype}) to {output}")
+    return lines
