@@ -146,12 +146,12 @@ def _to_torch(a, device, dtype):
 
 
 def torch_model(cfg, params, device: str, dtype: str):
-    """``LlamaForCausalLM`` holding a copy of ``params`` (layout from ``w2s_jax.io.convert``), on ``device``
+    """``LlamaForCausalLM`` holding a copy of ``params`` (layout from ``w2s_jax.io.hf``), on ``device``
     (cuda: copied device to device) in ``dtype`` (``float32`` | ``bfloat16``)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from w2s_jax.io.convert import model_to_hf_config, params_to_state_dict
+    from w2s_jax.io.hf import model_to_hf_config, params_to_state_dict
 
     torch.set_num_threads(os.cpu_count() or 1)
     hc = model_to_hf_config(cfg)

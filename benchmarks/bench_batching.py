@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from w2s_jax.tools.bench import _cpu_name as cpu_name  # noqa: E402
+from w2s_jax.tools.bench import cpu_name  # noqa: E402
 
 GGUF = Path.home() / ".cache" / "w2s" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 

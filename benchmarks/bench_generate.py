@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import timed, torch_model  # noqa: E402
 
-from w2s_jax.tools.bench import _cpu_name as cpu_name  # noqa: E402
+from w2s_jax.tools.bench import cpu_name  # noqa: E402
 
 
 def measure_copy_bandwidth(nbytes: int = 2 << 30, reps: int = 10) -> float:

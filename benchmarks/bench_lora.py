@@ -62,14 +62,15 @@ def run(args) -> dict:
     import jax
 
     from w2s_jax.models.lora import LoRAConfig, init_lora
-    from w2s_jax.train import loop as T
+    from w2s_jax.train import build as TB
+    from w2s_jax.train import config as TC
 
     cfg = H.setup(args)
     rounds = args.rounds or (2 if args.quick else 5)
     only = [w.strip() for w in args.only.split(",") if w.strip()]
     B, S = args.batch, args.seq
     prompt = S // 4
-    mesh = T._single_mesh()
+    mesh = TB.single_mesh()
     params = H.random_params(cfg)
     tokens, _ = H.batch_tokens(cfg, B, S)
     rng = np.random.default_rng(2)
@@ -125,14 +126,14 @@ def run(args) -> dict:
     for kind in only:
         if kind not in ("sft", "dpo"):
             raise SystemExit(f"--only: unknown workload {kind!r} (sft, dpo)")
-        tc = T.TrainConfig(lr=1e-4, weight_decay=0.0, max_grad_norm=1.0, batch_size=B, seq_len=S, packing=False,
+        tc = TC.TrainConfig(lr=1e-4, weight_decay=0.0, max_grad_norm=1.0, batch_size=B, seq_len=S, packing=False,
                            max_steps=1000, lora=lcfg, loss_type="sigmoid", beta=BETA, reference="precompute")
-        bundle = T.build_steps(kind, cfg, tc, 1000, mesh)
-        info = T.compile_steps(bundle, kind, tc, [S])[S]
+        bundle = TB.build_steps(kind, cfg, tc, 1000, mesh)
+        info = TB.compile_steps(bundle, kind, tc, [S])[S]
         trainable = init_lora(cfg, lcfg, jax.random.PRNGKey(3)) if lcfg else jax.tree.map(lambda a: a.copy(), params)
-        box = [T.init_state(bundle, trainable, 0)]
+        box = [TB.init_state(bundle, trainable, 0)]
         b = sft_b if kind == "sft" else dpo_b
-        b = jax.device_put(b, T.batch_shardings(b, mesh))
+        b = jax.device_put(b, TB.batch_shardings(b, mesh))
         fn = bundle.compiled[S]
 
         def jax_step(fn=fn, b=b, box=box):

@@ -100,7 +100,7 @@ def jax_peak_memory(compiled=None) -> tuple[int | None, str]:
     if st and st.get("peak_bytes_in_use"):
         return int(st["peak_bytes_in_use"]), "device memory_stats"
     if compiled is not None:
-        from w2s_jax.train.loop import memory_stats
+        from w2s_jax.train.build import memory_stats
 
         m = memory_stats(compiled)
         if m.get("peak_estimate_bytes"):
@@ -207,8 +207,7 @@ def run(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from w2s_jax.infer.scoring import _completion_logprobs_jit, completion_logprobs
-    from w2s_jax.parallel.sharding import DEFAULT_RULES
+    from w2s_jax.infer.scoring import Scorer
 
     cfg = setup(args)
     rounds = args.rounds or (2 if args.quick else 5)
@@ -217,14 +216,14 @@ def run(args) -> dict:
     tokens, mask = batch_tokens(cfg, B, S)
     jt, jm = jax.device_put(jnp.asarray(tokens)), jax.device_put(jnp.asarray(mask))
     seg = jnp.ones(tokens.shape, jnp.int32)
+    scorer = Scorer(cfg)
     t0 = time.perf_counter()
-    compiled = _completion_logprobs_jit.lower(params, jt, jm, seg, None, None, jnp.float32(1.0), cfg=cfg,
-                                              mesh=None, rules=DEFAULT_RULES).compile()
+    compiled = scorer.program("completion").lower(params, jt, jm, seg, None, None, jnp.float32(1.0)).compile()
     compile_s = time.perf_counter() - t0
-    jax_lp = completion_logprobs(params, cfg, jt, jm)[0].block_until_ready()  # also fills the jit cache
+    jax_lp = scorer.completion_logprobs(params, jt, jm)[0].block_until_ready()  # also fills the jit cache
 
     def jax_score():
-        completion_logprobs(params, cfg, jt, jm)[0].block_until_ready()
+        scorer.completion_logprobs(params, jt, jm)[0].block_until_ready()
 
     kinds = {"jax_score": jax_score}
     base_mem = (None, "")

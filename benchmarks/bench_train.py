@@ -57,7 +57,7 @@ def make_torch(cfg, params, threads):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from w2s_jax.io.convert import params_to_state_dict
+    from w2s_jax.io.hf import params_to_state_dict
 
     torch.set_num_threads(threads)
     hc = LlamaConfig(
@@ -124,14 +124,15 @@ def main(argv=None) -> int:
     import jax
 
     from w2s_jax.models.config import get_preset
-    from w2s_jax.train import loop as T
+    from w2s_jax.train import build as TB
+    from w2s_jax.train import config as TC
 
     over = dict(dtype="float32", param_dtype="float32", remat=args.remat)
     if args.quick:
         over["n_layers"] = 4
     cfg = get_preset("smollm2-135m", **over)
     B, S = args.batch, args.seq
-    mesh = T._single_mesh()
+    mesh = TB.single_mesh()
     params_host = random_params(cfg)
     params = jax.device_put(params_host)
     rng = np.random.default_rng(1)
@@ -146,13 +147,13 @@ def main(argv=None) -> int:
     }
 
     # ---------------------------------------------------------------- JAX SFT
-    tc = T.TrainConfig(lr=1e-4, weight_decay=0.01, max_grad_norm=1.0, batch_size=B, seq_len=S, packing=False,
+    tc = TC.TrainConfig(lr=1e-4, weight_decay=0.01, max_grad_norm=1.0, batch_size=B, seq_len=S, packing=False,
                        max_steps=1000, logits_chunks=args.logits_chunks)
-    sft = T.build_steps("sft", cfg, tc, 1000, mesh)
-    info = T.compile_steps(sft, "sft", tc, [S])[S]
+    sft = TB.build_steps("sft", cfg, tc, 1000, mesh)
+    info = TB.compile_steps(sft, "sft", tc, [S])[S]
     res["jax_sft_compile_s"] = info["compile_seconds"]
     res["jax_sft_memory"] = info["memory"]
-    box = [T.init_state(sft, params, 0)]  # shared by the SFT and DPO steps (same layout)
+    box = [TB.init_state(sft, params, 0)]  # shared by the SFT and DPO steps (same layout)
     targets = np.zeros_like(tokens)
     targets[:, :-1] = tokens[:, 1:]
     mask = np.ones((B, S), np.float32)
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
     sft_batch = {"tokens": tokens[None], "targets": targets[None], "loss_mask": mask[None],
                  "segment_ids": np.ones((1, B, S), np.int32),
                  "positions": np.broadcast_to(np.arange(S, dtype=np.int32), (1, B, S)).copy()}
-    sft_batch = jax.device_put(sft_batch, T.batch_shardings(sft_batch, mesh))
+    sft_batch = jax.device_put(sft_batch, TB.batch_shardings(sft_batch, mesh))
     jax_sft = _stepper(sft.compiled[S], box, sft_batch)
 
     # ---------------------------------------------------------------- JAX DPO (same number of pairs)
@@ -170,11 +171,11 @@ def main(argv=None) -> int:
     if not args.no_dpo:
         variants = [("jax_dpo", B, 1)] + ([("jax_dpo_accum", B // 2, 2)] if B % 2 == 0 and args.dpo_accum else [])
         for name, P, A in variants:
-            tcd = T.TrainConfig(lr=1e-4, weight_decay=0.01, max_grad_norm=1.0, batch_size=P, grad_accum=A, seq_len=S,
+            tcd = TC.TrainConfig(lr=1e-4, weight_decay=0.01, max_grad_norm=1.0, batch_size=P, grad_accum=A, seq_len=S,
                                 max_steps=1000, loss_type="sigmoid", beta=0.1, reference="precompute",
                                 logits_chunks=args.logits_chunks)
-            dpo = T.build_steps("dpo", cfg, tcd, 1000, mesh)
-            dinfo = T.compile_steps(dpo, "dpo", tcd, [S])[S]
+            dpo = TB.build_steps("dpo", cfg, tcd, 1000, mesh)
+            dinfo = TB.compile_steps(dpo, "dpo", tcd, [S])[S]
             res[f"{name}_compile_s"] = dinfo["compile_seconds"]
             res[f"{name}_memory"] = dinfo["memory"]
             rej = rng.integers(3, cfg.vocab_size, (B, S)).astype(np.int32)
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
             dpo_batch = {**preference_rows(np.concatenate([ch_m, rj_m], axis=1), prompt),
                          "ref_logps": rng.uniform(-2000, -1500, (A, 2 * P)).astype(np.float32),
                          "pair_mask": np.ones((A, P), np.float32)}
-            dpo_batch = jax.device_put(dpo_batch, T.batch_shardings(dpo_batch, mesh))
+            dpo_batch = jax.device_put(dpo_batch, TB.batch_shardings(dpo_batch, mesh))
 
             dpo_fns[name] = _stepper(dpo.compiled[S], box, dpo_batch)
 

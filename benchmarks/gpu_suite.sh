@@ -57,7 +57,7 @@ for s in $STAGES; do
 import jax, torch, transformers, optax, flax
 print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, torch.cuda.get_device_name(),
       '| transformers', transformers.__version__, '| flax', flax.__version__, '| optax', optax.__version__)
-from w2s_jax.train.loop import loop as train
+from w2s_jax.train import loop as train
 from w2s_jax.infer import sampler
 from w2s_jax.infer import scoring  # noqa: F401
 print('w2s_jax imports ok')" ;;

@@ -4,7 +4,7 @@
         [--coordinator 127.0.0.1:PORT --num-processes 2 --process-id I]
 
 Joins the JAX distributed runtime (``w2s_jax.parallel.distributed.initialize``), lays one mesh over all
-devices of all processes, runs a few SFT steps of a tiny model with ``train.py``'s compiled step (each
+devices of all processes, runs a few SFT steps of a tiny model with ``train/build.py``'s compiled step (each
 process feeding only its part of every global batch), greedily generates continuations of a batch
 of prompts (a plain loop and the package's Sampler), splits and gathers records, runs the package's
 SFT driver (``train.run_sft``: metrics, TensorBoard, Orbax checkpoints in ``--ckpt-dir``, shared by
@@ -93,17 +93,19 @@ def sft_driver(mesh, out_dir: str, ckpt_dir: str, gen_out: str):
     from w2s_jax.models import config as MC
     from w2s_jax.models import params as MP
     from w2s_jax.pipeline.generation import generate_records
+    from w2s_jax.train import build
     from w2s_jax.train import loop as train
+    from w2s_jax.train.config import TrainConfig
 
-    train.COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}  # tiny model: compile fast
+    build.COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}  # tiny model: compile fast
     S.CPU_COMPILER_OPTIONS = {**S.CPU_COMPILER_OPTIONS, "xla_backend_optimization_level": 0}
     tok = ByteTokenizer()
     cfg = MC.get_preset("tiny", vocab_size=tok.vocab_size)
     params = MP.init_params(cfg, jax.random.PRNGKey(1), mesh)
     records = [{"id": f"s{i}", "prompt": f"{i}+{i % 5}=", "completion": str(i + i % 5)} for i in range(32)]
-    tc = train.TrainConfig(batch_size=ROWS, seq_len=SEQ, lr=1e-2, max_steps=STEPS, schedule="constant",
-                           packing=False, eval_fraction=0.25, log_every=1, async_checkpointing=False,
-                           tensorboard=True, progress=False)
+    tc = TrainConfig(batch_size=ROWS, seq_len=SEQ, lr=1e-2, max_steps=STEPS, schedule="constant",
+                     packing=False, eval_fraction=0.25, log_every=1, async_checkpointing=False,
+                     tensorboard=True, progress=False)
     res = train.run_sft(train.TrainModel(params, cfg, tok), records, tc, out_dir, mesh=mesh,
                         checkpoint_dir=ckpt_dir)
     out = Path(out_dir)
@@ -139,13 +141,14 @@ def main() -> int:
     from w2s_jax.models import config as MC
     from w2s_jax.models import params as MP
     from w2s_jax.parallel.sharding import MeshConfig, logical_to_spec
-    from w2s_jax.train import loop as train
+    from w2s_jax.train import build as train
+    from w2s_jax.train.config import TrainConfig
 
     mesh = MeshConfig(data=2, fsdp=2, tensor=2).build()
     cfg = MC.get_preset("tiny")
     params = MP.init_params(cfg, jax.random.PRNGKey(0), mesh)
-    tc = train.TrainConfig(batch_size=ROWS, seq_len=SEQ, lr=1e-2, max_steps=STEPS, schedule="constant",
-                           max_grad_norm=1.0, tensorboard=False, progress=False)
+    tc = TrainConfig(batch_size=ROWS, seq_len=SEQ, lr=1e-2, max_steps=STEPS, schedule="constant",
+                     max_grad_norm=1.0, tensorboard=False, progress=False)
     bundle = train.build_steps("sft", cfg, tc, STEPS, mesh)
     state = train.init_state(bundle, params, seed=0)
     bsh = train.batch_shardings(train.abstract_batch("sft", tc, SEQ), mesh)

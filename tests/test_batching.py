@@ -7,6 +7,7 @@ from w2s_jax.core.errors import UserError
 from w2s_jax.io.tokenizer import ByteTokenizer, encode_example
 from w2s_jax.models.config import ModelConfig
 from w2s_jax.models.decoder import forward
+from w2s_jax.models.logprobs import token_logps
 from w2s_jax.models.params import init_params
 from w2s_jax.train import losses as L
 from w2s_jax.train.batching import (
@@ -158,7 +159,7 @@ def test_packed_batch_gives_the_same_loss_as_unpacked_examples():
     def loss(p, b):
         b = jax.tree.map(lambda x: jnp.asarray(x[0]), b)
         logits, _ = forward(p, b["tokens"], cfg, positions=b["positions"], segment_ids=b["segment_ids"])
-        return L.sft_loss(L.token_logps(logits, b["targets"]), b["loss_mask"])
+        return L.sft_loss(token_logps(logits, b["targets"]), b["loss_mask"])
 
     fast = {"xla_backend_optimization_level": 0}  # tiny model: compile time dominates
     vg = jax.jit(jax.value_and_grad(loss), compiler_options=fast)

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from w2s_jax.cli.app import main as cli_main
+from w2s_jax.cli import bench as bench_cli
+from w2s_jax.cli import main as cli_main
 from w2s_jax.core.errors import UserError
 from w2s_jax.tools import bench
 
@@ -37,7 +38,7 @@ def test_plan_and_gpu_mode_message(capsys):
     assert scripts == [("sft", "bench_train.py"), ("dpo", "bench_lora.py"), ("score", "bench_scoring.py"),
                        ("generate", "bench_generate.py"), ("lora", "bench_lora.py")]
     with pytest.raises(UserError, match="gpu"):
-        bench.main(["--mode", "gpu", "--only", "score"])
+        bench_cli.main(["--mode", "gpu", "--only", "score"])
     assert cli_main(["bench", "--only", "nope"]) == 2
 
 

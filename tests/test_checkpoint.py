@@ -12,6 +12,8 @@ from w2s_jax.io.orbax import Checkpointer, CheckpointWarning, tree_checksums
 from w2s_jax.io.tokenizer import ByteTokenizer
 from w2s_jax.models.config import ModelConfig
 from w2s_jax.models.params import param_shapes
+from w2s_jax.train import build as TB
+from w2s_jax.train import config as TC
 from w2s_jax.train import loop as T
 from w2s_jax.train.batching import SFTBatcher, tokenize_sft
 
@@ -19,13 +21,13 @@ TOK = ByteTokenizer()
 CFG = ModelConfig("t", vocab_size=259, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
 RECORDS = [{"id": f"s{i}", "prompt": f"{i}+{i % 5}=", "completion": str(i + i % 5)} for i in range(12)]
 # 6 batches per epoch, 2 epochs: a resumed run crosses the epoch boundary
-TCFG = T.TrainConfig(lr=3e-3, batch_size=2, seq_len=32, packing=False, epochs=2, save_every=2, keep=3,
+TCFG = TC.TrainConfig(lr=3e-3, batch_size=2, seq_len=32, packing=False, epochs=2, save_every=2, keep=3,
                      log_every=4, progress=False, tensorboard=False, weight_decay=0.01)
 
 
 @pytest.fixture(autouse=True)
 def fast_compile(monkeypatch):
-    monkeypatch.setattr(T, "COMPILER_OPTIONS", {"xla_backend_optimization_level": 0})
+    monkeypatch.setattr(TB, "COMPILER_OPTIONS", {"xla_backend_optimization_level": 0})
 
 
 def params0():
@@ -49,7 +51,7 @@ def baseline(tmp_path_factory):
     import pytest as _p
 
     mp = _p.MonkeyPatch()
-    mp.setattr(T, "COMPILER_OPTIONS", {"xla_backend_optimization_level": 0})
+    mp.setattr(TB, "COMPILER_OPTIONS", {"xla_backend_optimization_level": 0})
     out = tmp_path_factory.mktemp("base")
     r = run(out)
     mp.undo()
@@ -180,7 +182,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_last_checkpoint(tmp_path):
     assert all(s < bad_step for s in steps)
     if last_good:
         assert steps[-1] == last_good and f"step {last_good}" in str(ei.value)
-        b = T.build_steps("sft", CFG, TCFG, 12, T._single_mesh())
+        b = TB.build_steps("sft", CFG, TCFG, 12, TB.single_mesh())
         r = ck.restore_latest(b.abstract_state)  # verifies every leaf's checksum
         assert r.step == last_good and np.isfinite(np.asarray(r.state.params["layers"]["wq"])).all()
     ck.close()

@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from w2s_jax.cli.app import main as cli_main  # noqa: E402
 from w2s_jax.core.errors import UserError  # noqa: E402
-from w2s_jax.io.convert import params_to_hf, params_to_state_dict, state_dict_to_params  # noqa: E402
+from w2s_jax.io.hf import params_to_hf, params_to_state_dict, state_dict_to_params  # noqa: E402
 from w2s_jax.io.native import load_model, save_model  # noqa: E402
 from w2s_jax.io.tokenizer import ByteTokenizer  # noqa: E402
 from w2s_jax.models.config import ModelConfig  # noqa: E402

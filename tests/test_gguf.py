@@ -19,7 +19,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 
 from w2s_jax.core.errors import UserError  # noqa: E402
-from w2s_jax.io.convert import params_to_state_dict  # noqa: E402
+from w2s_jax.io.hf import params_to_state_dict  # noqa: E402
 from w2s_jax.io.native import load_model  # noqa: E402
 from w2s_jax.io.tokenizer import decode_generation, encode_prompt  # noqa: E402
 from w2s_jax.models.config import ModelConfig  # noqa: E402
@@ -91,7 +91,7 @@ def test_synthetic_gguf_round_trip(tmp_path, tied):
     params = _random_params(cfg)
     path = tmp_path / "tiny.gguf"
     _write_gguf(path, cfg, params)
-    from w2s_jax.io.convert import gguf_to_params
+    from w2s_jax.io.gguf import gguf_to_params
 
     got, gcfg = gguf_to_params(path)  # (no tokenizer in this file)
     assert gcfg.replace(name="g", norm_eps=cfg.norm_eps) == cfg.replace(

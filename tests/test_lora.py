@@ -14,8 +14,8 @@ import jax.numpy as jnp  # noqa: E402
 
 from w2s_jax.cli.app import main as cli_main  # noqa: E402
 from w2s_jax.core.errors import UserError  # noqa: E402
-from w2s_jax.io.convert import lora_to_peft  # noqa: E402
 from w2s_jax.io.native import load_model, save_model  # noqa: E402
+from w2s_jax.io.peft import lora_to_peft  # noqa: E402
 from w2s_jax.models.config import get_preset  # noqa: E402
 from w2s_jax.models.decoder import forward  # noqa: E402
 from w2s_jax.models.lora import LoRAConfig, lora_axes, lora_shapes, merge_lora  # noqa: E402

@@ -112,7 +112,7 @@ def test_padding_matches_attention_mask(tmp_path):
 
 def test_hf_config_variants(tmp_path):
     """transformers 4.x style keys (rope_theta / rope_scaling at top level, eos list) are understood."""
-    from w2s_jax.io.convert import hf_config_to_model
+    from w2s_jax.io.hf import hf_config_to_model
 
     c = {
         "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,

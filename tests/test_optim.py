@@ -7,7 +7,8 @@ import optax
 import pytest
 
 from w2s_jax.train import optim
-from w2s_jax.train.loop import TrainConfig, decay_mask, make_schedule
+from w2s_jax.train.config import TrainConfig
+from w2s_jax.train.optim import decay_mask, make_schedule
 
 
 def _tree(seed):

@@ -392,7 +392,7 @@ def test_native_model_bit_flip_is_detected_naming_the_file(model_dirs, tmp_path)
 
 
 def test_convert_never_deletes_a_directory_it_did_not_write(model_dirs, tmp_path, capsys):
-    from w2s_jax.io.convert import main as convert
+    from w2s_jax.cli.convert import main as convert
 
     project = tmp_path / "project"
     (project / "src").mkdir(parents=True)

@@ -11,6 +11,8 @@ import pytest
 from w2s_jax.io.tokenizer import ByteTokenizer
 from w2s_jax.models.config import ModelConfig
 from w2s_jax.models.params import param_shapes
+from w2s_jax.train import build as TB
+from w2s_jax.train import config as TC
 from w2s_jax.train import loop as T
 
 TOK = ByteTokenizer()
@@ -20,7 +22,7 @@ CFG = ModelConfig("t", vocab_size=259, d_model=32, n_layers=1, n_heads=4, n_kv_h
 
 @pytest.fixture(autouse=True)
 def fast_compile(monkeypatch):
-    monkeypatch.setattr(T, "COMPILER_OPTIONS", {"xla_backend_optimization_level": 0})
+    monkeypatch.setattr(TB, "COMPILER_OPTIONS", {"xla_backend_optimization_level": 0})
 
 
 def init_params(cfg, seed):
@@ -41,7 +43,7 @@ def test_dpo_reference_with_repeated_ids_gives_ln2_at_step_one(tmp_path):
     holds when each pair gets its own reference log-probs (ids repeat across pairs)."""
     records = repeated_id_pairs()
     cache = tmp_path / "ref.jsonl"
-    c = T.TrainConfig(lr=1e-3, batch_size=len(records), seq_len=32, max_steps=1, progress=False, tensorboard=False,
+    c = TC.TrainConfig(lr=1e-3, batch_size=len(records), seq_len=32, max_steps=1, progress=False, tensorboard=False,
                       reference="precompute", beta=1.0)
     for run in ("a", "b"):  # "b" reads the cache "a" wrote
         r = T.run_dpo(T.TrainModel(init_params(CFG, 7), CFG, TOK), records, c, tmp_path / run, ref_cache=cache)
@@ -76,7 +78,7 @@ def test_training_refuses_a_model_dir_it_did_not_write_before_training(tmp_path)
     out = tmp_path / "run"
     (out / "hf").mkdir(parents=True)
     (out / "hf" / "config.json").write_text("{}")  # someone else's files
-    c = T.TrainConfig(batch_size=2, seq_len=32, max_steps=1, progress=False, tensorboard=False)
+    c = TC.TrainConfig(batch_size=2, seq_len=32, max_steps=1, progress=False, tensorboard=False)
     records = [{"id": str(i), "prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(4)]
     with pytest.raises(UserError, match=f"refusing to overwrite {out / 'hf'}"):
         T.run_sft(T.TrainModel(init_params(CFG, 1), CFG, TOK), records, c, out, export_hf=True)

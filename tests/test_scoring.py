@@ -10,7 +10,8 @@ transformers = pytest.importorskip("transformers")
 
 from w2s_jax.cli.app import main as cli_main  # noqa: E402
 from w2s_jax.core.errors import UserError  # noqa: E402
-from w2s_jax.infer.scoring import bucket_length, completion_logprobs, score_records, token_logprobs  # noqa: E402
+from w2s_jax.core.lengths import bucket_length  # noqa: E402
+from w2s_jax.infer.scoring import completion_logprobs, score_records, token_logprobs  # noqa: E402
 from w2s_jax.io.native import load_model  # noqa: E402
 from w2s_jax.io.tokenizer import ByteTokenizer  # noqa: E402
 

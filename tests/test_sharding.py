@@ -38,7 +38,7 @@ def _random_params(cfg, seed=0):
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    from w2s_jax.io.convert import params_to_hf
+    from w2s_jax.io.hf import params_to_hf
 
     root = tmp_path_factory.mktemp("sharding")
     params = _random_params(CFG)

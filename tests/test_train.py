@@ -7,12 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from w2s_jax.io.convert import params_to_state_dict, state_dict_to_params
+from w2s_jax.core.programs import ProgramCache
+from w2s_jax.io.hf import params_to_state_dict, state_dict_to_params
 from w2s_jax.io.tokenizer import ByteTokenizer
 from w2s_jax.models.config import ModelConfig
 from w2s_jax.models.lora import LoRAConfig
 from w2s_jax.models.params import param_shapes
+from w2s_jax.train import build as TB
+from w2s_jax.train import config as TC
 from w2s_jax.train import loop as T
+from w2s_jax.train import optim as TO
+from w2s_jax.train import reference as TR
+from w2s_jax.train import steps as TS
 from w2s_jax.train.batching import PreferenceBatcher, SFTBatcher, tokenize_pairs, tokenize_sft
 
 torch = pytest.importorskip("torch")
@@ -23,7 +29,7 @@ CFG = ModelConfig("t", vocab_size=259, d_model=32, n_layers=2, n_heads=4, n_kv_h
 
 @pytest.fixture(autouse=True)
 def fast_compile(monkeypatch):
-    monkeypatch.setattr(T, "COMPILER_OPTIONS", {"xla_backend_optimization_level": 0})
+    monkeypatch.setattr(TB, "COMPILER_OPTIONS", {"xla_backend_optimization_level": 0})
 
 
 def init_params(cfg, seed):
@@ -86,14 +92,14 @@ def test_sft_loss_and_gradients_match_transformers(packing):
     padded = SFTBatcher(ex, rows=6, seq_len=16, packing=False, shuffle=False).all_batches()[0]
     batch = SFTBatcher(ex, rows=2, seq_len=48, packing=True, shuffle=False).all_batches()[0] if packing else padded
 
-    spec = T.StepSpec(cfg, "sft")
+    spec = TS.StepSpec(cfg, "sft")
 
     def loss_fn(p, b):
         b = jax.tree.map(lambda x: x[0], b)
-        lp = T.sequence_token_logps(p, None, b, spec)
+        lp = TS.sequence_token_logps(p, None, b, spec)
         return -jnp.sum(lp * b["loss_mask"]) / jnp.sum(b["loss_mask"])
 
-    loss, grads = jax.jit(jax.value_and_grad(loss_fn), compiler_options=T.COMPILER_OPTIONS)(
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn), compiler_options=TB.COMPILER_OPTIONS)(
         params, jax.tree.map(jnp.asarray, batch))
 
     model = to_torch_llama(params, cfg)
@@ -121,20 +127,20 @@ def test_sft_loss_and_gradients_match_transformers(packing):
 
 
 def _state_for(bundle, trainable):
-    return T.init_state(bundle, trainable, seed=0)
+    return TB.init_state(bundle, trainable, seed=0)
 
 
 def test_grad_accumulation_equals_one_big_batch():
     params = init_params(CFG, 2)
     ex, _ = tokenize_sft(sft_records(8), TOK, 32)
     # eps=1: Adam's first update is ~lr*g (not ~lr*sign(g), which amplifies rounding of tiny g)
-    cfg1 = T.TrainConfig(lr=1e-1, batch_size=4, grad_accum=1, seq_len=32, packing=False, max_steps=1, eps=1.0)
-    cfg2 = T.TrainConfig(lr=1e-1, batch_size=2, grad_accum=2, seq_len=32, packing=False, max_steps=1, eps=1.0)
+    cfg1 = TC.TrainConfig(lr=1e-1, batch_size=4, grad_accum=1, seq_len=32, packing=False, max_steps=1, eps=1.0)
+    cfg2 = TC.TrainConfig(lr=1e-1, batch_size=2, grad_accum=2, seq_len=32, packing=False, max_steps=1, eps=1.0)
     out = []
     for c in (cfg1, cfg2):
         b = SFTBatcher(ex, rows=c.batch_size, seq_len=32, packing=False, grad_accum=c.grad_accum, shuffle=False)
         batch = b.all_batches()[0]
-        bundle = T.build_steps("sft", CFG, c, 1, T._single_mesh())
+        bundle = TB.build_steps("sft", CFG, c, 1, TB.single_mesh())
         st, m = bundle.step_fn(_state_for(bundle, jax.tree.map(jnp.copy, params)), batch, None)
         out.append((float(m["loss"]), float(m["grad_norm"]), st.params))
     assert out[0][0] == pytest.approx(out[1][0], rel=1e-6)
@@ -152,11 +158,11 @@ def test_bf16_compute_with_fp32_params():
     params = init_params(CFG, 6)
     ex, _ = tokenize_sft(sft_records(8), TOK, 32)
     batch = SFTBatcher(ex, rows=4, seq_len=32, packing=False, shuffle=False).all_batches()[0]
-    c = T.TrainConfig(lr=1e-3, batch_size=4, seq_len=32, packing=False, max_steps=1)
+    c = TC.TrainConfig(lr=1e-3, batch_size=4, seq_len=32, packing=False, max_steps=1)
     losses = {}
     for dt in ("float32", "bfloat16"):
         mcfg = CFG.replace(dtype=dt)
-        bundle = T.build_steps("sft", mcfg, c, 1, T._single_mesh())
+        bundle = TB.build_steps("sft", mcfg, c, 1, TB.single_mesh())
         st, m = bundle.step_fn(_state_for(bundle, jax.tree.map(jnp.copy, params)), batch, None)
         losses[dt] = float(m["loss"])
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(st.params))
@@ -167,22 +173,35 @@ def test_bf16_compute_with_fp32_params():
 
 def test_weight_decay_mask_skips_norms():
     params = init_params(CFG, 0)
-    m = T.decay_mask(params)
+    m = TO.decay_mask(params)
     assert m["embed"] and m["lm_head"] and m["layers"]["wq"] and m["layers"]["w_down"]
     assert not m["final_norm"] and not m["layers"]["attn_norm"] and not m["layers"]["mlp_norm"]
-    lm = T.decay_mask(init_lora(CFG, LoRAConfig(rank=2), 0))
+    lm = TO.decay_mask(init_lora(CFG, LoRAConfig(rank=2), 0))
     assert all(jax.tree.leaves(lm))
 
 
 def test_schedules():
-    c = T.TrainConfig(lr=1.0, warmup_steps=2, schedule="linear", min_lr_ratio=0.1)
-    s = T.make_schedule(c, 12)
+    c = TC.TrainConfig(lr=1.0, warmup_steps=2, schedule="linear", min_lr_ratio=0.1)
+    s = TO.make_schedule(c, 12)
     assert [float(s(i)) for i in (0, 1, 2)] == pytest.approx([0.0, 0.5, 1.0])
     assert float(s(12)) == pytest.approx(0.1)
-    s = T.make_schedule(T.TrainConfig(lr=1.0, schedule="cosine", min_lr_ratio=0.0), 10)
+    s = TO.make_schedule(TC.TrainConfig(lr=1.0, schedule="cosine", min_lr_ratio=0.0), 10)
     assert float(s(0)) == pytest.approx(1.0) and float(s(5)) == pytest.approx(0.5) and float(s(10)) == pytest.approx(0)
-    s = T.make_schedule(T.TrainConfig(lr=2.0, schedule="constant", warmup_ratio=0.5), 4)
+    s = TO.make_schedule(TC.TrainConfig(lr=2.0, schedule="constant", warmup_ratio=0.5), 4)
     assert [float(s(i)) for i in range(5)] == pytest.approx([0.0, 1.0, 2.0, 2.0, 2.0])
+
+
+def test_a_shared_program_cache_compiles_a_step_once():
+    tc = TC.TrainConfig(batch_size=2, seq_len=16, packing=False, max_steps=3)
+    mesh = TB.single_mesh()
+    programs = ProgramCache()
+    first = TB.build_steps("sft", CFG, tc, 3, mesh, programs=programs)
+    assert "cached" not in TB.compile_steps(first, "sft", tc, [16], 3)[16]
+    second = TB.build_steps("sft", CFG, tc, 3, mesh, programs=programs)
+    assert TB.compile_steps(second, "sft", tc, [16], 3)[16]["cached"] is True
+    assert second.compiled[16] is first.compiled[16] and second.eval_fn is first.eval_fn
+    own = TB.build_steps("sft", CFG, tc, 3, mesh)  # a bundle without a shared cache compiles its own
+    assert own.programs is not programs and own.eval_fn is not first.eval_fn
 
 
 def _dpo_batch(pairs, rows, seq_len=32):
@@ -198,14 +217,14 @@ def test_dpo_steps_raise_margin_and_lora_keeps_base(loss_type, reference):
     base_copy = jax.tree.map(lambda x: np.array(x, copy=True), params)
     pairs, _ = tokenize_pairs(pref_records(4), TOK, 32)
     lcfg = LoRAConfig(rank=4, alpha=8.0)
-    c = T.TrainConfig(lr=5e-3, batch_size=4, seq_len=32, loss_type=loss_type, beta=0.5, lora=lcfg,
+    c = TC.TrainConfig(lr=5e-3, batch_size=4, seq_len=32, loss_type=loss_type, beta=0.5, lora=lcfg,
                       reference=reference, max_steps=6, max_grad_norm=0)
-    mesh = T._single_mesh()
+    mesh = TB.single_mesh()
     if reference == "precompute":
-        pairs = T.precompute_reference(params, CFG, pairs, c, mesh)
+        pairs = TR.precompute_reference(params, CFG, pairs, c, mesh)
         assert all(p.ref_chosen < 0 and p.ref_rejected < 0 for p in pairs)
     batch = _dpo_batch(pairs, 4)
-    bundle = T.build_steps("dpo", CFG, c, 6, mesh)
+    bundle = TB.build_steps("dpo", CFG, c, 6, mesh)
     frozen = jax.device_put(params, bundle.frozen_sh)
     state = _state_for(bundle, init_lora(CFG, lcfg, 9))
     margins, losses = [], []
@@ -226,13 +245,13 @@ def test_lora_off_reference_equals_precomputed():
     params = init_params(CFG, 4)
     pairs, _ = tokenize_pairs(pref_records(4), TOK, 32)
     lcfg = LoRAConfig(rank=2)
-    mesh = T._single_mesh()
-    c1 = T.TrainConfig(batch_size=4, seq_len=32, lora=lcfg, reference="lora_off", max_steps=1)
-    c2 = T.TrainConfig(batch_size=4, seq_len=32, lora=lcfg, reference="precompute", max_steps=1)
+    mesh = TB.single_mesh()
+    c1 = TC.TrainConfig(batch_size=4, seq_len=32, lora=lcfg, reference="lora_off", max_steps=1)
+    c2 = TC.TrainConfig(batch_size=4, seq_len=32, lora=lcfg, reference="precompute", max_steps=1)
     ms = []
     for c in (c1, c2):
-        ps = T.precompute_reference(params, CFG, pairs, c, mesh) if c.reference == "precompute" else pairs
-        bundle = T.build_steps("dpo", CFG, c, 1, mesh)
+        ps = TR.precompute_reference(params, CFG, pairs, c, mesh) if c.reference == "precompute" else pairs
+        bundle = TB.build_steps("dpo", CFG, c, 1, mesh)
         lora = init_lora(CFG, lcfg, 0)
         lora["layers"]["wq"]["b"] = lora["layers"]["wq"]["b"] + 0.05  # a non-trivial policy
         _, m = bundle.step_fn(_state_for(bundle, lora), _dpo_batch(ps, 4), jax.device_put(params, bundle.frozen_sh))
@@ -245,7 +264,7 @@ def test_lora_off_without_lora_is_an_error():
     from w2s_jax.core.errors import UserError
 
     with pytest.raises(UserError, match="lora_off"):
-        T.build_steps("dpo", CFG, T.TrainConfig(reference="lora_off"), 1, T._single_mesh())
+        TB.build_steps("dpo", CFG, TC.TrainConfig(reference="lora_off"), 1, TB.single_mesh())
 
 
 # ----------------------------------------------------------------------------- drivers
@@ -254,7 +273,7 @@ def test_lora_off_without_lora_is_an_error():
 def test_run_sft_and_dpo_drivers_write_outputs(tmp_path):
     params = init_params(CFG, 5)
     model = T.TrainModel(params, CFG, TOK)
-    c = T.TrainConfig(lr=3e-3, batch_size=4, seq_len=32, epochs=2, log_every=2, eval_fraction=0.2,
+    c = TC.TrainConfig(lr=3e-3, batch_size=4, seq_len=32, epochs=2, log_every=2, eval_fraction=0.2,
                       eval_every=3, progress=False)
     r = T.run_sft(model, sft_records(48), c, tmp_path / "sft")
     assert r.step == len(r.history) and r.step > 3
@@ -272,7 +291,7 @@ def test_run_sft_and_dpo_drivers_write_outputs(tmp_path):
 
     # DPO from the SFT model, LoRA with precomputed reference cached as JSONL
     cache = tmp_path / "prefs.jsonl.ref.jsonl"
-    c2 = T.TrainConfig(lr=3e-3, batch_size=2, seq_len=32, epochs=1, log_every=2, progress=False,
+    c2 = TC.TrainConfig(lr=3e-3, batch_size=2, seq_len=32, epochs=1, log_every=2, progress=False,
                        lora=LoRAConfig(rank=2), reference="precompute", beta=0.2)
     r2 = T.run_dpo(T.TrainModel(loaded.params, CFG, TOK), pref_records(8), c2, tmp_path / "dpo", ref_cache=cache)
     assert cache.is_file() and len(cache.read_text().splitlines()) == 8
@@ -324,8 +343,8 @@ def test_orpo_llamafactory_loss_on_a_tiny_model_matches_a_hand_computation():
     recs = pref_records(4)
     pairs, _ = tokenize_pairs(recs, TOK, 32)
     beta = 0.1
-    c = T.TrainConfig(lr=0.0, batch_size=4, seq_len=32, loss_type="orpo_llamafactory", beta=beta, max_steps=1)
-    bundle = T.build_steps("dpo", cfg, c, 1, T._single_mesh())
+    c = TC.TrainConfig(lr=0.0, batch_size=4, seq_len=32, loss_type="orpo_llamafactory", beta=beta, max_steps=1)
+    bundle = TB.build_steps("dpo", cfg, c, 1, TB.single_mesh())
     _, m = bundle.step_fn(_state_for(bundle, jax.tree.map(jnp.copy, params)), _dpo_batch(pairs, 4), None)
 
     model = to_torch_llama(params, cfg)
@@ -347,7 +366,7 @@ def test_orpo_llamafactory_loss_on_a_tiny_model_matches_a_hand_computation():
         per.append(-ac + beta * np.log1p(np.exp(-log_odds)))
     assert float(m["loss"]) == pytest.approx(float(np.mean(per)), rel=1e-5)
     # TRL's ORPO (NLL over prompt and completion, per token over the batch) is a different number
-    c2 = T.TrainConfig(lr=0.0, batch_size=4, seq_len=32, loss_type="orpo", beta=beta, max_steps=1)
-    b2 = T.build_steps("dpo", cfg, c2, 1, T._single_mesh())
+    c2 = TC.TrainConfig(lr=0.0, batch_size=4, seq_len=32, loss_type="orpo", beta=beta, max_steps=1)
+    b2 = TB.build_steps("dpo", cfg, c2, 1, TB.single_mesh())
     _, m2 = b2.step_fn(_state_for(b2, jax.tree.map(jnp.copy, params)), _dpo_batch(pairs, 4), None)
     assert abs(float(m2["loss"]) - float(m["loss"])) > 1e-3

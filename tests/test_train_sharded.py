@@ -17,7 +17,8 @@ from w2s_jax.models.config import ModelConfig
 from w2s_jax.models.lora import LoRAConfig, lora_shapes
 from w2s_jax.models.params import param_shapes
 from w2s_jax.parallel.sharding import make_mesh
-from w2s_jax.train import loop as T
+from w2s_jax.train import build as TB
+from w2s_jax.train import config as TC
 from w2s_jax.train.batching import PreferenceBatcher, SFTBatcher, tokenize_pairs, tokenize_sft
 
 TOK = ByteTokenizer()
@@ -28,7 +29,7 @@ MESHES = [(8, 1, 1), (2, 2, 2), (1, 2, 4)]
 
 @pytest.fixture(autouse=True)
 def fast_compile(monkeypatch):
-    monkeypatch.setattr(T, "COMPILER_OPTIONS", {"xla_backend_optimization_level": 0})
+    monkeypatch.setattr(TB, "COMPILER_OPTIONS", {"xla_backend_optimization_level": 0})
 
 
 def _rand(shapes, seed, zero=()):
@@ -51,8 +52,8 @@ def _mesh(shape):
 
 
 def _run(kind, cfg, batch, mesh, trainable, frozen=None, steps=2):
-    bundle = T.build_steps(kind, CFG, cfg, steps, mesh)
-    state = T.init_state(bundle, jax.tree.map(jnp.asarray, trainable), seed=0)
+    bundle = TB.build_steps(kind, CFG, cfg, steps, mesh)
+    state = TB.init_state(bundle, jax.tree.map(jnp.asarray, trainable), seed=0)
     fr = None if frozen is None else jax.device_put(jax.tree.map(jnp.asarray, frozen), bundle.frozen_sh)
     hist = []
     for _ in range(steps):
@@ -74,7 +75,7 @@ def _compare(ref, got):
 
 def test_sft_step_same_on_all_meshes():
     ex, _ = tokenize_sft([{"id": i, "prompt": f"{i}+{i}=", "completion": str(2 * i)} for i in range(16)], TOK, 32)
-    cfg = T.TrainConfig(lr=1e-3, batch_size=8, grad_accum=2, seq_len=32, packing=False, weight_decay=0.1)
+    cfg = TC.TrainConfig(lr=1e-3, batch_size=8, grad_accum=2, seq_len=32, packing=False, weight_decay=0.1)
     batch = SFTBatcher(ex, 8, 32, packing=False, grad_accum=2, shuffle=False).all_batches()[0]
     params = _rand(param_shapes(CFG), 0)
     ref = _run("sft", cfg, batch, make_mesh({"data": 1}, jax.devices()[:1]), params)
@@ -89,7 +90,7 @@ def test_dpo_lora_step_same_on_all_meshes():
     recs = [{"id": i, "prompt": f"{i}*2=", "chosen": str(2 * i), "rejected": str(2 * i + 1)} for i in range(8)]
     pairs, _ = tokenize_pairs(recs, TOK, 32)
     lcfg = LoRAConfig(rank=4, alpha=8.0, targets=("q", "v", "o", "up", "down"))
-    cfg = T.TrainConfig(lr=1e-3, batch_size=8, seq_len=32, lora=lcfg, reference="lora_off", beta=0.5)
+    cfg = TC.TrainConfig(lr=1e-3, batch_size=8, seq_len=32, lora=lcfg, reference="lora_off", beta=0.5)
     batch = PreferenceBatcher(pairs, 8, 32, shuffle=False).all_batches()[0]
     params = _rand(param_shapes(CFG), 1)
     lora = _rand(lora_shapes(CFG, lcfg), 2, zero=("'b'",))

@@ -31,12 +31,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("w2s_jax.cli.data", "build data sets: split, full-weak, consistency, vote, pairs"),
     "grade": ("w2s_jax.cli.grade", "extract and grade answers in a JSONL file"),
     "generate": ("w2s_jax.cli.generate", "batched generation with a KV cache"),
-    "logprobs": ("w2s_jax.infer.scoring", "summed completion log-probabilities"),
-    "convert": ("w2s_jax.io.convert", "convert checkpoints between HF/GGUF and w2s-jax"),
+    "logprobs": ("w2s_jax.cli.logprobs", "summed completion log-probabilities"),
+    "convert": ("w2s_jax.cli.convert", "convert checkpoints between HF/GGUF and w2s-jax"),
     "sft": ("w2s_jax.cli.train", "supervised fine-tuning"),
     "dpo": ("w2s_jax.cli.train", "preference optimization (DPO, IPO, hinge, ORPO, SimPO)"),
     "compile-check": ("w2s_jax.tools.compile_check", "ahead-of-time fit check for a TPU topology"),
-    "bench": ("w2s_jax.tools.bench", "benchmarks against PyTorch baselines"),
+    "bench": ("w2s_jax.cli.bench", "benchmarks against PyTorch baselines"),
 }
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 import warnings
@@ -30,6 +31,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from w2s_jax.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +165,6 @@ class Checkpointer:
                 log.warning(msg)
                 self._broken.add(step)
         if steps:
-            from w2s_jax.core.errors import UserError
-
             raise UserError(
                 f"no usable checkpoint in {self.directory} (does it belong to another config?):\n  "
                 + "\n  ".join(errors) + "\nremove the directory to start over"
@@ -190,8 +191,6 @@ class Checkpointer:
 def failure_reason(e: BaseException, limit: int = 160) -> str:
     """One short line for why a checkpoint failed to restore: the first line of the message without
     TensorStore's ``[source locations=...]`` / ``[tensorstore_spec=...]`` dumps."""
-    import re
-
     text = str(e)
     text = re.sub(r"\s*\[(source locations|tensorstore_spec|tensorstore_status)=.*?\](?=\s*(\[|$))", "", text,
                   flags=re.S)

@@ -25,10 +25,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from w2s_jax.core.errors import UserError
 
@@ -77,8 +81,6 @@ def initialize(
 
     Safe to call more than once and in single-process runs (then it does nothing).
     """
-    import jax
-
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
     coordinator = coordinator or os.environ.get(ENV_COORDINATOR) or None
@@ -122,14 +124,10 @@ def initialize(
 
 
 def process_index() -> int:
-    import jax
-
     return jax.process_index()
 
 
 def process_count() -> int:
-    import jax
-
     return jax.process_count()
 
 
@@ -141,8 +139,6 @@ def is_main_process() -> bool:
 def sync(name: str) -> None:
     """Barrier across all processes (a no-op in a single-process run)."""
     if process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -168,8 +164,6 @@ def local_slices(sharding, global_shape: Sequence[int]) -> tuple[slice, ...]:
 
 
 def _one(x, sharding, global_shape):
-    import jax
-
     x = np.asarray(x)
     if global_shape is None:  # x is the whole global array: keep only this process's block
         global_shape = x.shape
@@ -189,8 +183,6 @@ def process_local_batch(batch, sharding, global_shape=None):
     ``global_shape`` (one shape, or a pytree of shapes like ``batch``) they are only this process's
     block and the global shape is given. ``sharding``: one sharding or a pytree like ``batch``.
     """
-    import jax
-
     if global_shape is None and process_count() == 1:  # one process: exactly the single-host placement
         return jax.device_put(batch, sharding)
     leaves, treedef = jax.tree.flatten(batch)
@@ -208,14 +200,10 @@ def process_local_batch(batch, sharding, global_shape=None):
 
 
 def _array_to_host(x) -> np.ndarray:
-    import jax
-
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(jax.device_get(x))
     if x.is_fully_replicated:  # every process holds the whole value: no collective needed
         return np.asarray(x.addressable_data(0))
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -225,8 +213,6 @@ def to_host(x):
 
     Call it on every process in the same order: an array sharded across processes is gathered with
     a collective."""
-    import jax
-
     if all(getattr(a, "is_fully_addressable", True) for a in jax.tree.leaves(x)):
         return jax.tree.map(np.asarray, jax.device_get(x))  # one transfer for the whole tree
     return jax.tree.map(_array_to_host, x)
@@ -253,8 +239,6 @@ def allgather_bytes(blob: bytes) -> list[bytes]:
     """Every process's ``blob``, in process order, on every process."""
     if process_count() == 1:
         return [bytes(blob)]
-    from jax.experimental import multihost_utils
-
     n = np.asarray([len(blob)], np.int64)
     sizes = np.asarray(multihost_utils.process_allgather(n)).reshape(-1)
     width = max(int(sizes.max()), 1)
@@ -289,9 +273,6 @@ def check_shared_dir(path: str | os.PathLike, what: str = "the output directory"
     (process 0 writes the outputs, the others read them back). A no-op in a single-process run."""
     if process_count() == 1:
         return
-    import uuid
-    from pathlib import Path
-
     d = Path(path)
     marker = d / ".w2s-shared-check"
     token = b""

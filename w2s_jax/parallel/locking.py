@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from w2s_jax.core.errors import UserError
+from w2s_jax.parallel import distributed
 
 __all__ = ["FileLock", "hold", "lock_path_for_file", "LOCK_NAME"]
 
@@ -164,7 +165,6 @@ class FileLock:
 def hold(path: str | os.PathLike, what: str) -> Iterator[None]:
     """Hold the lock file ``path`` for the ``with`` block; in a multi-host run only process 0 takes it
     and every process raises when it could not."""
-    from w2s_jax.parallel import distributed
     multi = distributed.process_count() > 1
     lock = FileLock(path, what)
     err: UserError | None = None

@@ -22,6 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from w2s_jax.core.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 
 # logical name -> mesh axes (tuple, tried in order)
@@ -55,22 +57,16 @@ def rules_from_config(table: dict[str, Sequence[str] | str | None] | None) -> Ru
             axes = (axes,)
         bad = [a for a in axes if a not in MESH_AXES]
         if bad:
-            from w2s_jax.core.errors import UserError
-
             raise UserError(f"sharding rule `{name}` names unknown mesh axes {bad}; valid: {MESH_AXES}")
         out.append((name, tuple(axes)))
     missing = [n for n, _ in DEFAULT_RULES if n not in dict(out)]
     if missing:
-        from w2s_jax.core.errors import UserError
-
         raise UserError(f"sharding rules table must name every logical axis; missing {missing}")
     return tuple(out)
 
 
 def make_mesh(shape: dict[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
     """A mesh over ``MESH_AXES``; ``shape`` like ``{"data": -1, "fsdp": 1, "tensor": 1}`` (-1 = the rest)."""
-    from w2s_jax.core.errors import UserError
-
     devices = list(jax.devices() if devices is None else devices)
     shape = dict(shape or {"data": -1})
     unknown = [k for k in shape if k not in MESH_AXES]
@@ -96,8 +92,6 @@ def make_mesh(shape: dict[str, int] | None = None, devices: Sequence | None = No
 
 def parse_mesh_arg(s: str | None) -> Mesh | None:
     """A mesh from a command-line ``--mesh data=-1,tensor=2`` (None when not given)."""
-    from w2s_jax.core.errors import UserError
-
     if not s:
         return None
     shape = {}

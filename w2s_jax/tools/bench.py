@@ -17,11 +17,13 @@ shape in bfloat16, torch on cuda: full fine-tuning with the layers cut to 8 so t
 80 GB GPU, LoRA, scoring and generation on the full 32 layers; generation also reports the decode
 step's time against the memory-bandwidth bound). MFU is reported where the device's peak FLOP/s is known
 (``tpu_specs.chip_for_device``).
+
+JAX is imported only once the mode has set ``JAX_PLATFORMS`` (JAX reads it when first imported), so
+this module imports nothing that imports JAX at its top. The command line is ``cli/bench.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
@@ -30,9 +32,13 @@ import platform
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from w2s_jax.core.errors import UserError
+from w2s_jax.tools.tpu_specs import chip_for_device
+
+__all__ = ["WORKLOADS", "BenchOptions", "benchmarks_dir", "cpu_name", "plan", "print_table", "run_suite"]
 
 WORKLOADS = ("sft", "dpo", "score", "generate", "lora")
 DEFAULT_PRESET = {"cpu": "smollm2-135m", "gpu": "llama2-7b"}
@@ -43,6 +49,27 @@ _TRACED = ("import runpy, sys, jax; d, s = sys.argv[1], sys.argv[2]; sys.argv = 
            "with jax.profiler.trace(d):\n    runpy.run_path(s, run_name='__main__')")
 
 
+@dataclass
+class BenchOptions:
+    """What to run: the options of `w2s bench` (see ``cli/bench.py``)."""
+
+    mode: str = "cpu"  # cpu | gpu
+    quick: bool = False
+    only: list[str] = field(default_factory=lambda: list(WORKLOADS))
+    out: str | None = "bench.json"
+    profile: str | None = None
+    preset: str | None = None
+    layers: int | None = None
+    batch: int | None = None
+    seq: int | None = None
+    rounds: int | None = None
+
+    def __post_init__(self):
+        bad = [w for w in self.only if w not in WORKLOADS]
+        if bad:
+            raise UserError(f"--only: unknown workload(s) {bad}; valid: {','.join(WORKLOADS)}")
+
+
 def benchmarks_dir() -> Path:
     d = Path(__file__).resolve().parents[2] / "benchmarks"
     if not (d / "bench_train.py").is_file():
@@ -51,7 +78,7 @@ def benchmarks_dir() -> Path:
     return d
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -63,7 +90,7 @@ def _cpu_name() -> str:
 
 def _check_gpu() -> str:
     """The GPU's device kind; UserError unless JAX and torch both see a CUDA GPU."""
-    import jax
+    import jax  # (after the mode set JAX_PLATFORMS)
 
     try:
         devs = jax.devices("gpu")
@@ -83,11 +110,10 @@ def _check_gpu() -> str:
     return devs[0].device_kind
 
 
-def plan(args) -> list[tuple[str, str, list[str]]]:
-    """[(workload, script, argv)] for the selected workloads."""
+def _shape_args(args) -> tuple[list[str], list[str], list[str], list[str]]:
+    """``(common, shape, layers, full_layers)`` argument lists shared by the scripts."""
     gpu = args.mode == "gpu"
-    preset = args.preset or DEFAULT_PRESET[args.mode]
-    common = ["--preset", preset]
+    common = ["--preset", args.preset or DEFAULT_PRESET[args.mode]]
     if args.quick:
         common.append("--quick")
     if args.rounds:
@@ -103,6 +129,22 @@ def plan(args) -> list[tuple[str, str, list[str]]]:
         common += ["--device", "cuda", "--dtype", "bfloat16"]
     layers = ["--layers", str(args.layers)] if args.layers else []
     full_layers = layers or (["--layers", str(GPU_FULL_LAYERS)] if gpu and not args.quick else [])
+    return common, shape, layers, full_layers
+
+
+def _generate_args(args, layers: list[str]) -> list[str]:
+    a = ["--preset", args.preset or DEFAULT_PRESET[args.mode]] + (["--quick"] if args.quick else []) + layers
+    if args.mode == "gpu":
+        a += ["--device", "cuda", "--dtype", "bfloat16"]
+    if args.rounds:
+        a += ["--repeats", str(args.rounds)]
+    return a
+
+
+def plan(args) -> list[tuple[str, str, list[str]]]:
+    """[(workload, script, argv)] for the selected workloads."""
+    gpu = args.mode == "gpu"
+    common, shape, layers, full_layers = _shape_args(args)
     prof = ["--profile", os.path.join(args.profile, "{w}")] if args.profile else []
     out = []
     for w in args.only:
@@ -119,51 +161,57 @@ def plan(args) -> list[tuple[str, str, list[str]]]:
             lshape = shape + (["--batch", "2"] if gpu and not args.batch else [])
             out.append((w, "bench_lora.py", common + layers + lshape + ["--rank", "8"] + prof))
         elif w == "generate":
-            a = ["--preset", preset] + (["--quick"] if args.quick else []) + layers
-            if gpu:
-                a += ["--device", "cuda", "--dtype", "bfloat16"]
-            if args.rounds:
-                a += ["--repeats", str(args.rounds)]
-            out.append((w, "bench_generate.py", a))
+            out.append((w, "bench_generate.py", _generate_args(args, layers)))
     return out
+
+
+def _sft_row(res: dict) -> dict:
+    """The row of bench_train.py's JSON."""
+    st = res["step_seconds"]
+    B, S = res["batch"]
+    j = st["jax_sft"]["median"]
+    mem = res.get("jax_sft_memory") or {}
+    row = {"workload": "sft (full)", "tokens_per_step": B * S, "jax_step_ms": j * 1e3, "jax_tok_s": B * S / j,
+           "jax_compile_s": res.get("jax_sft_compile_s"),
+           "jax_peak_memory_bytes": mem.get("peak_estimate_bytes"), "jax_memory_source": "memory_analysis",
+           "baseline": "transformers + torch AdamW (bench_train.py)", "flops_per_token": None}
+    if "torch_sft" in st:
+        b = st["torch_sft"]["median"]
+        row.update(baseline_step_ms=b * 1e3, baseline_tok_s=B * S / b, ratio=b / j,
+                   baseline_peak_memory_bytes=(res.get("peak_rss_growth_bytes") or {}).get("torch_sft"),
+                   baseline_memory_source="process RSS growth")
+    try:
+        from w2s_jax.models.config import get_preset  # (imports JAX: after the mode set JAX_PLATFORMS)
+
+        cfg = get_preset(res["model"]["preset"], n_layers=res["model"]["n_layers"])
+        row["flops_per_token"] = cfg.flops_per_token(S)
+    except Exception:  # noqa: BLE001
+        pass
+    return row
+
+
+def _generate_rows(res: dict, num_params: int | None) -> list[dict]:
+    """The rows of bench_generate.py's JSON, one per batch size."""
+    rows = []
+    for r in res.get("rows", []):
+        rows.append({"workload": f"generate b{r['batch']}", "tokens_per_step": r["batch"],
+                     "jax_step_ms": r["jax_ms_per_step"], "jax_tok_s": r["jax_tok_s"],
+                     "jax_compile_s": r.get("jax_compile_s"), "jax_peak_memory_bytes": None,
+                     "jax_memory_source": "", "baseline": "transformers generate (bench_generate.py)",
+                     "baseline_tok_s": r["hf_tok_s"], "baseline_step_ms": r.get("hf_ms_per_step"),
+                     "ratio": r["ratio"], "flops_per_token": 2.0 * num_params if num_params else None,
+                     # GPU: the decode step against weights-and-cache bytes / datasheet HBM bandwidth
+                     "hbm_bound_fraction": r.get("fraction_of_bound_datasheet_bytes_s"),
+                     "decode_ms_per_step": r.get("jax_decode_ms_per_step")})
+    return rows
 
 
 def _rows_from(workload: str, res: dict, device_kind_peak: float | None, num_params: int | None) -> list[dict]:
     """Normalise one script's JSON into table rows."""
     if workload == "sft" and "step_seconds" in res:  # bench_train.py
-        st = res["step_seconds"]
-        B, S = res["batch"]
-        j = st["jax_sft"]["median"]
-        mem = res.get("jax_sft_memory") or {}
-        row = {"workload": "sft (full)", "tokens_per_step": B * S, "jax_step_ms": j * 1e3, "jax_tok_s": B * S / j,
-               "jax_compile_s": res.get("jax_sft_compile_s"),
-               "jax_peak_memory_bytes": mem.get("peak_estimate_bytes"), "jax_memory_source": "memory_analysis",
-               "baseline": "transformers + torch AdamW (bench_train.py)", "flops_per_token": None}
-        if "torch_sft" in st:
-            b = st["torch_sft"]["median"]
-            row.update(baseline_step_ms=b * 1e3, baseline_tok_s=B * S / b, ratio=b / j,
-                       baseline_peak_memory_bytes=(res.get("peak_rss_growth_bytes") or {}).get("torch_sft"),
-                       baseline_memory_source="process RSS growth")
-        try:
-            from w2s_jax.models.config import get_preset
-
-            cfg = get_preset(res["model"]["preset"], n_layers=res["model"]["n_layers"])
-            row["flops_per_token"] = cfg.flops_per_token(S)
-        except Exception:  # noqa: BLE001
-            pass
-        rows = [row]
+        rows = [_sft_row(res)]
     elif workload == "generate":  # bench_generate.py
-        rows = []
-        for r in res.get("rows", []):
-            rows.append({"workload": f"generate b{r['batch']}", "tokens_per_step": r["batch"],
-                         "jax_step_ms": r["jax_ms_per_step"], "jax_tok_s": r["jax_tok_s"],
-                         "jax_compile_s": r.get("jax_compile_s"), "jax_peak_memory_bytes": None,
-                         "jax_memory_source": "", "baseline": "transformers generate (bench_generate.py)",
-                         "baseline_tok_s": r["hf_tok_s"], "baseline_step_ms": r.get("hf_ms_per_step"),
-                         "ratio": r["ratio"], "flops_per_token": 2.0 * num_params if num_params else None,
-                         # GPU: the decode step against weights-and-cache bytes / datasheet HBM bandwidth
-                         "hbm_bound_fraction": r.get("fraction_of_bound_datasheet_bytes_s"),
-                         "decode_ms_per_step": r.get("jax_decode_ms_per_step")})
+        rows = _generate_rows(res, num_params)
     else:
         rows = [dict(r) for r in res.get("rows", [])]
     for r in rows:
@@ -205,57 +253,30 @@ def print_table(rows: list[dict]) -> None:
         print("| " + " | ".join(x.ljust(w[i]) for i, x in enumerate(b)) + " |")
 
 
-def main(argv: list[str] | None = None, prog: str = "w2s bench", command: str = "bench") -> int:
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mode", choices=["cpu", "gpu"], default="cpu")
-    ap.add_argument("--quick", action="store_true", help="small shapes, few rounds (smoke test, not figures)")
-    ap.add_argument("--only", default=",".join(WORKLOADS), help=f"comma-separated subset of {','.join(WORKLOADS)}")
-    ap.add_argument("--out", default="bench.json")
-    ap.add_argument("--profile", default=None, metavar="DIR", help="write JAX profiler traces (TensorBoard) here")
-    ap.add_argument("--preset", default=None, help="model shape (default smollm2-135m for cpu, llama2-7b for gpu); "
-                                                   "`tiny` for a smoke test")
-    ap.add_argument("--layers", type=int, default=None, help="override the number of layers")
-    ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--seq", type=int, default=None)
-    ap.add_argument("--rounds", type=int, default=None, help="timed rounds per workload")
-    args = ap.parse_args(argv)
-    args.only = [w.strip() for w in args.only.split(",") if w.strip()]
-    bad = [w for w in args.only if w not in WORKLOADS]
-    if bad:
-        raise UserError(f"--only: unknown workload(s) {bad}; valid: {','.join(WORKLOADS)}")
-    bdir = benchmarks_dir()
-
-    env = dict(os.environ)
-    if args.mode == "gpu":
+def _device(mode: str, env: dict) -> str:
+    """Set up the environment (this process and the scripts') for the mode; returns the device kind."""
+    if mode == "gpu":
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
         env.pop("JAX_PLATFORMS", None)
-        device_kind = _check_gpu()
-    else:
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        env["JAX_PLATFORMS"] = "cpu"
-        import jax
+        return _check_gpu()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    env["JAX_PLATFORMS"] = "cpu"
+    import jax  # (after JAX_PLATFORMS is set)
 
-        device_kind = jax.devices()[0].device_kind
-    import jax
+    return jax.devices()[0].device_kind
 
-    from w2s_jax.models.config import get_preset
-    from w2s_jax.tools.tpu_specs import chip_for_device
 
-    spec = chip_for_device(device_kind)
-    peak = spec.peak_bf16_flops if spec else None
-    preset = args.preset or DEFAULT_PRESET[args.mode]
-    num_params = get_preset(preset).num_params
-    env["PYTHONPATH"] = os.pathsep.join([str(bdir.parent)] + [p for p in [env.get("PYTHONPATH")] if p])
-
+def _run_scripts(opts: BenchOptions, bdir: Path, env: dict, peak, num_params) -> tuple[list, dict, dict]:
+    """Run each planned script in its own process; ``(rows, raw JSON by workload, failures)``."""
     rows, raw, failures = [], {}, {}
     with tempfile.TemporaryDirectory(prefix="w2s-bench-") as tmp:
-        for i, (w, script, a) in enumerate(plan(args)):
+        for i, (w, script, a) in enumerate(plan(opts)):
             out = os.path.join(tmp, f"{i}_{w}.json")
             a = [x.replace("{w}", w) for x in a] + ["--out", out]
             cmd = [sys.executable, str(bdir / script), *a]
-            if args.profile and script in ("bench_train.py", "bench_generate.py"):
-                cmd = [sys.executable, "-c", _TRACED, os.path.join(args.profile, w), str(bdir / script), *a]
+            if opts.profile and script in ("bench_train.py", "bench_generate.py"):
+                cmd = [sys.executable, "-c", _TRACED, os.path.join(opts.profile, w), str(bdir / script), *a]
             print(f"== {w}: {script} {' '.join(a[:-2])}", flush=True)
             p = subprocess.run(cmd, env=env, cwd=tmp)
             if p.returncode != 0 or not os.path.exists(out):
@@ -265,31 +286,53 @@ def main(argv: list[str] | None = None, prog: str = "w2s bench", command: str = 
             res = json.loads(Path(out).read_text())
             raw[w] = res
             rows += _rows_from(w, res, peak, num_params)
+    return rows, raw, failures
 
+
+def _versions() -> dict:
+    import jax
     import torch
     import transformers
 
+    out = {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+           "python": platform.python_version()}
+    for mod in ("peft", "trl"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            out[mod] = None
+    return out
+
+
+def run_suite(opts: BenchOptions) -> int:
+    """Run the suite, print the table, write ``opts.out``; returns 1 when a script failed, else 0."""
+    bdir = benchmarks_dir()
+    env = dict(os.environ)
+    device_kind = _device(opts.mode, env)
+    from w2s_jax.models.config import get_preset  # (imports JAX: after _device set JAX_PLATFORMS)
+
+    spec = chip_for_device(device_kind)
+    peak = spec.peak_bf16_flops if spec else None
+    preset = opts.preset or DEFAULT_PRESET[opts.mode]
+    num_params = get_preset(preset).num_params
+    env["PYTHONPATH"] = os.pathsep.join([str(bdir.parent)] + [p for p in [env.get("PYTHONPATH")] if p])
+    rows, raw, failures = _run_scripts(opts, bdir, env, peak, num_params)
+    versions = _versions()
     result = {
-        "mode": args.mode, "quick": args.quick, "preset": preset, "device_kind": device_kind,
+        "mode": opts.mode, "quick": opts.quick, "preset": preset, "device_kind": device_kind,
         "peak_flops": peak, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
-        "machine": {"cpu": _cpu_name(), "cpus": os.cpu_count(), "platform": platform.platform(),
+        "versions": versions,
+        "machine": {"cpu": cpu_name(), "cpus": os.cpu_count(), "platform": platform.platform(),
                     "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
         "rows": rows, "failures": failures, "raw": raw,
     }
-    for mod in ("peft", "trl"):
-        try:
-            result["versions"][mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            result["versions"][mod] = None
-    print(f"\n{preset} ({args.mode} mode, {device_kind}), jax {jax.__version__}, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}")
+    print(f"\n{preset} ({opts.mode} mode, {device_kind}), jax {versions['jax']}, torch {versions['torch']}, "
+          f"transformers {versions['transformers']}")
     print_table(rows)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1, default=float) + "\n")
-        print(f"wrote {args.out}")
+    if opts.out:
+        Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.out).write_text(json.dumps(result, indent=1, default=float) + "\n")
+        print(f"wrote {opts.out}")
     if failures:
         print(f"failed: {failures}", file=sys.stderr)
         return 1

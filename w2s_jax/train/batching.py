@@ -22,7 +22,7 @@ batches hold one sequence per row: the ``B`` chosen sequences first, then the ``
 The order of an epoch is a pure function of ``(seed, epoch)``; the data position
 ``(epoch, index)`` -- index = batches of that epoch already consumed -- is all a resumed run needs.
 A sequence longer than ``seq_len`` is an error naming its id, or is truncated (and counted) when
-``truncate=True``.
+``truncate=True`` (``core.lengths.truncate_example``, cut from the right: the first ``seq_len`` tokens stay).
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from w2s_jax.core.errors import UserError
+from w2s_jax.core.lengths import pick_bucket, truncate_example
+from w2s_jax.io.tokenizer import encode_example, encode_prompt
 
 SFT_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 PREF_KEYS = (*SFT_KEYS, "nll_mask", "ref_logps", "pair_mask")
@@ -68,26 +70,17 @@ class DataPosition:
     index: int = 0  # batches of `epoch` already consumed
 
 
-def _encode(tok, prompt: str, completion: str):
-    from w2s_jax.io.tokenizer import encode_example
-
-    return encode_example(tok, prompt, completion)
-
-
 def encode_vanilla(tok, prompt: str, completion: str) -> tuple[list[int], int]:
     """LLaMA-Factory's ``vanilla`` template (the paper's training): ``[bos] + encode(prompt)`` and
     ``encode(completion) + [eos]`` tokenized *separately* and concatenated, so nothing merges across
     the boundary and the prompt ids are exactly what generation conditions on. No joining space is
     inserted: a sentencepiece tokenizer (Llama 2) adds its own word-start marker to the completion,
     a byte-level BPE (Llama 3) does not -- as in the release."""
-    from w2s_jax.io.tokenizer import encode_prompt
-
     p_ids = encode_prompt(tok, prompt)
     return p_ids + list(tok.encode(completion)) + [tok.eos_id], len(p_ids)
 
 
 def _fit(rid, ids, n_prompt, seq_len, truncate, stats, what="") -> Example | None:
-    ids = np.asarray(ids, np.int32)
     if len(ids) > seq_len:
         if not truncate:
             raise UserError(
@@ -95,21 +88,21 @@ def _fit(rid, ids, n_prompt, seq_len, truncate, stats, what="") -> Example | Non
                 "(raise train.seq_len or set train.truncate=true)"
             )
         stats.n_truncated += 1
-        ids = ids[:seq_len]
+        ids, n_prompt = truncate_example(ids, n_prompt, seq_len, side="right")
         if n_prompt >= seq_len:  # no completion token left to learn from
             stats.n_dropped += 1
             return None
-    return Example(str(rid), ids, int(n_prompt))
+    return Example(str(rid), np.asarray(ids, np.int32), int(n_prompt))
 
 
-TEMPLATES = {"joined": _encode, "vanilla": encode_vanilla}
+TEMPLATES = {"joined": encode_example, "vanilla": encode_vanilla}
 
 
 def tokenize_sft(
     records: Sequence[dict], tok, seq_len: int, truncate: bool = False, encode=None
 ) -> tuple[list[Example], TokenizeStats]:
     """Tokenise ``{id, prompt, completion}`` records; over-long ones raise or are truncated."""
-    encode = encode or _encode
+    encode = encode or encode_example
     stats = TokenizeStats()
     out = []
     for i, r in enumerate(records):
@@ -129,7 +122,7 @@ def tokenize_pairs(
     records: Sequence[dict], tok, seq_len: int, truncate: bool = False, encode=None
 ) -> tuple[list[PairExample], TokenizeStats]:
     """Tokenise ``{id, prompt, chosen, rejected}`` records (optional ``ref_chosen``/``ref_rejected``)."""
-    encode = encode or _encode
+    encode = encode or encode_example
     stats = TokenizeStats()
     out = []
     for i, r in enumerate(records):
@@ -207,13 +200,6 @@ def pack_first_fit(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
     return rows
 
 
-def _bucket_for(length: int, buckets: Sequence[int]) -> int:
-    for b in buckets:
-        if length <= b:
-            return b
-    return buckets[-1]
-
-
 # ----------------------------------------------------------------------------- batchers
 
 
@@ -267,7 +253,7 @@ class _Batcher:
                 if self.drop_last and out:
                     break
                 chunk = chunk + [[] for _ in range(per - len(chunk))]
-            T = self.seq_len if lengths is None else _bucket_for(max(lengths[s : s + per]), self.bucket_lengths)
+            T = self.seq_len if lengths is None else pick_bucket(max(lengths[s : s + per]), self.bucket_lengths)
             out.append((T, chunk))
         return out
 

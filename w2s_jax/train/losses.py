@@ -39,17 +39,6 @@ PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "orpo", "orpo_llamafactory", "si
 REFERENCE_FREE = ("orpo", "orpo_llamafactory", "simpo")
 
 
-def token_logps(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """log softmax(logits)[target] per position, float32 ``[..., T]``."""
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    # a select-and-reduce rather than a gather: fuses with the softmax pass and works on a
-    # vocab-sharded logits array without gathering it
-    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    picked = jnp.sum(jnp.where(vocab == targets[..., None].astype(jnp.int32), logits, 0.0), axis=-1)
-    return picked - lse
-
-
 def masked_sum(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
     return jnp.sum(x * mask.astype(x.dtype), axis=axis)
 

@@ -13,6 +13,8 @@ import math
 import os
 from pathlib import Path
 
+from w2s_jax.parallel.distributed import is_main_process
+
 
 def _clean(v):
     v = float(v)
@@ -27,8 +29,6 @@ class MetricsLogger:
         self.dir = Path(out_dir)
         self.path = self.dir / "metrics.jsonl"
         if enabled is None:
-            from w2s_jax.parallel.distributed import is_main_process
-
             enabled = is_main_process()
         self.enabled = bool(enabled)
         self._f = None
