@@ -22,9 +22,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-# the one import from a higher layer (an exception in the import-linter contract): load() reads checkpoints
 from w2s_jax.core.errors import UserError
-from w2s_jax.io import native as _native
 from w2s_jax.models.config import PRESETS, ModelConfig, get_preset
 from w2s_jax.models.llama import BASE, DecoderLayer, Llama
 from w2s_jax.models.lora import Adapters, LoRAConfig, add_lora
@@ -51,7 +49,11 @@ def load(spec: str | os.PathLike, *, mesh=None, rules: Rules = DEFAULT_RULES, se
         except UserError as e:
             raise UserError(f"`{spec}` is no file or directory, and {e}") from None
     if path.exists():
-        loaded = _native.load_model(path, mesh=mesh, rules=rules, dtype=dtype, tokenizer=tokenizer)
+        # the one import from a higher layer (an exception in the import-linter contract), made here so that
+        # io's modules can import the models package while it initialises
+        from w2s_jax.io import native
+
+        loaded = native.load_model(path, mesh=mesh, rules=rules, dtype=dtype, tokenizer=tokenizer)
         cfg = loaded.cfg.replace(**overrides)
         model = Llama.from_params(cfg, loaded.params)
         if loaded.lora is not None:
