@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from w2s_jax.core.errors import UserError
 from w2s_jax.models.config import ModelConfig
 from w2s_jax.models.llama import Llama, layout
 
@@ -48,8 +49,6 @@ class LoRAConfig:
     def kernel_names(self) -> list[str]:
         bad = [t for t in self.targets if t not in TARGETS]
         if bad:
-            from w2s_jax.core.errors import UserError
-
             raise UserError(f"unknown LoRA target(s) {bad}; valid: {sorted(TARGETS)}")
         return [TARGETS[t] for t in self.targets]
 
