@@ -98,13 +98,12 @@ gives the same tokens whichever requests share the run, in any order, with sampl
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import logging
 import math
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -115,9 +114,10 @@ import numpy as np
 
 from w2s_jax.core.errors import UserError
 from w2s_jax.infer import kernels as native
-from w2s_jax.method.prompts import STOP_STRINGS
+from w2s_jax.models import decoder as D
+from w2s_jax.models import prepare
 from w2s_jax.models.config import ModelConfig
-from w2s_jax.models.decoder import _EINSUM, _dense, rms_norm, rope_frequencies
+from w2s_jax.models.decoder import rms_norm
 from w2s_jax.parallel.sharding import DEFAULT_RULES, Rules, constrain, named_sharding
 
 __all__ = [
@@ -151,10 +151,10 @@ class SampleConfig:
     """How to generate.
 
     ``temperature == 0`` is greedy (``top_k``/``top_p`` ignored); ``top_k == 0`` and ``top_p == 1``
-    are off. ``n`` samples per prompt use seeds ``seed .. seed + n - 1``. ``stop`` defaults to the
-    paper's ``("Question", "Answer")`` (``()``: none; ignored without a tokenizer, since there is no
-    text then). ``batch_size``: decode slots of the continuous engine (rows decoded at once), rows
-    (prompt x sample) per program of the static one; buckets default to
+    are off. ``n`` samples per prompt use seeds ``seed .. seed + n - 1``. ``stop``: strings that end a
+    sample (default none; the method's prompt format passes ``prompts.STOP_STRINGS``; ignored without a
+    tokenizer, since there is no text then). ``batch_size``: decode slots of the continuous engine (rows
+    decoded at once), rows (prompt x sample) per program of the static one; buckets default to
     :func:`default_prompt_buckets` / :func:`default_batch_buckets`; ``max_prompt_len`` defaults to
     ``max_seq_len - max_new_tokens``. A longer prompt is an error unless ``truncate_prompts`` (then
     its left part is dropped, keeping a leading BOS)."""
@@ -165,7 +165,7 @@ class SampleConfig:
     top_p: float = 1.0
     n: int = 1
     seed: int = 0
-    stop: tuple[str, ...] = STOP_STRINGS
+    stop: tuple[str, ...] = ()
     batch_size: int = 16
     prompt_buckets: tuple[int, ...] | None = None
     batch_buckets: tuple[int, ...] | None = None
@@ -359,148 +359,32 @@ class _Spec:
     has_lora: bool
     return_logits: bool = False
     cpu_kernels: bool = False  # decode's small matmuls through cpu_kernels.skinny_matmul
+    platform: str = "cpu"  # the mesh's platform (backend-specific layer forms)
 
 
-def _rope_tables(cfg: ModelConfig, positions: jax.Array, dtype):
-    ang = positions.astype(jnp.float32)[..., None] * rope_frequencies(cfg)  # [B, T, Dh/2]
-    ang = jnp.concatenate([ang, ang], -1)[:, :, None, :]
-    return jnp.cos(ang).astype(dtype), jnp.sin(ang).astype(dtype)
+def skinny_for(spec) -> Callable | None:
+    """The native matrix-vector kernel for the products of a program with ``spec.cpu_kernels`` (float32,
+    at most ``kernels.SKINNY_MAX_ROWS`` rows: the decode steps), else None (XLA's dot)."""
+    if not spec.cpu_kernels:
+        return None
+
+    def skinny(x, w):
+        if x.dtype == jnp.float32 and w.dtype == jnp.float32 and math.prod(x.shape[:-1]) <= native.SKINNY_MAX_ROWS:
+            return native.skinny_matmul(x, w)
+        return None
+
+    return skinny
 
 
-def _rope(x, cos, sin):  # same as model.apply_rope with the tables precomputed once per step
-    half = x.shape[-1] // 2
-    return x * cos + jnp.concatenate([-x[..., half:], x[..., :half]], -1) * sin
+def layer_proj(spec, lora_scale, skinny: Callable | None = None) -> D.Proj:
+    """The weight form of a generation program's layers (no LoRA dropout)."""
+    return D.Proj(lora_scale, flat=spec.platform == "cpu", skinny=skinny)
 
 
-def _lora_add(y, name, x, lp, lora_scale):
-    """``y`` plus the unmerged LoRA term of kernel ``name`` (same einsums as ``model._dense``)."""
-    if lp is None or name not in lp:
-        return y
-    h = jnp.einsum(_EINSUM[name][1], x, lp[name]["a"].astype(x.dtype))
-    return y + lora_scale * jnp.einsum(_EINSUM[name][2], h, lp[name]["b"].astype(x.dtype))
-
-
-# set while a program with _Spec.cpu_kernels is traced: _mm then sends products with at most
-# cpu_kernels.SKINNY_MAX_ROWS rows (the decode steps) to the native kernel
-_SKINNY = contextvars.ContextVar("w2s_sampler_skinny", default=False)
-
-
-def _mm(x, w, out_dtype=None):
-    """``x [..., in] @ w`` for a prepared weight: an ``[in, out]`` matrix or a list of column chunks
-    (separate matmuls XLA:CPU can run concurrently; see ``Sampler(matmul_split=)``)."""
-    if isinstance(w, (list, tuple)):
-        return jnp.concatenate([_mm(x, c, out_dtype) for c in w], axis=-1)
-    if (_SKINNY.get() and x.dtype == jnp.float32 and w.dtype == jnp.float32
-            and math.prod(x.shape[:-1]) <= native.SKINNY_MAX_ROWS):
-        return native.skinny_matmul(x, w)
-    return jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=out_dtype)
-
-
-def _qkv(cfg, p, lp, lora_scale, x, cos, sin, mesh, rules):
-    h = rms_norm(x, p["attn_norm"], cfg.norm_eps, cfg.norm_plus_one)
-    H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    if "o" in p:  # prepared per-layer weights (unrolled layers, see _prepare_layer)
-        B, T = h.shape[:2]
-        if "qkv" in p:
-            y = _mm(h, p["qkv"])
-            q, k, v = y[..., : H * Dh], y[..., H * Dh: (H + K) * Dh], y[..., (H + K) * Dh:]
-        else:
-            q, k, v = _mm(h, p["q"]), _mm(h, p["k"]), _mm(h, p["v"])
-        q, k, v = q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh), v.reshape(B, T, K, Dh)
-        q, k, v = (_lora_add(t, n, h, lp, lora_scale) for t, n in ((q, "wq"), (k, "wk"), (v, "wv")))
-    else:
-        dense = lambda name, h: _dense(name, h, p, lp, lora_scale, None, 0.0)
-        q, k, v = dense("wq", h), dense("wk", h), dense("wv", h)
-    q = _rope(q, cos, sin)
-    k = _rope(k, cos, sin)
-    q = constrain(q, ("batch", "length", "heads", "head_dim"), mesh, rules)
-    return q, k, v
-
-
-def _out_mlp(cfg, p, lp, lora_scale, x, attn, mesh, rules):
-    dense = lambda name, h: _dense(name, h, p, lp, lora_scale, None, 0.0)
-    prepared = "o" in p
-    if prepared:
-        o = _lora_add(_mm(attn.reshape(*attn.shape[:2], -1), p["o"]), "wo", attn, lp, lora_scale)
-    else:
-        o = dense("wo", attn)
-    x = constrain(x + o, ("batch", "length", "embed"), mesh, rules)
-    h = rms_norm(x, p["mlp_norm"], cfg.norm_eps, cfg.norm_plus_one)
-    if prepared:
-        if "gu" in p:
-            gu = _mm(h, p["gu"])
-            g, u = gu[..., : cfg.d_ff], gu[..., cfg.d_ff:]
-        else:
-            g, u = _mm(h, p["gate"]), _mm(h, p["up"])
-        g, u = _lora_add(g, "w_gate", h, lp, lora_scale), _lora_add(u, "w_up", h, lp, lora_scale)
-    else:
-        g, u = dense("w_gate", h), dense("w_up", h)
-    g = jax.nn.silu(g) if cfg.activation == "silu" else jax.nn.gelu(g, approximate=True)
-    gu = constrain(g * u, ("batch", "length", "mlp"), mesh, rules)
-    down = _lora_add(_mm(gu, p["down"]), "w_down", gu, lp, lora_scale) if prepared else dense("w_down", gu)
-    return constrain(x + down, ("batch", "length", "embed"), mesh, rules)
-
-
-def _chunks(w, n: int):
-    """An [in, out] matrix as ``n`` column chunks (or itself for n == 1)."""
-    if n <= 1 or w.shape[1] < 2 * n:
-        return w
-    bounds = np.linspace(0, w.shape[1], n + 1).astype(int)
-    return [w[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def _prepare_layer(cfg: ModelConfig, fuse: bool, split: int, p: dict) -> dict:
-    """One layer's weights as ``[in, out]`` matrices for the unrolled decoder: q/k/v and gate/up
-    concatenated when ``fuse``, each matrix cut into ``split`` column chunks."""
-    D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    q, k, v = p["wq"].reshape(D, H * Dh), p["wk"].reshape(D, K * Dh), p["wv"].reshape(D, K * Dh)
-    out = {"attn_norm": p["attn_norm"], "mlp_norm": p["mlp_norm"]}
-    if fuse:
-        out["qkv"] = _chunks(jnp.concatenate([q, k, v], 1), split)
-        out["gu"] = _chunks(jnp.concatenate([p["w_gate"], p["w_up"]], 1), split)
-    else:
-        out.update(q=_chunks(q, split), k=_chunks(k, split), v=_chunks(v, split),
-                   gate=_chunks(p["w_gate"], split), up=_chunks(p["w_up"], split))
-    out["o"] = _chunks(p["wo"].reshape(H * Dh, D), split)
-    out["down"] = _chunks(p["w_down"], split)
-    return out
-
-
-def _prefill_layer(cfg, mesh, rules, lora_scale, x, cos, sin, mask, p, lp):
-    """A layer over the whole (left-padded) prompt; returns x and this layer's keys/values [B,P,K,Dh]."""
-    q, k, v = _qkv(cfg, p, lp, lora_scale, x, cos, sin, mesh, rules)
-    # cuDNN only when asked for by name: "auto" (cuDNN for GPU training) keeps XLA's attention here,
-    # the path the GPU decode figures were measured with (left-padded prompts mask whole rows)
-    attn = jax.nn.dot_product_attention(
-        q, k, v, mask=mask[:, None], implementation="cudnn" if cfg.attention_impl == "cudnn" else None
-    )
-    return _out_mlp(cfg, p, lp, lora_scale, x, attn, mesh, rules), k, v
-
-
-def _decode_layer(cfg, mesh, rules, lora_scale, x, cos, sin, valid, p, lp, ck, cv):
-    """A layer for one new token: attend over the OLD cache ``ck/cv [B,K,S,Dh]`` (slots ``valid``)
-    plus the token itself; returns x and the token's key/value ``[B,K,Dh]`` (written by the caller)."""
-    B, H, K, Dh = x.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    q, k, v = _qkv(cfg, p, lp, lora_scale, x, cos, sin, mesh, rules)
-    k, v = k[:, 0].astype(ck.dtype), v[:, 0].astype(cv.dtype)  # [B, K, Dh]
-    qg = (q[:, 0] * jnp.asarray(1.0 / math.sqrt(Dh), q.dtype)).reshape(B, K, H // K, Dh).astype(ck.dtype)
-    s = jnp.einsum("bkgd,bksd->bkgs", qg, ck, preferred_element_type=jnp.float32)
-    s = jnp.where(valid[:, None, None, :], s, -1e30)
-    s_self = jnp.einsum("bkgd,bkd->bkg", qg, k, preferred_element_type=jnp.float32)
-    m = jnp.maximum(jnp.max(s, axis=-1), s_self)
-    e = jnp.exp(s - m[..., None])
-    e_self = jnp.exp(s_self - m)
-    den = jnp.sum(e, axis=-1) + e_self
-    o = jnp.einsum("bkgs,bksd->bkgd", e.astype(cv.dtype), cv, preferred_element_type=jnp.float32)
-    o = (o + e_self[..., None] * v[:, :, None, :].astype(jnp.float32)) / den[..., None]
-    attn = o.reshape(B, 1, H, Dh).astype(x.dtype)
-    return _out_mlp(cfg, p, lp, lora_scale, x, attn, mesh, rules), k, v
-
-
-def _logits(cfg, weights, h):
+def _logits(cfg, weights, h, skinny: Callable | None = None):
     """Float32 logits [B, V] for final hidden states h [B, D] (already normalized)."""
-    if "head" in weights:  # prepared [D, V] output projection (see Sampler)
-        return _mm(h, weights["head"], jnp.float32)
+    if "head" in weights:  # prepared [D, V] output projection (see prepare.py)
+        return prepare.matmul(h, weights["head"], jnp.float32, skinny)
     if cfg.tie_embeddings:
         return jnp.einsum("bd,vd->bv", h, weights["embed"].astype(h.dtype), preferred_element_type=jnp.float32)
     return jnp.einsum("bd,dv->bv", h, weights["lm_head"].astype(h.dtype), preferred_element_type=jnp.float32)
@@ -560,19 +444,9 @@ def _sample_rows(spec: _Spec, logits, keys, steps, temperature, top_p):
 
 
 def _program(spec: _Spec, mesh, rules, weights, lora, lora_scale, tokens, kv_start, seeds, hashes, active,
-             stop_table, temperature, top_p):
+                  stop_table, temperature, top_p):
     """Prefill + decode loop. Returns (tokens [B, N], num_tokens [B], finish code [B]) and, with
     ``spec.return_logits``, the float32 logits each token was chosen from [B, N, V]."""
-    token = _SKINNY.set(spec.cpu_kernels)
-    try:
-        return _program_body(spec, mesh, rules, weights, lora, lora_scale, tokens, kv_start, seeds, hashes, active,
-                             stop_table, temperature, top_p)
-    finally:
-        _SKINNY.reset(token)
-
-
-def _program_body(spec: _Spec, mesh, rules, weights, lora, lora_scale, tokens, kv_start, seeds, hashes, active,
-                  stop_table, temperature, top_p):
     cfg = spec.cfg
     B, P = tokens.shape
     N = spec.max_new
@@ -594,7 +468,7 @@ def _program_body(spec: _Spec, mesh, rules, weights, lora, lora_scale, tokens, k
 
     def head(x_last):
         h = rms_norm(x_last, weights["final_norm"], cfg.norm_eps, cfg.norm_plus_one)
-        return _logits(cfg, weights, h)
+        return _logits(cfg, weights, h, skinny)
 
     # ---- prefill
     slots = jnp.arange(P, dtype=jnp.int32)
@@ -604,8 +478,10 @@ def _program_body(spec: _Spec, mesh, rules, weights, lora, lora_scale, tokens, k
         mask &= (slots[None, :, None] - slots[None, None, :]) < window
     mask |= jnp.eye(P, dtype=bool)[None]  # padding queries see themselves (finite; never read)
     x = embed(tokens)
-    cos, sin = _rope_tables(cfg, positions, dtype)
-    pre = partial(_prefill_layer, cfg, mesh, rules, lora_scale)
+    rope = D.rope_tables(cfg, positions, dtype)
+    skinny = skinny_for(spec)
+    proj = layer_proj(spec, lora_scale, skinny)
+    pre = partial(D.layer, cfg, rope=rope, attend=D.prefill_attention(cfg, mask), proj=proj, mesh=mesh, rules=rules)
 
     def to_cache(kv):  # [B, P, K, Dh] -> [B, K, S, Dh]
         kv = jnp.pad(jnp.swapaxes(kv, 1, 2).astype(dtype), ((0, 0), (0, 0), (0, N), (0, 0)))
@@ -614,7 +490,7 @@ def _program_body(spec: _Spec, mesh, rules, weights, lora, lora_scale, tokens, k
     if spec.scan_layers:
         def scan_pre(x, xs):
             p, lp = xs
-            x, k, v = pre(x, cos, sin, mask, p, lp)
+            x, (k, v) = pre(p, lp, x)
             return x, (to_cache(k), to_cache(v))
 
         x, (ck, cv) = jax.lax.scan(scan_pre, x, (layers, lora_layers))
@@ -622,7 +498,7 @@ def _program_body(spec: _Spec, mesh, rules, weights, lora, lora_scale, tokens, k
     else:
         caches = []
         for i in range(L):
-            x, k, v = pre(x, cos, sin, mask, layers[i], None if lora_layers is None else lora_layers[i])
+            x, (k, v) = pre(layers[i], None if lora_layers is None else lora_layers[i], x)
             caches.append((to_cache(k), to_cache(v)))
     logits = head(x[:, -1])
     tok = _sample(spec, logits, keys, 0, temperature, top_p)
@@ -647,7 +523,9 @@ def _program_body(spec: _Spec, mesh, rules, weights, lora, lora_scale, tokens, k
     out, done, finish, ntok, sstate = update(0, tok, jnp.zeros((B, N), jnp.int32), ~active, zeros, zeros, zeros)
 
     # ---- decode
-    dec = partial(_decode_layer, cfg, mesh, rules, lora_scale)
+    def dec(x, rope, valid, p, lp, ck, cv):
+        x, (k, v) = D.layer(cfg, p, lp, x, rope, D.decode_attention(cfg, ck, cv, valid), proj, mesh, rules)
+        return x, k[:, 0].astype(ck.dtype), v[:, 0].astype(cv.dtype)
     kslots = jnp.arange(S, dtype=jnp.int32)
 
     def cond(c):
@@ -661,13 +539,13 @@ def _program_body(spec: _Spec, mesh, rules, weights, lora, lora_scale, tokens, k
         if window is not None:
             valid &= kslots[None, :] > slot - window
         x = embed(tok[:, None])
-        cos, sin = _rope_tables(cfg, (slot - kv_start)[:, None], dtype)
+        rope = D.rope_tables(cfg, (slot - kv_start)[:, None], dtype)
         if spec.scan_layers:
             ck_all, cv_all = caches
 
             def scan_dec(x, xs):
                 p, lp, ck, cv = xs
-                x, k, v = dec(x, cos, sin, valid, p, lp, ck, cv)
+                x, k, v = dec(x, rope, valid, p, lp, ck, cv)
                 return x, (k, v)
 
             x, (k_new, v_new) = jax.lax.scan(scan_dec, x, (layers, lora_layers, ck_all, cv_all))
@@ -679,7 +557,7 @@ def _program_body(spec: _Spec, mesh, rules, weights, lora, lora_scale, tokens, k
             for li in range(L):
                 ck, cv = caches[li]
                 lp = None if lora_layers is None else lora_layers[li]
-                x, k, v = dec(x, cos, sin, valid, layers[li], lp, ck, cv)
+                x, k, v = dec(x, rope, valid, layers[li], lp, ck, cv)
                 ck = jax.lax.dynamic_update_slice(ck, k[:, :, None, :], (0, 0, slot, 0))
                 cv = jax.lax.dynamic_update_slice(cv, v[:, :, None, :], (0, 0, slot, 0))
                 new.append((ck, cv))
@@ -781,7 +659,7 @@ class Sampler:
         self.rules = rules
         self.lora_scale = float(lora_scale)
         device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
-        platform = device.platform
+        self.platform = platform = device.platform
         if layer_loop == "auto":
             layer_bytes, device_bytes = (None, None) if platform == "cpu" else (
                 _per_device_bytes(params["layers"]), _device_memory(device))
@@ -797,7 +675,6 @@ class Sampler:
         if eos_ids is None:
             eos_ids = [i for i in (getattr(tokenizer, "eos_id", None), cfg.eos_token_id) if i is not None]
         self.eos_ids = tuple(sorted({int(i) for i in eos_ids}))
-        top = {k: v for k, v in params.items() if k != "layers"}
         if fuse_projections is None:  # only where no mesh axis splits heads or mlp (the concat would mix them)
             fuse_projections = mesh is None or all(
                 named_sharding(mesh, (n,), None, rules).spec[0] is None for n in ("heads", "kv_heads", "mlp")
@@ -812,21 +689,11 @@ class Sampler:
                             "(see w2s_jax/infer/kernels.py; the log says why the build failed)")
         self.cpu_kernels = bool(cpu_kernels)
         if layer_loop == "unroll":
-            # one layer at a time, sliced inside the jit: peak memory = stacked + prepared weights
-            prep = jax.jit(lambda stacked, i: _prepare_layer(
-                cfg, self.fuse_projections, self.matmul_split, jax.tree.map(lambda a: a[i], stacked)))
-            layers = [prep(params["layers"], jnp.int32(i)) for i in range(cfg.n_layers)]
-            self.weights = {**top, "layers": layers}
-            split = max(self.matmul_split, int(head_chunks))
-            if cfg.tie_embeddings:  # XLA:CPU's matrix-vector product is faster on [D, V] than on [V, D]^T
-                head = jax.jit(lambda e: _chunks(e.T, split))(params["embed"])
-            else:
-                head = jax.jit(lambda w: _chunks(w, split))(params["lm_head"])
-            self.weights["head"] = head
-            self.weights.pop("lm_head", None)
+            self.weights = prepare.prepare_weights(params, cfg, self.fuse_projections, self.matmul_split,
+                                                   head_chunks)
             self.lora = None if lora is None else {"layers": _unstack(lora["layers"], cfg.n_layers)}
         else:
-            self.weights = {**top, "layers": params["layers"]}
+            self.weights = dict(params)
             self.lora = lora
         self._programs: dict[tuple, Any] = {}
         self._stop_matchers: dict[tuple[str, ...], StopMatcher] = {}
@@ -1015,7 +882,7 @@ class Sampler:
             use_top_p=(not sc.greedy) and sc.top_p < 1.0, has_stop=bool(sc.stop) and self.tokenizer is not None,
             eos_ids=self.eos_ids,
             scan_layers=self.layer_loop == "scan", has_lora=self.lora is not None, return_logits=return_logits,
-            cpu_kernels=self.cpu_kernels,
+            cpu_kernels=self.cpu_kernels, platform=self.platform,
         )
         b = ("batch",)
         args = (

@@ -42,6 +42,7 @@ from w2s_jax.core.config import DataConfig, SyntheticConfig, config_hash, dump_y
 from w2s_jax.core.errors import UserError
 from w2s_jax.core.jsonl import read_jsonl, write_json_atomic, write_jsonl_atomic
 from w2s_jax.infer.sampler import SampleConfig
+from w2s_jax.method.prompts import STOP_STRINGS
 from w2s_jax.parallel import distributed
 from w2s_jax.parallel.sharding import MeshConfig
 from w2s_jax.train.loop import TrainConfig
@@ -130,7 +131,7 @@ class RunConfig:
     strong: ModelSpec = field(default_factory=ModelSpec)
     weak_train: TrainConfig = field(default_factory=TrainConfig)  # weak model SFT on train_1 gold
     strong_train: TrainConfig = field(default_factory=TrainConfig)  # Stage I, full weak FT, gold ceiling
-    generation: SampleConfig = field(default_factory=SampleConfig)  # greedy labels and evaluation
+    generation: SampleConfig = field(default_factory=lambda: SampleConfig(stop=STOP_STRINGS))  # greedy labels, eval
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
