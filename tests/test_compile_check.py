@@ -133,7 +133,7 @@ def test_compile_on_cpu_devices(tiny_cfg):
     rep = C.check(cfg, "v5e:2x2", devices=jax.devices()[:4], xla_costs=False)
     _check_report(rep, 4)
     text = C.format_report(rep)
-    assert "| sft |" in text and "| generate |" in text and text.endswith("FITS")
+    assert "| sft |" in text and "| decode |" in text and text.endswith("FITS")
 
 
 def test_lora_accumulation_and_reference(tiny_cfg):
@@ -177,7 +177,8 @@ def test_compile_for_tpu_topology(tiny_cfg, tmp_path, capsys):
     _check_report(rep, 4)
     for s in rep.stages:  # per-layer extrapolated XLA costs are present and of the model estimate's order
         assert s.flops_compiled and s.bytes_accessed and s.time_hbm
-        assert 0.3 < s.flops_compiled / s.flops_analytic < 5, s
+        if s.stage != "insert":  # (insert has no model FLOPs: a cache copy and the first token's sampling)
+            assert 0.3 < s.flops_compiled / s.flops_analytic < 5, s
     assert "new tokens/s" in rep.stages[-1].detail
 
 

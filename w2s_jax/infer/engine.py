@@ -535,12 +535,16 @@ def _replace(spec: _ESpec, **kw) -> _ESpec:
     return dataclasses.replace(spec, **kw)
 
 
+def jit_program(fn, spec, mesh, rules, donate: bool = False, out_shardings=None):
+    """Engine program ``fn`` (prefill, insert, decode, ...) jitted for ``spec`` on ``mesh``; the decode
+    state (the first argument) is donated when ``donate``."""
+    return jax.jit(partial(fn, spec, mesh, rules), donate_argnums=(0,) if donate else (), out_shardings=out_shardings)
+
+
 def compile_program(name, fn, spec, mesh, rules, args, compiler_options, donate=False, out_shardings=None):
     """Lower and compile one engine program ahead of time; returns (compiled, seconds, options used)."""
     t0 = time.perf_counter()
-    jitted = jax.jit(partial(fn, spec, mesh, rules), donate_argnums=(0,) if donate else (),
-                     out_shardings=out_shardings)
-    lowered = jitted.lower(*args)
+    lowered = jit_program(fn, spec, mesh, rules, donate, out_shardings).lower(*args)
     try:
         prog = lowered.compile(compiler_options=compiler_options or None)
     except Exception as e:  # an option unknown to this XLA: compile without it
