@@ -3,14 +3,15 @@
     python tests/multihost_worker.py OUT.json --sft-out DIR --ckpt-dir DIR --gen-out FILE
         [--coordinator 127.0.0.1:PORT --num-processes 2 --process-id I]
 
-Joins the JAX distributed runtime (``w2s_jax.parallel.distributed.initialize``), lays one mesh over all
-devices of all processes, runs a few SFT steps of a tiny model with ``train.py``'s compiled step (each
-process feeding only its part of every global batch), greedily generates continuations of a batch
-of prompts (full forward passes without a cache, and the package's Sampler), splits and gathers
-records, runs the package's SFT driver (``train.run_sft``: metrics, TensorBoard, Orbax checkpoints
-in ``--ckpt-dir``, shared by the processes, and the final model; ``--sft-out`` is per process, so
-the test sees who wrote what) and ``generate_cli.generate_records`` into ``--gen-out`` (shared), and
-writes what it saw to OUT.json (one file per process). The device count per process comes from XLA_FLAGS, set by the parent.
+Joins the JAX distributed runtime (``w2s_jax.parallel.distributed.initialize``), lays one mesh over
+all devices of all processes, runs a few SFT steps of a tiny model with ``train.py``'s compiled step
+(each process feeding only its part of every global batch), greedily generates continuations of a
+batch of prompts (full forward passes without a cache, and the package's Sampler), splits and
+gathers records, runs the package's SFT driver (``train.run_sft``: metrics, TensorBoard, Orbax
+checkpoints in ``--ckpt-dir``, shared by the processes, and the final model; ``--sft-out`` is per
+process, so the test sees who wrote what) and ``generate_cli.generate_records`` into ``--gen-out``
+(shared), and writes what it saw to OUT.json (one file per process). The device count per process
+comes from XLA_FLAGS, set by the parent.
 """
 
 from __future__ import annotations
