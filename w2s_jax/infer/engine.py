@@ -75,6 +75,7 @@ class _ESpec:
     has_lora: bool
     cpu_kernels: bool = False
     platform: str = "cpu"  # the mesh's platform (backend-specific layer forms)
+    return_logits: bool = False  # keep the float32 logits each token was drawn from (state["logits"])
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -205,8 +206,9 @@ def init_state(spec: _ESpec, mesh, rules):
         return [(z, z) for _ in range(L)]
 
     zi = jnp.zeros((B,), jnp.int32)
+    extra = {"logits": jnp.zeros((B, spec.max_new, cfg.vocab_size), jnp.float32)} if spec.return_logits else {}
     return {
-        "caches": cache(), "tok": zi, "cur": zi, "ntok": zi, "out": jnp.zeros((B, spec.max_new), jnp.int32),
+        **extra, "caches": cache(), "tok": zi, "cur": zi, "ntok": zi, "out": jnp.zeros((B, spec.max_new), jnp.int32),
         "done": jnp.ones((B,), bool), "finish": zi, "sstate": zi, "seeds": jnp.zeros((B,), jnp.uint32),
         "hashes": jnp.zeros((B,), jnp.uint32), "live_steps": jnp.int32(0), "steps": jnp.int32(0),
     }
@@ -255,6 +257,9 @@ def insert(spec: _ESpec, mesh, rules, state, kv, logits, lengths, src, seeds, ha
     reason, sstate = _finish_codes(spec, tok, one, jnp.zeros_like(src), stop_table)
     w = lambda new, old: jnp.where(take, new, old)  # noqa: E731
     out = jnp.where(take[:, None], jnp.zeros_like(state["out"]).at[:, 0].set(tok), state["out"])
+    if spec.return_logits:
+        lb = jnp.zeros_like(state["logits"]).at[:, 0].set(logits[s])
+        state = {**state, "logits": jnp.where(take[:, None, None], lb, state["logits"])}
     return {
         **state, "caches": caches, "tok": w(tok, state["tok"]), "cur": w(lengths[s], state["cur"]),
         "ntok": w(one, state["ntok"]), "out": out, "done": w(reason != RUNNING, state["done"]),
@@ -329,6 +334,9 @@ def decode(spec: _ESpec, mesh, rules, state, weights, lora, lora_scale, prefix, 
         wl = lambda new, old: jnp.where(live, new, old)  # noqa: E731
         out = st["out"].at[bidx, jnp.minimum(ntok, spec.max_new - 1)].set(wl(tok, st["out"][bidx, jnp.minimum(
             ntok, spec.max_new - 1)]))
+        if spec.return_logits:
+            at = (bidx, jnp.minimum(ntok, spec.max_new - 1))
+            st = {**st, "logits": st["logits"].at[at].set(jnp.where(live[:, None], logits, st["logits"][at]))}
         new = {
             **st, "caches": caches, "tok": wl(tok, st["tok"]), "cur": wl(cur + 1, cur), "ntok": wl(ntok + 1, ntok),
             "out": out, "done": st["done"] | (live & (reason != RUNNING)), "finish": wl(reason, st["finish"]),
@@ -382,7 +390,7 @@ class Engine:
     """Host-side driver of one ``Sampler.stream`` call (see the module docstring)."""
 
     def __init__(self, sampler, sc, ids: list[list[int]], rows: list[tuple[int, int]], batch_buckets,
-                 prompt_buckets, bs: int):
+                 prompt_buckets, bs: int, return_logits: bool = False):
         self.s, self.sc, self.ids = sampler, sc, ids
         by_prompt: dict[int, list[int]] = {}
         for i, j in rows:
@@ -408,8 +416,9 @@ class Engine:
             use_top_p=(not sc.greedy) and sc.top_p < 1.0,
             has_stop=bool(sc.stop) and sampler.tokenizer is not None, eos_ids=sampler.eos_ids,
             scan_layers=sampler.layer_loop == "scan", has_lora=sampler.lora is not None,
-            cpu_kernels=sampler.cpu_kernels, platform=sampler.platform,
+            cpu_kernels=sampler.cpu_kernels, platform=sampler.platform, return_logits=return_logits,
         )
+        self.logits: dict[tuple[int, int], np.ndarray] = {}
         self.pad = sampler.tokenizer.pad_id if sampler.tokenizer is not None else (cfg.pad_token_id or 0)
 
     # -- programs
@@ -422,7 +431,7 @@ class Engine:
         s = self.s
         # (only the model, the layer loop and the prefix bucket matter: one program for every sampling mode)
         spec = _replace(spec, slots=0, cache_len=0, max_new=0, greedy=True, top_k=0, use_top_p=False,
-                        has_stop=False, eos_ids=(), cpu_kernels=False)
+                        has_stop=False, eos_ids=(), cpu_kernels=False, return_logits=False)
         args = (s.weights, s.lora, jnp.float32(s.lora_scale), prefix, jnp.int32(prefix_len),
                 s._place(tokens, ("batch", "length")), s._place(lengths, ("batch",)))
         prog = s._engine_program("prefill", prefill, spec, args, detail=f"prefill {tokens.shape[0]}x{tokens.shape[1]}")
@@ -449,7 +458,8 @@ class Engine:
     # -- the loop
 
     def run(self) -> Iterator[tuple[int, int, list[int], int]]:
-        """Yield ``(prompt, sample, generated ids, finish code)`` as rows finish."""
+        """Yield ``(prompt, sample, generated ids, finish code)`` as rows finish (with ``return_logits``,
+        each row's float32 logits ``[num_tokens, V]`` go to ``self.logits[(prompt, sample)]``)."""
         from w2s_jax.parallel.distributed import to_host
 
         s, sc, spec, B = self.s, self.sc, self.spec, self.B
@@ -494,11 +504,14 @@ class Engine:
             s.stats["slot_steps"] += (int(steps) - steps0) * B
             s.stats["live_slot_steps"] += int(live) - live0
             steps0, live0 = int(steps), int(live)
+            logits = to_host(state["logits"]) if spec.return_logits else None
             for b in range(B):
                 if slot[b] is not None and done[b]:
                     i, j = slot[b]
                     slot[b] = None
                     k = int(ntok[b])
+                    if logits is not None:
+                        self.logits[(i, j)] = logits[b, :k]
                     yield i, j, [int(t) for t in out[b, :k]], int(finish[b])
 
     def _next_group(self, want: int, prefix, Sp: int) -> _Group:

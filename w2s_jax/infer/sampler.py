@@ -14,7 +14,7 @@ Engines
 prefilled once and shared by every row, the ``n`` samples of a prompt share one prefill, and a fixed
 set of decode slots is refilled as rows finish (continuous batching); see ``docs/generation.md``.
 ``engine="static"`` keeps the static batches described below (one prefill + decode program per
-batch; ``generate_with_logits`` always uses it). Both use the same weights layout, layer code,
+batch). Both use the same weights layout, layer function,
 sampling, stop-string automaton and PRNG keys, so greedy outputs are the same token for token
 (up to float rounding of near-ties) and a sample's key depends only on (seed, prompt, sample).
 
@@ -39,16 +39,20 @@ Design of the static engine
   cache plus the new token's own key/value and writes that key/value afterwards, so the attention never
   reads the freshly written buffer; on CPU the program is compiled with XLA's region-based copy
   insertion, and the compiled loop body contains no copy of the cache (checked by a test).
-- **Layer loop**: on CPU and GPU the layers are unrolled over per-layer weight arrays (unstacked once
-  when the Sampler is built; the Sampler then holds its own per-layer copy of the weights). A scan
-  over stacked weights makes XLA:CPU copy every layer's weights each step, and on an H200
-  (Llama-2-7B, bfloat16, batch 1) it took 11.6 ms per decode step against 4.3 ms unrolled (64% of the
-  HBM bound). In that copy q/k/v and gate/up are concatenated (one matmul each instead of three and
-  two; LoRA terms are still added per kernel) unless a mesh axis shards heads or mlp, and tied
-  embeddings get a ``[D, V]`` copy for the output projection (XLA:CPU's matrix-vector product is ~1.5x
-  faster in that layout). On TPU (``layer_loop="scan"``) the stacked weights are scanned as in
-  ``model.forward``. Weights stay in their parameter dtype and are cast to the compute dtype inside
-  the matmuls, as in ``model.py``.
+- **One layer function**: prefill and decode run ``models.decoder.layer`` -- the layer training and
+  scoring run -- with the prefill or decode attention mode of ``decoder.py``; only the attention and
+  the weight form differ.
+- **Layer loop**: on CPU and GPU the layers are unrolled over per-layer weight arrays (prepared once
+  by ``models.prepare.prepare_weights`` when the Sampler is built; the Sampler then holds its own
+  per-layer copy of the weights). A scan over stacked weights makes XLA:CPU copy every layer's
+  weights each step, and on an H200 (Llama-2-7B, bfloat16, batch 1) it took 11.6 ms per decode step
+  against 4.3 ms unrolled (64% of the HBM bound). In that copy q/k/v and gate/up are concatenated (one
+  matmul each instead of three and two; LoRA terms are still added per kernel) unless a mesh axis
+  shards heads or mlp, and tied embeddings get a ``[D, V]`` copy for the output projection (XLA:CPU's
+  matrix-vector product is ~1.5x faster in that layout). On TPU (``layer_loop="scan"``) the stacked
+  parameters are scanned as in ``decoder.forward``. Weights stay in their parameter dtype and are cast
+  to the compute dtype inside the matmuls. The platform (the mesh's, else the first device's) picks
+  these forms.
 - **Native matrix-vector kernel on CPU**: decoding at batch 1 streams every weight once per token, so
   its speed is memory bandwidth. With float32 weights on an unsharded CPU Sampler, products with at
   most ``cpu_kernels.SKINNY_MAX_ROWS`` rows (the decode steps of batches up to 16) go to an XLA FFI
@@ -622,7 +626,7 @@ def _device_memory(device) -> int | None:
 class Sampler:
     """Batched generation for one model (see the module docstring).
 
-    ``params``/``lora`` are the stacked trees of ``model.py``/``lora.py`` (LoRA applied unmerged with
+    ``params``/``lora`` are the stacked trees of ``models/params.py``/``lora.py`` (LoRA applied unmerged with
     ``lora_scale``; merged weights are just other params). ``tokenizer`` is needed for text prompts,
     text outputs and stop strings (``None``: token-id prompts only; no text, stop strings ignored).
     ``layer_loop``: ``"unroll"`` (per-layer weights, the CPU and GPU default), ``"scan"`` (stacked
@@ -1010,13 +1014,20 @@ class Sampler:
 
     def generate_with_logits(self, prompts, sample_cfg: SampleConfig) -> list[tuple[Completion, np.ndarray]]:
         """One completion per prompt (``n`` ignored) with the float32 logits each generated token was
-        drawn from, ``[num_tokens, V]`` (before temperature/top-k/top-p). One batch; for tests and
-        debugging."""
+        drawn from, ``[num_tokens, V]`` (before temperature/top-k/top-p), from this Sampler's engine.
+        For tests and debugging (the logits of every slot come back to the host)."""
         sc = sample_cfg.replace(n=1, batch_size=max(len(prompts), 1))
         ids = self._fit(self.encode(prompts), sc)
         rows = [(i, 0) for i in range(len(ids))]
         prompt_buckets = sc.prompt_buckets or default_prompt_buckets(self.max_prompt_len(sc))
         batch_buckets = sc.batch_buckets or default_batch_buckets(len(ids), self.data_parallel)
+        if self.engine == "continuous":
+            from w2s_jax.infer.engine import Engine
+
+            eng = Engine(self, sc, ids, rows, batch_buckets, tuple(sorted(prompt_buckets)), max(batch_buckets),
+                         return_logits=True)
+            done = {i: self._completion(gen, code, sc, j) for i, j, gen, code in eng.run()}
+            return [(done[i], eng.logits[(i, 0)]) for i in range(len(ids))]
         outs = self._launch(rows, ids, sc, batch_buckets, prompt_buckets, return_logits=True)
         res = self._finish(rows, ids, outs, sc)
         from w2s_jax.parallel.distributed import to_host
