@@ -191,6 +191,22 @@ def test_continuous_compiles_a_bounded_set_once():
     assert sampler.num_compiled == before and not compiles
 
 
+def test_program_cache_is_the_samplers():
+    """A Sampler keeps its compiled programs in the ProgramCache it is given: a second Sampler on the same
+    cache compiles nothing, one on a fresh cache compiles again."""
+    cfg = tiny("tiny")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    prompts, sc = rand_prompts([5, 9], seed=3), SampleConfig(max_new_tokens=3, batch_size=2)
+    cache = sampler_mod.ProgramCache()
+    first = Sampler(params, cfg, eos_ids=[], programs=cache)
+    ref = first.generate(prompts, sc, progress=False)
+    assert first.compile_seconds > 0 and len(cache) == first.num_compiled > 0
+    again = Sampler(params, cfg, eos_ids=[], programs=cache)
+    assert again.generate(prompts, sc, progress=False) == ref and again.compile_seconds == 0
+    fresh = Sampler(params, cfg, eos_ids=[], programs=sampler_mod.ProgramCache())
+    assert fresh.generate(prompts, sc, progress=False) == ref and fresh.compile_seconds > 0
+
+
 # ----------------------------------------------------------------------------- seeds
 
 

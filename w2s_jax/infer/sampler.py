@@ -134,6 +134,8 @@ __all__ = [
     "default_prompt_buckets",
     "default_batch_buckets",
     "pick_bucket",
+    "ProgramCache",
+    "SHARED_PROGRAMS",
 ]
 
 log = logging.getLogger(__name__)
@@ -141,10 +143,34 @@ log = logging.getLogger(__name__)
 RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
 FINISH_NAMES = {EOS: "eos", STOP: "stop", LENGTH: "length"}
 CPU_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
-# compiled programs shared by all Samplers (weights are arguments, so a program only depends on
-# shapes, shardings and the static spec); keyed by everything that goes into compilation
-_COMPILED: dict[tuple, Any] = {}
-_COMPILED_MAX = 128
+
+
+class ProgramCache:
+    """Compiled generation programs keyed by everything that goes into compilation (the static spec,
+    mesh, rules, compiler options, argument shapes, dtypes and shardings; weights are arguments, so a
+    program serves any weights of that shape). The oldest entry goes once ``max_size`` are held.
+    Samplers share :data:`SHARED_PROGRAMS` unless given their own."""
+
+    def __init__(self, max_size: int = 128):
+        self.max_size = max_size
+        self._programs: dict[tuple, Any] = {}
+
+    def get(self, key: tuple):
+        return self._programs.get(key)
+
+    def put(self, key: tuple, prog) -> None:
+        if len(self._programs) >= self.max_size:
+            self._programs.pop(next(iter(self._programs)))
+        self._programs[key] = prog
+
+    def __len__(self) -> int:
+        return len(self._programs)
+
+    def clear(self) -> None:
+        self._programs.clear()
+
+
+SHARED_PROGRAMS = ProgramCache()
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -631,7 +657,8 @@ class Sampler:
     text outputs and stop strings (``None``: token-id prompts only; no text, stop strings ignored).
     ``layer_loop``: ``"unroll"`` (per-layer weights, the CPU and GPU default), ``"scan"`` (stacked
     weights, the TPU default) or ``"auto"`` (:func:`default_layer_loop`). ``eos_ids`` default: the
-    tokenizer's and the config's EOS.
+    tokenizer's and the config's EOS. ``programs``: where compiled programs are kept and looked up
+    (default :data:`SHARED_PROGRAMS`, shared by every Sampler of the process).
     """
 
     def __init__(
@@ -651,6 +678,7 @@ class Sampler:
         head_chunks: int = 1,
         cpu_kernels: bool | None = None,
         engine: str = "continuous",
+        programs: ProgramCache | None = None,
     ):
         if layer_loop not in ("auto", "unroll", "scan"):
             raise UserError(f"layer_loop must be auto, unroll or scan, got {layer_loop!r}")
@@ -699,7 +727,8 @@ class Sampler:
         else:
             self.weights = dict(params)
             self.lora = lora
-        self._programs: dict[tuple, Any] = {}
+        self.programs = SHARED_PROGRAMS if programs is None else programs  # compiled programs, maybe shared
+        self._programs: dict[tuple, Any] = {}  # the programs this Sampler used (num_compiled)
         self._stop_matchers: dict[tuple[str, ...], StopMatcher] = {}
         self._stop_tables: dict[tuple[str, ...], jax.Array] = {}
         self._pieces: list[str] | None = None
@@ -797,8 +826,8 @@ class Sampler:
         key = (spec, self.mesh, self.rules, tuple(sorted(self.compiler_options.items())), treedef,
                tuple((a.shape, str(a.dtype), a.sharding) for a in leaves))
         prog = self._programs.get(key)
-        if prog is None and key in _COMPILED:
-            prog = self._programs[key] = _COMPILED[key]
+        if prog is None and self.programs.get(key) is not None:
+            prog = self._programs[key] = self.programs.get(key)
         if prog is None:
             t0 = time.perf_counter()
             fn = jax.jit(partial(_program, spec, self.mesh, self.rules))
@@ -814,9 +843,7 @@ class Sampler:
             dt = time.perf_counter() - t0
             self.compile_seconds += dt
             self._programs[key] = prog
-            if len(_COMPILED) >= _COMPILED_MAX:
-                _COMPILED.pop(next(iter(_COMPILED)))
-            _COMPILED[key] = prog
+            self.programs.put(key, prog)
             log.info(
                 "compiled generation program #%d (batch %d, prompt %d, new %d, %s) in %.1fs",
                 len(self._programs), spec.batch, spec.prompt_len, spec.max_new,
@@ -831,8 +858,8 @@ class Sampler:
         key = (kind, spec, self.mesh, self.rules, tuple(sorted(self.compiler_options.items())), treedef,
                tuple((a.shape, str(a.dtype)) for a in leaves))
         prog = self._programs.get(key)
-        if prog is None and key in _COMPILED:
-            prog = self._programs[key] = _COMPILED[key]
+        if prog is None and self.programs.get(key) is not None:
+            prog = self._programs[key] = self.programs.get(key)
         if prog is None:
             out_sh = None
             if (donate or kind == "init") and self.mesh is not None:  # the state keeps its layout
@@ -843,9 +870,7 @@ class Sampler:
                 out_shardings=out_sh)
             self.compile_seconds += dt
             self._programs[key] = prog
-            if len(_COMPILED) >= _COMPILED_MAX:
-                _COMPILED.pop(next(iter(_COMPILED)))
-            _COMPILED[key] = prog
+            self.programs.put(key, prog)
             log.info("compiled generation program #%d (%s, %s) in %.1fs", len(self._programs), detail,
                      "greedy" if spec.greedy else "sampling", dt)
         return prog
