@@ -131,7 +131,7 @@ class RunConfig:
     strong: ModelSpec = field(default_factory=ModelSpec)
     weak_train: TrainConfig = field(default_factory=TrainConfig)  # weak model SFT on train_1 gold
     strong_train: TrainConfig = field(default_factory=TrainConfig)  # Stage I, full weak FT, gold ceiling
-    generation: SampleConfig = field(default_factory=lambda: SampleConfig(stop=STOP_STRINGS))  # greedy labels, eval
+    generation: SampleConfig = field(default_factory=lambda: SampleConfig(stop=STOP_STRINGS))  # labels and eval
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
