@@ -38,8 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from w2s_jax.infer.sampler import _logits, _prompt_hash, default_prompt_buckets, layer_proj, pick_bucket, skinny_for
-from w2s_jax.infer.sampler import _sample_rows as sample_rows
+from w2s_jax.infer.sampler import _prompt_hash, default_prompt_buckets, pick_bucket
+from w2s_jax.infer.sampling import EOS, LENGTH, RUNNING, STOP, head_logits, layer_proj, sample_rows, skinny_for
 from w2s_jax.models import decoder as D
 from w2s_jax.models.config import ModelConfig
 from w2s_jax.models.decoder import rms_norm
@@ -52,7 +52,6 @@ PREFIX_CACHE_MAX = 4  # shared prefixes kept per Sampler
 # while requests wait, the decode loop returns to the host once slots // REFILL_FRACTION slots (at
 # least one) have finished, and they are refilled together (one prefill for several prompts)
 REFILL_FRACTION = 8
-RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
 CACHE_NAMES = ("batch", "kv_heads", "cache_length", "head_dim")
 PREFIX_NAMES = ("kv_heads", "cache_length", "head_dim")
 
@@ -92,7 +91,7 @@ def _embed(spec, mesh, rules, weights, tok):
 def _head(spec, weights, x_last, skinny=None):
     cfg = spec.cfg
     h = rms_norm(x_last, weights["final_norm"], cfg.norm_eps, cfg.norm_plus_one)
-    return _logits(cfg, weights, h, skinny)
+    return head_logits(cfg, weights, h, skinny)
 
 
 def _keys(seeds, hashes):
@@ -164,7 +163,7 @@ def prefill(spec: _ESpec, mesh, rules, weights, lora, lora_scale, prefix, prefix
             pm &= (qpos[:, None] - kp[None, :]) < window
         mask = jnp.concatenate([jnp.broadcast_to(pm[None], (R, P, Sp)), mask], axis=-1)
     x = _embed(spec, mesh, rules, weights, tokens)
-    rope = D.rope_tables(cfg, positions, dtype)
+    rope = D.rotary(cfg, positions, dtype)
     proj = layer_proj(spec, lora_scale)  # prefill rows are many tokens: XLA's dot
 
     def layer(x, p, lp, *pre):
@@ -307,7 +306,7 @@ def decode(spec: _ESpec, mesh, rules, state, weights, lora, lora_scale, prefix, 
             if window is not None:
                 pvalid &= (pos[:, None] - kp[None, :]) < window
         x = _embed(spec, mesh, rules, weights, st["tok"][:, None])
-        rope = D.rope_tables(cfg, pos[:, None], dtype)
+        rope = D.rotary(cfg, pos[:, None], dtype)
 
         def layer(x, p, lp, ck, cv, *pre):
             attend = D.decode_attention(cfg, ck, cv, valid, pre if Sp else None, pvalid)

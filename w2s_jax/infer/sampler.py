@@ -107,7 +107,7 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -118,11 +118,12 @@ import numpy as np
 
 from w2s_jax.core.errors import UserError
 from w2s_jax.infer import kernels as native
-from w2s_jax.models import decoder as D
+from w2s_jax.infer.sampling import EOS, LENGTH, STOP
+from w2s_jax.infer.static import Spec, program
+from w2s_jax.infer.stops import StopMatcher, cut_at_stop, token_pieces
 from w2s_jax.models import prepare
 from w2s_jax.models.config import ModelConfig
-from w2s_jax.models.decoder import rms_norm
-from w2s_jax.parallel.sharding import DEFAULT_RULES, Rules, constrain, named_sharding
+from w2s_jax.parallel.sharding import DEFAULT_RULES, Rules, named_sharding
 
 __all__ = [
     "SampleConfig",
@@ -140,7 +141,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
 FINISH_NAMES = {EOS: "eos", STOP: "stop", LENGTH: "length"}
 CPU_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
@@ -267,343 +267,6 @@ def pick_bucket(n: int, buckets: Sequence[int]) -> int:
         if b >= n:
             return b
     raise UserError(f"{n} exceeds the largest bucket {max(buckets)}")
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """``(text cut before the first occurrence of any stop string, whether one occurred)``."""
-    cut = len(text)
-    for s in stop:
-        i = text.find(s)
-        if 0 <= i < cut:
-            cut = i
-    return text[:cut], cut < len(text)
-
-
-# ----------------------------------------------------------------------------- stop strings in token space
-
-
-def token_pieces(tokenizer, vocab_size: int) -> list[str]:
-    """The text each token id contributes when appended to a sequence (``""`` for special or
-    out-of-vocabulary ids). Uses ``decode([ref, id])`` minus ``decode([ref])`` so that a
-    sentencepiece token keeps its leading space."""
-    ref_ids = tokenizer.encode("a")
-    ref = ref_ids[-1] if ref_ids else None
-    tok_vocab = int(getattr(tokenizer, "vocab_size", vocab_size))
-    n = min(vocab_size, tok_vocab)
-    ids = range(n)
-    hf = getattr(tokenizer, "tok", None)
-    if ref is not None and hf is not None and hasattr(hf, "batch_decode"):
-        pre = hf.decode([ref], skip_special_tokens=True)
-        both = hf.batch_decode([[ref, i] for i in ids], skip_special_tokens=True)
-        pieces = [s[len(pre):] if s.startswith(pre) else hf.decode([i], skip_special_tokens=True)
-                  for i, s in zip(ids, both)]
-    elif ref is not None:
-        pre = tokenizer.decode([ref])
-        pieces = []
-        for i in ids:
-            s = tokenizer.decode([ref, i])
-            pieces.append(s[len(pre):] if s.startswith(pre) else tokenizer.decode([i]))
-    else:
-        pieces = [tokenizer.decode([i]) for i in ids]
-    return pieces + [""] * (vocab_size - n)
-
-
-class StopMatcher:
-    """Aho-Corasick automaton over the characters of the stop strings, lifted to whole tokens.
-
-    ``table[state, token]`` is the state after appending ``token``'s text piece; ``match_state``
-    (absorbing) means some stop string occurred. Start state 0.
-    """
-
-    def __init__(self, stop: Sequence[str], pieces: Sequence[str]):
-        self.stop = tuple(stop)
-        alphabet = sorted(set("".join(self.stop)))
-        cls = {c: i + 1 for i, c in enumerate(alphabet)}  # 0 = any other character
-        # trie
-        goto: list[dict[int, int]] = [{}]
-        out = [False]
-        for s in self.stop:
-            node = 0
-            for ch in s:
-                c = cls[ch]
-                if c not in goto[node]:
-                    goto.append({})
-                    out.append(False)
-                    goto[node][c] = len(goto) - 1
-                node = goto[node][c]
-            out[node] = True
-        n_nodes = len(goto)
-        fail = [0] * n_nodes
-        delta = np.zeros((n_nodes, len(alphabet) + 1), np.int64)
-        order = [0]
-        for node in order:  # BFS
-            for c in range(len(alphabet) + 1):
-                if c in goto[node]:
-                    child = goto[node][c]
-                    fail[child] = 0 if node == 0 else delta[fail[node], c]
-                    out[child] = out[child] or out[fail[child]]
-                    delta[node, c] = child
-                    order.append(child)
-                else:
-                    delta[node, c] = 0 if node == 0 else delta[fail[node], c]
-        match = n_nodes
-        full = np.full((n_nodes + 1, len(alphabet) + 1), match, np.int64)
-        full[:n_nodes] = np.where(np.asarray(out)[delta], match, delta)
-        self.match_state = match
-        self.num_states = n_nodes + 1
-        # run every token's piece from every state at once, one character position at a time
-        V = len(pieces)
-        lens = np.fromiter((len(p) for p in pieces), np.int64, V)
-        st = np.repeat(np.arange(self.num_states, dtype=np.int64)[:, None], V, axis=1)
-        for pos in range(int(lens.max(initial=0))):
-            idx = np.nonzero(lens > pos)[0]
-            c = np.fromiter((cls.get(pieces[i][pos], 0) for i in idx), np.int64, len(idx))
-            st[:, idx] = full[st[:, idx], c[None, :]]
-        self.table = st.astype(np.int32)
-
-    def run(self, ids: Sequence[int]) -> int:
-        """Final state after ``ids`` (host-side reference, for tests)."""
-        s = 0
-        for i in ids:
-            s = int(self.table[s, int(i)])
-        return s
-
-
-# ----------------------------------------------------------------------------- the compiled program
-
-
-@dataclass(frozen=True)
-class _Spec:
-    """Everything static about one compiled program."""
-
-    cfg: ModelConfig
-    batch: int
-    prompt_len: int
-    max_new: int
-    greedy: bool
-    top_k: int
-    use_top_p: bool
-    has_stop: bool
-    eos_ids: tuple[int, ...]
-    scan_layers: bool
-    has_lora: bool
-    return_logits: bool = False
-    cpu_kernels: bool = False  # decode's small matmuls through cpu_kernels.skinny_matmul
-    platform: str = "cpu"  # the mesh's platform (backend-specific layer forms)
-
-
-def skinny_for(spec) -> Callable | None:
-    """The native matrix-vector kernel for the products of a program with ``spec.cpu_kernels`` (float32,
-    at most ``kernels.SKINNY_MAX_ROWS`` rows: the decode steps), else None (XLA's dot)."""
-    if not spec.cpu_kernels:
-        return None
-
-    def skinny(x, w):
-        if x.dtype == jnp.float32 and w.dtype == jnp.float32 and math.prod(x.shape[:-1]) <= native.SKINNY_MAX_ROWS:
-            return native.skinny_matmul(x, w)
-        return None
-
-    return skinny
-
-
-def layer_proj(spec, lora_scale, skinny: Callable | None = None) -> D.Proj:
-    """The weight form of a generation program's layers (no LoRA dropout)."""
-    return D.Proj(lora_scale, flat=spec.platform == "cpu", skinny=skinny)
-
-
-def _logits(cfg, weights, h, skinny: Callable | None = None):
-    """Float32 logits [B, V] for final hidden states h [B, D] (already normalized)."""
-    if "head" in weights:  # prepared [D, V] output projection (see prepare.py)
-        return prepare.matmul(h, weights["head"], jnp.float32, skinny)
-    if cfg.tie_embeddings:
-        return jnp.einsum("bd,vd->bv", h, weights["embed"].astype(h.dtype), preferred_element_type=jnp.float32)
-    return jnp.einsum("bd,dv->bv", h, weights["lm_head"].astype(h.dtype), preferred_element_type=jnp.float32)
-
-
-def _top_p_mask(logits, top_p):
-    """Keep the tokens whose probability is >= t*, the largest threshold whose kept mass reaches top_p
-    (exact bisection over the float bit patterns; no sort)."""
-    probs = jax.nn.softmax(logits, axis=-1)
-    pmax = jnp.max(probs, axis=-1)
-    lo = jnp.zeros(probs.shape[:1], jnp.int32)
-    hi = jax.lax.bitcast_convert_type(pmax, jnp.int32) + 1
-
-    def body(_, c):
-        lo, hi = c
-        mid = lo + (hi - lo) // 2
-        t = jax.lax.bitcast_convert_type(mid, jnp.float32)
-        mass = jnp.sum(jnp.where(probs >= t[:, None], probs, 0.0), axis=-1)
-        ok = mass >= top_p
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
-    t = jax.lax.bitcast_convert_type(lo, jnp.float32)
-    return probs >= t[:, None]
-
-
-def _argmax(x):
-    """First index of the maximum along the last axis (as ``jnp.argmax``, NaN aside): two plain
-    reductions, which XLA:CPU vectorizes, instead of argmax's variadic (value, index) reduction
-    (~3x slower over a 49k vocabulary)."""
-    m = jnp.max(x, axis=-1, keepdims=True)
-    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-    return jnp.min(jnp.where(x == m, iota, x.shape[-1]), axis=-1).astype(jnp.int32)
-
-
-def _sample(spec: _Spec, logits, keys, step, temperature, top_p):
-    """One token per row; every row at token index ``step``."""
-    steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), logits.shape[:1])
-    return _sample_rows(spec, logits, keys, steps, temperature, top_p)
-
-
-def _sample_rows(spec: _Spec, logits, keys, steps, temperature, top_p):
-    """One token per row: greedy, or a Gumbel-max draw from row ``i``'s key folded with its token index
-    ``steps[i]`` (so a row's draw never depends on which slot or batch it sits in)."""
-    if spec.greedy:
-        return _argmax(logits)
-    logits = logits / temperature
-    neg = jnp.float32(-jnp.inf)
-    if spec.top_k:
-        kth = jax.lax.top_k(logits, spec.top_k)[0][:, -1:]
-        logits = jnp.where(logits >= kth, logits, neg)
-    if spec.use_top_p:
-        logits = jnp.where(_top_p_mask(logits, top_p), logits, neg)
-    V = logits.shape[-1]
-    g = jax.vmap(lambda k, t: jax.random.gumbel(jax.random.fold_in(k, t), (V,), jnp.float32))(keys, steps)
-    return _argmax(logits + g)
-
-
-def _program(spec: _Spec, mesh, rules, weights, lora, lora_scale, tokens, kv_start, seeds, hashes, active,
-                  stop_table, temperature, top_p):
-    """Prefill + decode loop. Returns (tokens [B, N], num_tokens [B], finish code [B]) and, with
-    ``spec.return_logits``, the float32 logits each token was chosen from [B, N, V]."""
-    cfg = spec.cfg
-    B, P = tokens.shape
-    N = spec.max_new
-    S = P + N
-    L = cfg.n_layers
-    dtype = jnp.dtype(cfg.dtype)
-    cache_names = ("batch", "kv_heads", "cache_length", "head_dim")
-    keys = jax.vmap(lambda s, h: jax.random.fold_in(jax.random.key(s), h))(seeds, hashes)
-    eos = jnp.asarray(spec.eos_ids or (-1,), jnp.int32)
-    window = cfg.sliding_window
-    layers = weights["layers"]
-    lora_layers = None if lora is None else lora["layers"]
-
-    def embed(tok):
-        x = weights["embed"].astype(dtype)[tok]
-        if cfg.scale_embeddings:
-            x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype)
-        return constrain(x, ("batch", "length", "embed"), mesh, rules)
-
-    def head(x_last):
-        h = rms_norm(x_last, weights["final_norm"], cfg.norm_eps, cfg.norm_plus_one)
-        return _logits(cfg, weights, h, skinny)
-
-    # ---- prefill
-    slots = jnp.arange(P, dtype=jnp.int32)
-    positions = jnp.maximum(slots[None, :] - kv_start[:, None], 0)
-    mask = (slots[None, :, None] >= slots[None, None, :]) & (slots[None, None, :] >= kv_start[:, None, None])
-    if window is not None:
-        mask &= (slots[None, :, None] - slots[None, None, :]) < window
-    mask |= jnp.eye(P, dtype=bool)[None]  # padding queries see themselves (finite; never read)
-    x = embed(tokens)
-    rope = D.rope_tables(cfg, positions, dtype)
-    skinny = skinny_for(spec)
-    proj = layer_proj(spec, lora_scale, skinny)
-    pre = partial(D.layer, cfg, rope=rope, attend=D.prefill_attention(cfg, mask), proj=proj, mesh=mesh, rules=rules)
-
-    def to_cache(kv):  # [B, P, K, Dh] -> [B, K, S, Dh]
-        kv = jnp.pad(jnp.swapaxes(kv, 1, 2).astype(dtype), ((0, 0), (0, 0), (0, N), (0, 0)))
-        return constrain(kv, cache_names, mesh, rules)
-
-    if spec.scan_layers:
-        def scan_pre(x, xs):
-            p, lp = xs
-            x, (k, v) = pre(p, lp, x)
-            return x, (to_cache(k), to_cache(v))
-
-        x, (ck, cv) = jax.lax.scan(scan_pre, x, (layers, lora_layers))
-        caches = (ck, cv)
-    else:
-        caches = []
-        for i in range(L):
-            x, (k, v) = pre(layers[i], None if lora_layers is None else lora_layers[i], x)
-            caches.append((to_cache(k), to_cache(v)))
-    logits = head(x[:, -1])
-    tok = _sample(spec, logits, keys, 0, temperature, top_p)
-    lbuf = None
-    if spec.return_logits:
-        lbuf = jnp.zeros((B, N, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
-
-    def update(i, tok, out, done, finish, ntok, sstate):
-        out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
-        live = ~done
-        ntok = jnp.where(live, i + 1, ntok)
-        reason = jnp.where(i + 1 >= N, LENGTH, RUNNING)
-        if spec.has_stop:
-            sstate = jnp.where(live, stop_table[sstate, tok], sstate)
-            reason = jnp.where(sstate == stop_table.shape[0] - 1, STOP, reason)
-        reason = jnp.where(jnp.any(tok[:, None] == eos[None, :], axis=-1), EOS, reason)
-        finish = jnp.where(live, reason, finish)
-        done = done | (live & (reason != RUNNING))
-        return out, done, finish, ntok, sstate
-
-    zeros = jnp.zeros((B,), jnp.int32)
-    out, done, finish, ntok, sstate = update(0, tok, jnp.zeros((B, N), jnp.int32), ~active, zeros, zeros, zeros)
-
-    # ---- decode
-    def dec(x, rope, valid, p, lp, ck, cv):
-        x, (k, v) = D.layer(cfg, p, lp, x, rope, D.decode_attention(cfg, ck, cv, valid), proj, mesh, rules)
-        return x, k[:, 0].astype(ck.dtype), v[:, 0].astype(cv.dtype)
-    kslots = jnp.arange(S, dtype=jnp.int32)
-
-    def cond(c):
-        i, done = c[0], c[4]
-        return (i < N) & ~jnp.all(done)
-
-    def body(c):
-        i, tok, caches, out, done, finish, ntok, sstate, lbuf = c
-        slot = P + i - 1
-        valid = (kslots[None, :] >= kv_start[:, None]) & (kslots[None, :] < slot)
-        if window is not None:
-            valid &= kslots[None, :] > slot - window
-        x = embed(tok[:, None])
-        rope = D.rope_tables(cfg, (slot - kv_start)[:, None], dtype)
-        if spec.scan_layers:
-            ck_all, cv_all = caches
-
-            def scan_dec(x, xs):
-                p, lp, ck, cv = xs
-                x, k, v = dec(x, rope, valid, p, lp, ck, cv)
-                return x, (k, v)
-
-            x, (k_new, v_new) = jax.lax.scan(scan_dec, x, (layers, lora_layers, ck_all, cv_all))
-            ck_all = jax.lax.dynamic_update_slice(ck_all, k_new[:, :, :, None, :], (0, 0, 0, slot, 0))
-            cv_all = jax.lax.dynamic_update_slice(cv_all, v_new[:, :, :, None, :], (0, 0, 0, slot, 0))
-            caches = (ck_all, cv_all)
-        else:
-            new = []
-            for li in range(L):
-                ck, cv = caches[li]
-                lp = None if lora_layers is None else lora_layers[li]
-                x, k, v = dec(x, rope, valid, layers[li], lp, ck, cv)
-                ck = jax.lax.dynamic_update_slice(ck, k[:, :, None, :], (0, 0, slot, 0))
-                cv = jax.lax.dynamic_update_slice(cv, v[:, :, None, :], (0, 0, slot, 0))
-                new.append((ck, cv))
-            caches = new
-        logits = head(x[:, -1])
-        tok = _sample(spec, logits, keys, i, temperature, top_p)
-        out, done, finish, ntok, sstate = update(i, tok, out, done, finish, ntok, sstate)
-        if lbuf is not None:
-            lbuf = jax.lax.dynamic_update_slice(lbuf, logits[:, None], (0, i, 0))
-        return i + 1, tok, caches, out, done, finish, ntok, sstate, lbuf
-
-    init = (jnp.int32(1), tok, caches, out, done, finish, ntok, sstate, lbuf)
-    _, _, _, out, _, finish, ntok, _, lbuf = jax.lax.while_loop(cond, body, init)
-    if spec.return_logits:
-        return out, ntok, finish, lbuf
-    return out, ntok, finish
 
 
 # ----------------------------------------------------------------------------- the sampler
@@ -821,7 +484,7 @@ class Sampler:
 
     # -- compilation
 
-    def _program_for(self, spec: _Spec, args: tuple):
+    def _program_for(self, spec: Spec, args: tuple):
         leaves, treedef = jax.tree.flatten(args)
         key = (spec, self.mesh, self.rules, tuple(sorted(self.compiler_options.items())), treedef,
                tuple((a.shape, str(a.dtype), a.sharding) for a in leaves))
@@ -830,7 +493,7 @@ class Sampler:
             prog = self._programs[key] = self.programs.get(key)
         if prog is None:
             t0 = time.perf_counter()
-            fn = jax.jit(partial(_program, spec, self.mesh, self.rules))
+            fn = jax.jit(partial(program, spec, self.mesh, self.rules))
             lowered = fn.lower(*args)
             try:
                 prog = lowered.compile(compiler_options=self.compiler_options or None)
@@ -905,7 +568,7 @@ class Sampler:
             seeds[r] = sc.seed + j
             hashes[r] = _prompt_hash(t)
             active[r] = True
-        spec = _Spec(
+        spec = Spec(
             cfg=self.cfg, batch=B, prompt_len=P, max_new=sc.max_new_tokens, greedy=sc.greedy,
             top_k=0 if sc.greedy else min(sc.top_k, self.cfg.vocab_size),
             use_top_p=(not sc.greedy) and sc.top_p < 1.0, has_stop=bool(sc.stop) and self.tokenizer is not None,

@@ -88,9 +88,12 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
     cos = jnp.cos(jnp.concatenate([ang, ang], -1))[:, :, None, :].astype(x.dtype)
     sin = jnp.sin(jnp.concatenate([ang, ang], -1))[:, :, None, :].astype(x.dtype)
+    return _rope(x, cos, sin)
+
+
+def _rope(x, cos, sin):
     half = x.shape[-1] // 2
-    rot = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
-    return x * cos + rot * sin
+    return x * cos + jnp.concatenate([-x[..., half:], x[..., :half]], -1) * sin
 
 
 # einsum specs: (base, lora-in, lora-out)
@@ -256,16 +259,12 @@ class Proj:
         return prepare.matmul(x, w, out_dtype, self.skinny)
 
 
-def rope_tables(cfg: ModelConfig, positions: jax.Array, dtype):
-    """``cos, sin`` ``[B, T, 1, Dh]`` for ``positions [B, T]`` (what :func:`apply_rope` computes)."""
+def rotary(cfg: ModelConfig, positions: jax.Array, dtype) -> Callable:
+    """RoPE for ``positions [B, T]`` with the ``cos, sin`` tables ``[B, T, 1, Dh]`` computed once (the
+    values :func:`apply_rope` uses): a function ``x [B, T, N, Dh] -> rotated x``, for :func:`layer`."""
     ang = positions.astype(jnp.float32)[..., None] * rope_frequencies(cfg)  # [B, T, Dh/2]
     ang = jnp.concatenate([ang, ang], -1)[:, :, None, :]
-    return jnp.cos(ang).astype(dtype), jnp.sin(ang).astype(dtype)
-
-
-def _rope(x, cos, sin):
-    half = x.shape[-1] // 2
-    return x * cos + jnp.concatenate([-x[..., half:], x[..., :half]], -1) * sin
+    return partial(_rope, cos=jnp.cos(ang).astype(dtype), sin=jnp.sin(ang).astype(dtype))
 
 
 def _qkv(cfg: ModelConfig, p, lp, h, proj: Proj):
@@ -305,16 +304,16 @@ def _down(p, lp, gu, proj: Proj):
     return proj.lora(proj.mm(gu, p["down"]), "w_down", gu, lp)
 
 
-def layer(cfg: ModelConfig, p: dict, lp: dict | None, x, rope, attend: Callable, proj: Proj, mesh=None,
+def layer(cfg: ModelConfig, p: dict, lp: dict | None, x, rope: Callable, attend: Callable, proj: Proj, mesh=None,
           rules: Rules = DEFAULT_RULES):
     """One decoder layer: norm -> q/k/v + RoPE -> ``attend(q, k, v)`` -> output projection -> norm ->
-    gated MLP, with residuals. ``p``/``lp``: this layer's weights and LoRA adapters; ``rope``: the
-    ``(cos, sin)`` tables of :func:`rope_tables`. Returns ``x`` and the layer's new keys/values
-    ``[B, T, K, Dh]`` (after RoPE), which a generation caller writes into its cache."""
-    cos, sin = rope
+    gated MLP, with residuals. ``p``/``lp``: this layer's weights and LoRA adapters; ``rope``: applies
+    RoPE to q and k (:func:`rotary`, or :func:`apply_rope` at given positions). Returns ``x`` and the
+    layer's new keys/values ``[B, T, K, Dh]`` (after RoPE), which a generation caller writes into its
+    cache."""
     h = rms_norm(x, p["attn_norm"], cfg.norm_eps, cfg.norm_plus_one)
     q, k, v = _qkv(cfg, p, lp, h, proj)
-    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    q, k = rope(q), rope(k)
     q = constrain(q, ("batch", "length", "heads", "head_dim"), mesh, rules)
     attn = attend(q, k, v)
     x = constrain(x + _out(p, lp, attn, proj), ("batch", "length", "embed"), mesh, rules)
@@ -395,7 +394,7 @@ def _scan_layer(cfg, mesh, rules, platform, lora_scale, lora_dropout, carry, xs)
     p, lp, layer_idx = xs
     dk = None if dropout_key is None else jax.random.fold_in(dropout_key, layer_idx)
     proj = Proj(lora_scale, _flat_dots(platform), lora_dropout, dk)
-    rope = rope_tables(cfg, positions, x.dtype)
+    rope = partial(apply_rope, positions=positions, inv_freq=rope_frequencies(cfg))
     x, _ = layer(cfg, p, lp, x, rope, causal_attention(cfg, mask, platform, mesh, rules), proj, mesh, rules)
     return (x, mask, positions, dropout_key), None
 
