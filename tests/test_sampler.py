@@ -251,12 +251,12 @@ def test_top_k_top_p():
 
 
 def test_argmax_first_index_of_max():
-    from w2s_jax.infer.sampler import _argmax
+    from w2s_jax.infer.sampling import argmax
 
     x = np.random.default_rng(0).normal(size=(5, 300)).astype(np.float32)
     x[1, [7, 9, 250]] = 50.0  # ties: the first index wins, as in np.argmax
     x[2, :] = 1.0
-    np.testing.assert_array_equal(np.asarray(jax.jit(_argmax)(x)), np.argmax(x, -1))
+    np.testing.assert_array_equal(np.asarray(jax.jit(argmax)(x)), np.argmax(x, -1))
 
 
 # ----------------------------------------------------------------------------- stop strings
