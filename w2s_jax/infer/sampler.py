@@ -13,46 +13,17 @@ Engines
 :mod:`w2s_jax.infer.engine`: a prefix common to all prompts of a call (the few-shot demonstrations) is
 prefilled once and shared by every row, the ``n`` samples of a prompt share one prefill, and a fixed
 set of decode slots is refilled as rows finish (continuous batching); see ``docs/generation.md``.
-``engine="static"`` keeps the static batches described below (one prefill + decode program per
-batch). Both use the same weights layout, layer function,
-sampling, stop-string automaton and PRNG keys, so greedy outputs are the same token for token
-(up to float rounding of near-ties) and a sample's key depends only on (seed, prompt, sample).
+``engine="static"`` keeps the static batches (one prefill + decode program per batch). Both use the
+same weights layout, layer function, sampling, stop-string automaton and PRNG keys, so greedy
+outputs are the same token for token (up to float rounding of near-ties) and a sample's key depends
+only on (seed, prompt, sample).
 
-Design of the static engine
----------------------------
-- **One program per bucket.** Rows (prompt, sample) are sorted by prompt length and cut into batches
-  of ``batch_size``; a batch is padded up to a *batch bucket* (default 1, 2, 4, ..., batch_size; with
-  a mesh, multiples of the data-parallel size) and its prompts are LEFT-padded to a *prompt-length
-  bucket* (default 16, 32, 64, ... up to ``max_prompt_len``). Each (batch bucket, prompt bucket,
-  max_new_tokens, sampling mode) is compiled once (ahead of time; counted in
-  :attr:`Sampler.num_compiled`, logged with its compile time), so a whole data set compiles a small,
-  bounded number of programs.
-- **Inside the program**: the prompt is prefilled in one pass (causal attention among the prompt
-  tokens, per-row ``kv_start``: the first real slot; RoPE position = slot - kv_start), the last
-  position's logits give the first token, then a ``lax.while_loop`` decodes one token per step and
-  exits early once every row has finished. Nothing is synchronised with the host per step.
-- **KV cache** ``[B, K, S, Dh]`` per layer, ``S = prompt bucket + max_new_tokens``, in the compute dtype,
-  sharded with the logical names ``(batch, kv_heads, cache_length, head_dim)`` (batch over the data
-  axes, kv heads over ``tensor``). It is created *inside* the program (the prefill's keys/values padded
-  to ``S``), so it never crosses the host boundary and needs no donation: XLA owns the buffer and
-  updates it in place (``dynamic_update_slice`` on the loop carry). A decode step attends over the old
-  cache plus the new token's own key/value and writes that key/value afterwards, so the attention never
-  reads the freshly written buffer; on CPU the program is compiled with XLA's region-based copy
-  insertion, and the compiled loop body contains no copy of the cache (checked by a test).
-- **One layer function**: prefill and decode run ``models.decoder.layer`` -- the layer training and
-  scoring run -- with the prefill or decode attention mode of ``decoder.py``; only the attention and
-  the weight form differ.
-- **Layer loop**: on CPU and GPU the layers are unrolled over per-layer weight arrays (prepared once
-  by ``models.prepare.prepare_weights`` when the Sampler is built; the Sampler then holds its own
-  per-layer copy of the weights). A scan over stacked weights makes XLA:CPU copy every layer's
-  weights each step, and on an H200 (Llama-2-7B, bfloat16, batch 1) it took 11.6 ms per decode step
-  against 4.3 ms unrolled (64% of the HBM bound). In that copy q/k/v and gate/up are concatenated (one
-  matmul each instead of three and two; LoRA terms are still added per kernel) unless a mesh axis
-  shards heads or mlp, and tied embeddings get a ``[D, V]`` copy for the output projection (XLA:CPU's
-  matrix-vector product is ~1.5x faster in that layout). On TPU (``layer_loop="scan"``) the stacked
-  parameters are scanned as in ``decoder.forward``. Weights stay in their parameter dtype and are cast
-  to the compute dtype inside the matmuls. The platform (the mesh's, else the first device's) picks
-  these forms.
+Design
+------
+The static engine's program (one prefill + ``while_loop`` per batch, its KV cache, the one layer
+function and the layer loop both engines use) is described in :mod:`w2s_jax.infer.static`; the
+continuous engine in :mod:`w2s_jax.infer.engine`.
+
 - **Native matrix-vector kernel on CPU**: decoding at batch 1 streams every weight once per token, so
   its speed is memory bandwidth. With float32 weights on an unsharded CPU Sampler, products with at
   most ``cpu_kernels.SKINNY_MAX_ROWS`` rows (the decode steps of batches up to 16) go to an XLA FFI
