@@ -3,14 +3,15 @@
     python tests/multihost_worker.py OUT.json --sft-out DIR --ckpt-dir DIR --gen-out FILE
         [--coordinator 127.0.0.1:PORT --num-processes 2 --process-id I]
 
-Joins the JAX distributed runtime (``w2s_jax.parallel.distributed.initialize``), lays one mesh over all
-devices of all processes, runs a few SFT steps of a tiny model with ``train/build.py``'s compiled step (each
-process feeding only its part of every global batch), greedily generates continuations of a batch
-of prompts (a plain loop and the package's Sampler), splits and gathers records, runs the package's
-SFT driver (``train.run_sft``: metrics, TensorBoard, Orbax checkpoints in ``--ckpt-dir``, shared by
-the processes, and the final model; ``--sft-out`` is per process, so the test sees who wrote what)
-and ``generate_cli.generate_records`` into ``--gen-out`` (shared), and writes what it saw to OUT.json
-(one file per process). The device count per process comes from XLA_FLAGS, set by the parent.
+Joins the JAX distributed runtime (``w2s_jax.parallel.distributed.initialize``), lays one mesh over
+all devices of all processes, runs a few SFT steps of a tiny model with ``train/build.py``'s compiled step
+(each process feeding only its part of every global batch), greedily generates continuations of a
+batch of prompts (full forward passes without a cache, and the package's Sampler), splits and
+gathers records, runs the package's SFT driver (``train.run_sft``: metrics, TensorBoard, Orbax
+checkpoints in ``--ckpt-dir``, shared by the processes, and the final model; ``--sft-out`` is per
+process, so the test sees who wrote what) and ``generate_cli.generate_records`` into ``--gen-out``
+(shared), and writes what it saw to OUT.json (one file per process). The device count per process
+comes from XLA_FLAGS, set by the parent.
 """
 
 from __future__ import annotations
@@ -47,37 +48,25 @@ def global_batch(step: int):
 
 
 def greedy_generate(params, cfg, prompts_global, mesh):
-    """Prefill + greedy decode with the KV cache (the package's Sampler does the same, batched)."""
+    """Greedy continuation without a KV cache: each new token is the argmax of a full forward pass
+    over the sequence so far (the reference the package's cached Sampler must reproduce)."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding
 
     from w2s_jax.models import decoder as M
-    from w2s_jax.models import params as MP
-    from w2s_jax.parallel.sharding import logical_to_spec
 
     B, P = prompts_global.shape
-    S = P + NEW
-    c_sh = NamedSharding(mesh, logical_to_spec(MP.cache_axes()["k"], (cfg.n_layers, B, S, cfg.n_kv_heads,
-                                                                     cfg.head_dim), mesh))
 
     @jax.jit
     def run(params, prompts):
-        cache = jax.lax.with_sharding_constraint(MP.init_cache(cfg, B, S), {"k": c_sh, "v": c_sh})
-        logits, cache = M.forward(params, prompts, cfg, cache=cache, cache_index=0, mesh=mesh)
-        tok = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+        buf = jnp.concatenate([prompts, jnp.zeros((B, NEW), jnp.int32)], axis=1)
 
-        def body(i, carry):
-            cache, tok, out = carry
-            out = out.at[:, i].set(tok)
-            pos = jnp.full((B, 1), P + i, jnp.int32)
-            logits, cache = M.forward(params, tok[:, None], cfg, positions=pos, cache=cache, cache_index=P + i,
-                                      mesh=mesh)
-            return cache, jnp.argmax(logits[:, -1], -1).astype(jnp.int32), out
+        def body(i, buf):
+            logits = M.forward(params, buf, cfg, mesh=mesh)[0]
+            tok = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, P + i - 1, 1, keepdims=False), -1)
+            return jax.lax.dynamic_update_slice_in_dim(buf, tok.astype(jnp.int32)[:, None], P + i, 1)
 
-        out = jnp.zeros((B, NEW), jnp.int32)
-        _, _, out = jax.lax.fori_loop(0, NEW, body, (cache, tok, out))
-        return out
+        return jax.lax.fori_loop(0, NEW, body, buf)[:, P:]
 
     return run(params, prompts_global)
 

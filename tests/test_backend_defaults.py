@@ -28,7 +28,7 @@ def test_default_layer_loop():
     assert default_layer_loop("tpu") == "scan"
 
 
-def test_cudnn_fallback_and_error(monkeypatch, caplog):
+def test_cudnn_fallback_and_error(caplog):
     """'auto' on a GPU without usable cuDNN attention falls back to XLA's (same output, one warning);
     an explicit 'cudnn' is a clear error. Simulated on CPU, where JAX reports that cuDNN is absent."""
     import jax
@@ -42,16 +42,40 @@ def test_cudnn_fallback_and_error(monkeypatch, caplog):
     cfg = get_preset("tiny", dtype="bfloat16", param_dtype="bfloat16")
     params = MP.init_params(cfg, jax.random.PRNGKey(0))
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 16)), jnp.int32)
-    monkeypatch.setattr(M.jax, "default_backend", lambda: "gpu")
-    assert attention_implementation(cfg) == "cudnn"
+    assert attention_implementation(cfg, "gpu") == "cudnn"
     M._warn_once.cache_clear()
     with caplog.at_level("WARNING", logger="w2s_jax.models.decoder"):
-        auto = M.forward(params, tokens, cfg.replace(attention_impl="auto"))[0]
+        auto = M.forward(params, tokens, cfg.replace(attention_impl="auto"), platform="gpu")[0]
     assert "cuDNN attention is not available" in caplog.text
-    ref = M.forward(params, tokens, cfg.replace(attention_impl="xla"))[0]
+    ref = M.forward(params, tokens, cfg.replace(attention_impl="xla"), platform="gpu")[0]
     np.testing.assert_array_equal(np.asarray(auto, np.float32), np.asarray(ref, np.float32))
     with pytest.raises(UserError, match="attention_impl='cudnn' is not available"):
-        M.forward(params, tokens, cfg.replace(attention_impl="cudnn"))
+        M.forward(params, tokens, cfg.replace(attention_impl="cudnn"), platform="gpu")
+
+
+def test_program_follows_the_mesh_platform_not_the_default_backend():
+    """The backend-specific forms (2-D matmuls and the grouped causal attention on CPU) follow the
+    platform the program is built for: a mesh's devices, else an explicit platform, else the first device."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from w2s_jax.models import decoder as M
+    from w2s_jax.models import params as MP
+    from w2s_jax.parallel.sharding import make_mesh
+
+    cfg = get_preset("tiny")
+    params = MP.init_params(cfg, jax.random.PRNGKey(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 128)), jnp.int32)
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    assert M.platform_of(mesh) == M.platform_of() == jax.devices()[0].platform == "cpu"
+    assert M.platform_of(None, "tpu") == "tpu"
+    progs = {p: str(jax.make_jaxpr(lambda pr, t, p=p: M.forward(pr, t, cfg, platform=p)[0])(params, tokens))
+             for p in ("cpu", "tpu", "gpu")}
+    assert progs["tpu"] == progs["gpu"] != progs["cpu"]  # (tiny is float32: no cuDNN on gpu either)
+    assert progs["cpu"].count("dot_general") > progs["tpu"].count("dot_general")  # the blocked CPU attention
+    on_mesh = str(jax.make_jaxpr(lambda pr, t: M.forward(pr, t, cfg, mesh=mesh, platform="tpu")[0])(params, tokens))
+    assert on_mesh.count("dot_general") == progs["cpu"].count("dot_general")  # the mesh's platform wins
 
 
 def test_gpu_layer_loop_keeps_scan_when_memory_is_short():

@@ -1,9 +1,9 @@
 """Multi-host execution: 2 processes x 4 CPU devices (coordinator on 127.0.0.1) equal 1 process x 8 devices.
 
 The processes run tests/multihost_worker.py: a few SFT steps of a tiny model with train.py's step,
-each process feeding its half of every global batch, then a greedy generation batch (a plain loop
-and the Sampler), a split/gather of records, the SFT driver (run_sft: only process 0 writes metrics,
-logs and the model) and generate_records. Plus in-process unit tests of the helpers in
+each process feeding its half of every global batch, then a greedy generation batch (full forward
+passes without a cache, and the Sampler), a split/gather of records, the SFT driver (run_sft: only
+process 0 writes metrics, logs and the model) and generate_records. Plus in-process unit tests of the helpers in
 w2s_jax/parallel/distributed.py.
 """
 
@@ -122,7 +122,7 @@ def test_sampler_two_processes(runs):
     """The package's Sampler on a mesh spanning both processes gives the single-process texts."""
     single, parts, _ = runs
     assert single["sampler_error"] is None, single["sampler_error"]
-    assert single["sampler_texts"] == single["texts"]  # Sampler == the plain greedy loop
+    assert single["sampler_texts"] == single["texts"]  # the cached Sampler == full forward argmax
     for r in parts:
         assert r["sampler_error"] is None, r["sampler_error"]
         assert r["sampler_texts"] == single["texts"]

@@ -19,7 +19,7 @@ from w2s_jax.infer.sampler import (
     default_prompt_buckets,
     token_pieces,
 )
-from w2s_jax.io.convert import state_dict_to_params
+from w2s_jax.io.hf import state_dict_to_params
 from w2s_jax.io.tokenizer import ByteTokenizer
 from w2s_jax.models.config import ModelConfig, get_preset
 from w2s_jax.models.decoder import forward
@@ -191,6 +191,22 @@ def test_continuous_compiles_a_bounded_set_once():
     assert sampler.num_compiled == before and not compiles
 
 
+def test_program_cache_is_the_samplers():
+    """A Sampler keeps its compiled programs in the ProgramCache it is given: a second Sampler on the same
+    cache compiles nothing, one on a fresh cache compiles again."""
+    cfg = tiny("tiny")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    prompts, sc = rand_prompts([5, 9], seed=3), SampleConfig(max_new_tokens=3, batch_size=2)
+    cache = sampler_mod.ProgramCache()
+    first = Sampler(params, cfg, eos_ids=[], programs=cache)
+    ref = first.generate(prompts, sc, progress=False)
+    assert first.compile_seconds > 0 and len(cache) == first.num_compiled > 0
+    again = Sampler(params, cfg, eos_ids=[], programs=cache)
+    assert again.generate(prompts, sc, progress=False) == ref and again.compile_seconds == 0
+    fresh = Sampler(params, cfg, eos_ids=[], programs=sampler_mod.ProgramCache())
+    assert fresh.generate(prompts, sc, progress=False) == ref and fresh.compile_seconds > 0
+
+
 # ----------------------------------------------------------------------------- seeds
 
 
@@ -235,12 +251,12 @@ def test_top_k_top_p():
 
 
 def test_argmax_first_index_of_max():
-    from w2s_jax.infer.sampler import _argmax
+    from w2s_jax.infer.sampling import argmax
 
     x = np.random.default_rng(0).normal(size=(5, 300)).astype(np.float32)
     x[1, [7, 9, 250]] = 50.0  # ties: the first index wins, as in np.argmax
     x[2, :] = 1.0
-    np.testing.assert_array_equal(np.asarray(jax.jit(_argmax)(x)), np.argmax(x, -1))
+    np.testing.assert_array_equal(np.asarray(jax.jit(argmax)(x)), np.argmax(x, -1))
 
 
 # ----------------------------------------------------------------------------- stop strings

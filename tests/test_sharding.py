@@ -11,13 +11,14 @@ import pytest
 from jax.sharding import NamedSharding
 
 import w2s_jax.models.decoder as model_mod
+from w2s_jax.infer.engine import CACHE_NAMES, PREFIX_NAMES
 from w2s_jax.infer.scoring import score_records
 from w2s_jax.io.native import load_model, save_model
 from w2s_jax.io.tokenizer import ByteTokenizer
 from w2s_jax.models.config import PRESETS, ModelConfig
 from w2s_jax.models.decoder import forward
 from w2s_jax.models.lora import LoRAConfig, lora_axes
-from w2s_jax.models.params import cache_axes, param_axes, param_shapes
+from w2s_jax.models.params import param_axes, param_shapes
 from w2s_jax.parallel.sharding import DEFAULT_RULES, make_mesh
 
 CFG = ModelConfig("shard", 264, 64, 2, 8, 4, 8, 128, 128, rope_theta=10000.0)
@@ -106,7 +107,7 @@ def test_every_logical_name_is_in_the_rules_table():
     for cfg in PRESETS.values():
         used |= _names(param_axes(cfg))
         used |= _names(lora_axes(cfg, LoRAConfig()))
-    used |= _names(cache_axes())
+    used |= set(CACHE_NAMES) | set(PREFIX_NAMES)
     # activation names passed to constrain(...) in the model source
     src = Path(model_mod.__file__).read_text()
     acts = re.findall(r"constrain\(\s*\w+\s*,\s*\(([^)]*)\)", src)

@@ -38,6 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from w2s_jax.infer.sampler import _prompt_hash, default_prompt_buckets, pick_bucket
+from w2s_jax.infer.sampling import EOS, LENGTH, RUNNING, STOP, head_logits, layer_proj, sample_rows, skinny_for
+from w2s_jax.models import decoder as D
 from w2s_jax.models.config import ModelConfig
 from w2s_jax.models.decoder import rms_norm
 from w2s_jax.parallel.sharding import constrain, named_sharding
@@ -49,7 +52,6 @@ PREFIX_CACHE_MAX = 4  # shared prefixes kept per Sampler
 # while requests wait, the decode loop returns to the host once slots // REFILL_FRACTION slots (at
 # least one) have finished, and they are refilled together (one prefill for several prompts)
 REFILL_FRACTION = 8
-RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
 CACHE_NAMES = ("batch", "kv_heads", "cache_length", "head_dim")
 PREFIX_NAMES = ("kv_heads", "cache_length", "head_dim")
 
@@ -71,6 +73,8 @@ class _ESpec:
     scan_layers: bool
     has_lora: bool
     cpu_kernels: bool = False
+    platform: str = "cpu"  # the mesh's platform (backend-specific layer forms)
+    return_logits: bool = False  # keep the float32 logits each token was drawn from (state["logits"])
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -84,12 +88,10 @@ def _embed(spec, mesh, rules, weights, tok):
     return constrain(x, ("batch", "length", "embed"), mesh, rules)
 
 
-def _head(spec, weights, x_last):
-    from w2s_jax.infer.sampler import _logits
-
+def _head(spec, weights, x_last, skinny=None):
     cfg = spec.cfg
     h = rms_norm(x_last, weights["final_norm"], cfg.norm_eps, cfg.norm_plus_one)
-    return _logits(cfg, weights, h)
+    return head_logits(cfg, weights, h, skinny)
 
 
 def _keys(seeds, hashes):
@@ -97,8 +99,6 @@ def _keys(seeds, hashes):
 
 
 def _sample_rows(spec, logits, keys, steps, temperature, top_p):
-    from w2s_jax.infer.sampler import _sample_rows as sample_rows
-
     return sample_rows(spec, logits, keys, steps, temperature, top_p)
 
 
@@ -145,17 +145,6 @@ def prefill(spec: _ESpec, mesh, rules, weights, lora, lora_scale, prefix, prefix
     ``prefix`` (per-layer ``[K, Sp, Dh]`` keys/values, ``prefix_len`` real slots; None without one).
     Returns the suffixes' keys/values (per layer ``[R, K, P, Dh]``, in the cache layout) and the float32
     logits after each row's last real token ``[R, V]``."""
-    from w2s_jax.infer import sampler as S
-    token = S._SKINNY.set(False)  # prefill rows are many tokens: XLA's dot
-    try:
-        return _prefill(spec, mesh, rules, weights, lora, lora_scale, prefix, prefix_len, tokens, lengths)
-    finally:
-        S._SKINNY.reset(token)
-
-
-def _prefill(spec, mesh, rules, weights, lora, lora_scale, prefix, prefix_len, tokens, lengths):
-    from w2s_jax.infer.sampler import _out_mlp, _qkv, _rope_tables
-
     cfg = spec.cfg
     dtype = jnp.dtype(cfg.dtype)
     R, P = tokens.shape
@@ -174,20 +163,12 @@ def _prefill(spec, mesh, rules, weights, lora, lora_scale, prefix, prefix_len, t
             pm &= (qpos[:, None] - kp[None, :]) < window
         mask = jnp.concatenate([jnp.broadcast_to(pm[None], (R, P, Sp)), mask], axis=-1)
     x = _embed(spec, mesh, rules, weights, tokens)
-    cos, sin = _rope_tables(cfg, positions, dtype)
+    rope = D.rotary(cfg, positions, dtype)
+    proj = layer_proj(spec, lora_scale)  # prefill rows are many tokens: XLA's dot
 
     def layer(x, p, lp, *pre):
-        q, k, v = _qkv(cfg, p, lp, lora_scale, x, cos, sin, mesh, rules)
-        kk, vv = k, v
-        if Sp:
-            pk, pv = pre  # [K, Sp, Dh]
-            bk = jnp.broadcast_to(jnp.swapaxes(pk, 0, 1)[None].astype(k.dtype), (R, Sp, *k.shape[2:]))
-            bv = jnp.broadcast_to(jnp.swapaxes(pv, 0, 1)[None].astype(v.dtype), (R, Sp, *v.shape[2:]))
-            kk, vv = jnp.concatenate([bk, k], 1), jnp.concatenate([bv, v], 1)
-        attn = jax.nn.dot_product_attention(
-            q, kk, vv, mask=mask[:, None], implementation="cudnn" if cfg.attention_impl == "cudnn" else None
-        )
-        x = _out_mlp(cfg, p, lp, lora_scale, x, attn, mesh, rules)
+        attend = D.prefill_attention(cfg, mask, pre if Sp else None)
+        x, (k, v) = D.layer(cfg, p, lp, x, rope, attend, proj, mesh, rules)
         to_cache = lambda a: constrain(jnp.swapaxes(a, 1, 2).astype(dtype), CACHE_NAMES, mesh, rules)  # noqa: E731
         return x, (to_cache(k), to_cache(v))
 
@@ -224,8 +205,9 @@ def init_state(spec: _ESpec, mesh, rules):
         return [(z, z) for _ in range(L)]
 
     zi = jnp.zeros((B,), jnp.int32)
+    extra = {"logits": jnp.zeros((B, spec.max_new, cfg.vocab_size), jnp.float32)} if spec.return_logits else {}
     return {
-        "caches": cache(), "tok": zi, "cur": zi, "ntok": zi, "out": jnp.zeros((B, spec.max_new), jnp.int32),
+        **extra, "caches": cache(), "tok": zi, "cur": zi, "ntok": zi, "out": jnp.zeros((B, spec.max_new), jnp.int32),
         "done": jnp.ones((B,), bool), "finish": zi, "sstate": zi, "seeds": jnp.zeros((B,), jnp.uint32),
         "hashes": jnp.zeros((B,), jnp.uint32), "live_steps": jnp.int32(0), "steps": jnp.int32(0),
     }
@@ -274,6 +256,9 @@ def insert(spec: _ESpec, mesh, rules, state, kv, logits, lengths, src, seeds, ha
     reason, sstate = _finish_codes(spec, tok, one, jnp.zeros_like(src), stop_table)
     w = lambda new, old: jnp.where(take, new, old)  # noqa: E731
     out = jnp.where(take[:, None], jnp.zeros_like(state["out"]).at[:, 0].set(tok), state["out"])
+    if spec.return_logits:
+        lb = jnp.zeros_like(state["logits"]).at[:, 0].set(logits[s])
+        state = {**state, "logits": jnp.where(take[:, None, None], lb, state["logits"])}
     return {
         **state, "caches": caches, "tok": w(tok, state["tok"]), "cur": w(lengths[s], state["cur"]),
         "ntok": w(one, state["ntok"]), "out": out, "done": w(reason != RUNNING, state["done"]),
@@ -285,48 +270,10 @@ def insert(spec: _ESpec, mesh, rules, state, kv, logits, lengths, src, seeds, ha
 # ----------------------------------------------------------------------------- decode
 
 
-def _decode_attn(cfg, q, k, v, ck, cv, valid, pk, pv, pvalid):
-    """One query per row over the row's old slot cache (``valid``), itself, and the shared prefix."""
-    B, H, K, Dh = q.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    qg = (q[:, 0] * jnp.asarray(1.0 / math.sqrt(Dh), q.dtype)).reshape(B, K, H // K, Dh).astype(ck.dtype)
-    s = jnp.einsum("bkgd,bksd->bkgs", qg, ck, preferred_element_type=jnp.float32)
-    s = jnp.where(valid[:, None, None, :], s, -1e30)
-    s_self = jnp.einsum("bkgd,bkd->bkg", qg, k, preferred_element_type=jnp.float32)
-    m = jnp.maximum(jnp.max(s, axis=-1), s_self)
-    if pk is not None:
-        sp = jnp.einsum("bkgd,ksd->bkgs", qg, pk.astype(ck.dtype), preferred_element_type=jnp.float32)
-        sp = jnp.where(pvalid[:, None, None, :], sp, -1e30)
-        m = jnp.maximum(m, jnp.max(sp, axis=-1))
-    e = jnp.exp(s - m[..., None])
-    e_self = jnp.exp(s_self - m)
-    den = jnp.sum(e, axis=-1) + e_self
-    o = jnp.einsum("bkgs,bksd->bkgd", e.astype(cv.dtype), cv, preferred_element_type=jnp.float32)
-    o = o + e_self[..., None] * v[:, :, None, :].astype(jnp.float32)
-    if pk is not None:
-        ep = jnp.exp(sp - m[..., None])
-        den = den + jnp.sum(ep, axis=-1)
-        o = o + jnp.einsum("bkgs,ksd->bkgd", ep.astype(cv.dtype), pv.astype(cv.dtype),
-                           preferred_element_type=jnp.float32)
-    return (o / den[..., None]).reshape(B, 1, H, Dh)
-
-
 def decode(spec: _ESpec, mesh, rules, state, weights, lora, lora_scale, prefix, prefix_len, stop_table,
            temperature, top_p, max_steps, refill):
     """Decode every live slot until ``refill`` slots have finished (``0``: no request waits; then until
     all finish), or ``max_steps`` steps. Returns the new state."""
-    from w2s_jax.infer import sampler as S
-    token = S._SKINNY.set(spec.cpu_kernels)
-    try:
-        return _decode(spec, mesh, rules, state, weights, lora, lora_scale, prefix, prefix_len, stop_table,
-                       temperature, top_p, max_steps, refill)
-    finally:
-        S._SKINNY.reset(token)
-
-
-def _decode(spec, mesh, rules, state, weights, lora, lora_scale, prefix, prefix_len, stop_table, temperature,
-            top_p, max_steps, refill):
-    from w2s_jax.infer.sampler import _out_mlp, _qkv, _rope_tables
-
     cfg = spec.cfg
     dtype = jnp.dtype(cfg.dtype)
     B, Ss, Sp = spec.slots, spec.cache_len, spec.prefix_len
@@ -337,6 +284,8 @@ def _decode(spec, mesh, rules, state, weights, lora, lora_scale, prefix, prefix_
     kslots = jnp.arange(Ss, dtype=jnp.int32)
     done0 = state["done"]
     keys = _keys(state["seeds"], state["hashes"])
+    skinny = skinny_for(spec)
+    proj = layer_proj(spec, lora_scale, skinny)
 
     def cond(c):
         i, st = c
@@ -357,14 +306,12 @@ def _decode(spec, mesh, rules, state, weights, lora, lora_scale, prefix, prefix_
             if window is not None:
                 pvalid &= (pos[:, None] - kp[None, :]) < window
         x = _embed(spec, mesh, rules, weights, st["tok"][:, None])
-        cos, sin = _rope_tables(cfg, pos[:, None], dtype)
+        rope = D.rotary(cfg, pos[:, None], dtype)
 
         def layer(x, p, lp, ck, cv, *pre):
-            q, k, v = _qkv(cfg, p, lp, lora_scale, x, cos, sin, mesh, rules)
+            attend = D.decode_attention(cfg, ck, cv, valid, pre if Sp else None, pvalid)
+            x, (k, v) = D.layer(cfg, p, lp, x, rope, attend, proj, mesh, rules)
             k, v = k[:, 0].astype(ck.dtype), v[:, 0].astype(cv.dtype)  # [B, K, Dh]
-            pk, pv = pre if Sp else (None, None)
-            attn = _decode_attn(cfg, q, k, v, ck, cv, valid, pk, pv, pvalid).astype(x.dtype)
-            x = _out_mlp(cfg, p, lp, lora_scale, x, attn, mesh, rules)
             if spec.scan_layers:
                 return x, (k, v)
             return x, (ck.at[bidx, :, cur].set(k), cv.at[bidx, :, cur].set(v))
@@ -379,13 +326,16 @@ def _decode(spec, mesh, rules, state, weights, lora, lora_scale, prefix, prefix_
                       cv_all.at[:, bidx, :, cur].set(jnp.swapaxes(v_new, 0, 1)))
         else:
             caches = res
-        logits = _head(spec, weights, x[:, -1])
+        logits = _head(spec, weights, x[:, -1], skinny)
         ntok = st["ntok"]
         tok = _sample_rows(spec, logits, keys, ntok, temperature, top_p)
         reason, sstate = _finish_codes(spec, tok, ntok + 1, st["sstate"], stop_table)
         wl = lambda new, old: jnp.where(live, new, old)  # noqa: E731
         out = st["out"].at[bidx, jnp.minimum(ntok, spec.max_new - 1)].set(wl(tok, st["out"][bidx, jnp.minimum(
             ntok, spec.max_new - 1)]))
+        if spec.return_logits:
+            at = (bidx, jnp.minimum(ntok, spec.max_new - 1))
+            st = {**st, "logits": st["logits"].at[at].set(jnp.where(live[:, None], logits, st["logits"][at]))}
         new = {
             **st, "caches": caches, "tok": wl(tok, st["tok"]), "cur": wl(cur + 1, cur), "ntok": wl(ntok + 1, ntok),
             "out": out, "done": st["done"] | (live & (reason != RUNNING)), "finish": wl(reason, st["finish"]),
@@ -439,9 +389,7 @@ class Engine:
     """Host-side driver of one ``Sampler.stream`` call (see the module docstring)."""
 
     def __init__(self, sampler, sc, ids: list[list[int]], rows: list[tuple[int, int]], batch_buckets,
-                 prompt_buckets, bs: int):
-        from w2s_jax.infer.sampler import _prompt_hash, pick_bucket
-
+                 prompt_buckets, bs: int, return_logits: bool = False):
         self.s, self.sc, self.ids = sampler, sc, ids
         by_prompt: dict[int, list[int]] = {}
         for i, j in rows:
@@ -467,8 +415,9 @@ class Engine:
             use_top_p=(not sc.greedy) and sc.top_p < 1.0,
             has_stop=bool(sc.stop) and sampler.tokenizer is not None, eos_ids=sampler.eos_ids,
             scan_layers=sampler.layer_loop == "scan", has_lora=sampler.lora is not None,
-            cpu_kernels=sampler.cpu_kernels,
+            cpu_kernels=sampler.cpu_kernels, platform=sampler.platform, return_logits=return_logits,
         )
+        self.logits: dict[tuple[int, int], np.ndarray] = {}
         self.pad = sampler.tokenizer.pad_id if sampler.tokenizer is not None else (cfg.pad_token_id or 0)
 
     # -- programs
@@ -481,7 +430,7 @@ class Engine:
         s = self.s
         # (only the model, the layer loop and the prefix bucket matter: one program for every sampling mode)
         spec = _replace(spec, slots=0, cache_len=0, max_new=0, greedy=True, top_k=0, use_top_p=False,
-                        has_stop=False, eos_ids=(), cpu_kernels=False)
+                        has_stop=False, eos_ids=(), cpu_kernels=False, return_logits=False)
         args = (s.weights, s.lora, jnp.float32(s.lora_scale), prefix, jnp.int32(prefix_len),
                 s._place(tokens, ("batch", "length")), s._place(lengths, ("batch",)))
         prog = s._engine_program("prefill", prefill, spec, args, detail=f"prefill {tokens.shape[0]}x{tokens.shape[1]}")
@@ -508,7 +457,8 @@ class Engine:
     # -- the loop
 
     def run(self) -> Iterator[tuple[int, int, list[int], int]]:
-        """Yield ``(prompt, sample, generated ids, finish code)`` as rows finish."""
+        """Yield ``(prompt, sample, generated ids, finish code)`` as rows finish (with ``return_logits``,
+        each row's float32 logits ``[num_tokens, V]`` go to ``self.logits[(prompt, sample)]``)."""
         from w2s_jax.parallel.distributed import to_host
 
         s, sc, spec, B = self.s, self.sc, self.spec, self.B
@@ -553,18 +503,19 @@ class Engine:
             s.stats["slot_steps"] += (int(steps) - steps0) * B
             s.stats["live_slot_steps"] += int(live) - live0
             steps0, live0 = int(steps), int(live)
+            logits = to_host(state["logits"]) if spec.return_logits else None
             for b in range(B):
                 if slot[b] is not None and done[b]:
                     i, j = slot[b]
                     slot[b] = None
                     k = int(ntok[b])
+                    if logits is not None:
+                        self.logits[(i, j)] = logits[b, :k]
                     yield i, j, [int(t) for t in out[b, :k]], int(finish[b])
 
     def _next_group(self, want: int, prefix, Sp: int) -> _Group:
         """Prefill the next prompts of the queue: enough for ``want`` rows, at most ``max_group`` prompts
         (one prefill program per (prompts bucket, suffix bucket))."""
-        from w2s_jax.infer.sampler import pick_bucket
-
         picked, rows = [], 0
         while self.queue and rows < want and len(picked) < self.max_group:
             i, js = self.queue.popleft()
@@ -587,8 +538,6 @@ class Engine:
 
 
 def _prefix_buckets(max_len: int) -> tuple[int, ...]:
-    from w2s_jax.infer.sampler import default_prompt_buckets
-
     return default_prompt_buckets(max_len)
 
 
@@ -598,12 +547,16 @@ def _replace(spec: _ESpec, **kw) -> _ESpec:
     return dataclasses.replace(spec, **kw)
 
 
+def jit_program(fn, spec, mesh, rules, donate: bool = False, out_shardings=None):
+    """Engine program ``fn`` (prefill, insert, decode, ...) jitted for ``spec`` on ``mesh``; the decode
+    state (the first argument) is donated when ``donate``."""
+    return jax.jit(partial(fn, spec, mesh, rules), donate_argnums=(0,) if donate else (), out_shardings=out_shardings)
+
+
 def compile_program(name, fn, spec, mesh, rules, args, compiler_options, donate=False, out_shardings=None):
     """Lower and compile one engine program ahead of time; returns (compiled, seconds, options used)."""
     t0 = time.perf_counter()
-    jitted = jax.jit(partial(fn, spec, mesh, rules), donate_argnums=(0,) if donate else (),
-                     out_shardings=out_shardings)
-    lowered = jitted.lower(*args)
+    lowered = jit_program(fn, spec, mesh, rules, donate, out_shardings).lower(*args)
     try:
         prog = lowered.compile(compiler_options=compiler_options or None)
     except Exception as e:  # an option unknown to this XLA: compile without it

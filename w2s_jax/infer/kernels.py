@@ -86,8 +86,9 @@ _registered = False
 
 
 def available() -> bool:
-    """Whether the native kernels are enabled, built, loaded and registered (builds them on first call)."""
-    return enabled_by_env() and jax.default_backend() == "cpu" and _load()
+    """Whether the native kernels are enabled, built, loaded and registered (builds them on first call).
+    They run on CPU devices; the caller checks that its program is built for the CPU platform."""
+    return enabled_by_env() and _load()
 
 
 _lock = threading.Lock()

@@ -13,42 +13,17 @@ Engines
 :mod:`w2s_jax.infer.engine`: a prefix common to all prompts of a call (the few-shot demonstrations) is
 prefilled once and shared by every row, the ``n`` samples of a prompt share one prefill, and a fixed
 set of decode slots is refilled as rows finish (continuous batching); see ``docs/generation.md``.
-``engine="static"`` keeps the static batches described below (one prefill + decode program per
-batch; ``generate_with_logits`` always uses it). Both use the same weights layout, layer code,
-sampling, stop-string automaton and PRNG keys, so greedy outputs are the same token for token
-(up to float rounding of near-ties) and a sample's key depends only on (seed, prompt, sample).
+``engine="static"`` keeps the static batches (one prefill + decode program per batch). Both use the
+same weights layout, layer function, sampling, stop-string automaton and PRNG keys, so greedy
+outputs are the same token for token (up to float rounding of near-ties) and a sample's key depends
+only on (seed, prompt, sample).
 
-Design of the static engine
----------------------------
-- **One program per bucket.** Rows (prompt, sample) are sorted by prompt length and cut into batches
-  of ``batch_size``; a batch is padded up to a *batch bucket* (default 1, 2, 4, ..., batch_size; with
-  a mesh, multiples of the data-parallel size) and its prompts are LEFT-padded to a *prompt-length
-  bucket* (default 16, 32, 64, ... up to ``max_prompt_len``). Each (batch bucket, prompt bucket,
-  max_new_tokens, sampling mode) is compiled once (ahead of time; counted in
-  :attr:`Sampler.num_compiled`, logged with its compile time), so a whole data set compiles a small,
-  bounded number of programs.
-- **Inside the program**: the prompt is prefilled in one pass (causal attention among the prompt
-  tokens, per-row ``kv_start``: the first real slot; RoPE position = slot - kv_start), the last
-  position's logits give the first token, then a ``lax.while_loop`` decodes one token per step and
-  exits early once every row has finished. Nothing is synchronised with the host per step.
-- **KV cache** ``[B, K, S, Dh]`` per layer, ``S = prompt bucket + max_new_tokens``, in the compute dtype,
-  sharded with the logical names ``(batch, kv_heads, cache_length, head_dim)`` (batch over the data
-  axes, kv heads over ``tensor``). It is created *inside* the program (the prefill's keys/values padded
-  to ``S``), so it never crosses the host boundary and needs no donation: XLA owns the buffer and
-  updates it in place (``dynamic_update_slice`` on the loop carry). A decode step attends over the old
-  cache plus the new token's own key/value and writes that key/value afterwards, so the attention never
-  reads the freshly written buffer; on CPU the program is compiled with XLA's region-based copy
-  insertion, and the compiled loop body contains no copy of the cache (checked by a test).
-- **Layer loop**: on CPU and GPU the layers are unrolled over per-layer weight arrays (unstacked once
-  when the Sampler is built; the Sampler then holds its own per-layer copy of the weights). A scan
-  over stacked weights makes XLA:CPU copy every layer's weights each step, and on an H200
-  (Llama-2-7B, bfloat16, batch 1) it took 11.6 ms per decode step against 4.3 ms unrolled (64% of the
-  HBM bound). In that copy q/k/v and gate/up are concatenated (one matmul each instead of three and
-  two; LoRA terms are still added per kernel) unless a mesh axis shards heads or mlp, and tied
-  embeddings get a ``[D, V]`` copy for the output projection (XLA:CPU's matrix-vector product is ~1.5x
-  faster in that layout). On TPU (``layer_loop="scan"``) the stacked weights are scanned as in
-  ``model.forward``. Weights stay in their parameter dtype and are cast to the compute dtype inside
-  the matmuls, as in ``model.py``.
+Design
+------
+The static engine's program (one prefill + ``while_loop`` per batch, its KV cache, the one layer
+function and the layer loop both engines use) is described in :mod:`w2s_jax.infer.static`; the
+continuous engine in :mod:`w2s_jax.infer.engine`.
+
 - **Native matrix-vector kernel on CPU**: decoding at batch 1 streams every weight once per token, so
   its speed is memory bandwidth. With float32 weights on an unsharded CPU Sampler, products with at
   most ``cpu_kernels.SKINNY_MAX_ROWS`` rows (the decode steps of batches up to 16) go to an XLA FFI
@@ -98,7 +73,6 @@ gives the same tokens whichever requests share the run, in any order, with sampl
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import logging
 import math
@@ -115,10 +89,12 @@ import numpy as np
 
 from w2s_jax.core.errors import UserError
 from w2s_jax.infer import kernels as native
-from w2s_jax.method.prompts import STOP_STRINGS
+from w2s_jax.infer.sampling import EOS, LENGTH, STOP
+from w2s_jax.infer.static import Spec, program
+from w2s_jax.infer.stops import StopMatcher, cut_at_stop, token_pieces
+from w2s_jax.models import prepare
 from w2s_jax.models.config import ModelConfig
-from w2s_jax.models.decoder import _EINSUM, _dense, rms_norm, rope_frequencies
-from w2s_jax.parallel.sharding import DEFAULT_RULES, Rules, constrain, named_sharding
+from w2s_jax.parallel.sharding import DEFAULT_RULES, Rules, named_sharding
 
 __all__ = [
     "SampleConfig",
@@ -130,17 +106,42 @@ __all__ = [
     "default_prompt_buckets",
     "default_batch_buckets",
     "pick_bucket",
+    "ProgramCache",
+    "SHARED_PROGRAMS",
 ]
 
 log = logging.getLogger(__name__)
 
-RUNNING, EOS, STOP, LENGTH = 0, 1, 2, 3
 FINISH_NAMES = {EOS: "eos", STOP: "stop", LENGTH: "length"}
 CPU_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
-# compiled programs shared by all Samplers (weights are arguments, so a program only depends on
-# shapes, shardings and the static spec); keyed by everything that goes into compilation
-_COMPILED: dict[tuple, Any] = {}
-_COMPILED_MAX = 128
+
+
+class ProgramCache:
+    """Compiled generation programs keyed by everything that goes into compilation (the static spec,
+    mesh, rules, compiler options, argument shapes, dtypes and shardings; weights are arguments, so a
+    program serves any weights of that shape). The oldest entry goes once ``max_size`` are held.
+    Samplers share :data:`SHARED_PROGRAMS` unless given their own."""
+
+    def __init__(self, max_size: int = 128):
+        self.max_size = max_size
+        self._programs: dict[tuple, Any] = {}
+
+    def get(self, key: tuple):
+        return self._programs.get(key)
+
+    def put(self, key: tuple, prog) -> None:
+        if len(self._programs) >= self.max_size:
+            self._programs.pop(next(iter(self._programs)))
+        self._programs[key] = prog
+
+    def __len__(self) -> int:
+        return len(self._programs)
+
+    def clear(self) -> None:
+        self._programs.clear()
+
+
+SHARED_PROGRAMS = ProgramCache()
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -151,10 +152,10 @@ class SampleConfig:
     """How to generate.
 
     ``temperature == 0`` is greedy (``top_k``/``top_p`` ignored); ``top_k == 0`` and ``top_p == 1``
-    are off. ``n`` samples per prompt use seeds ``seed .. seed + n - 1``. ``stop`` defaults to the
-    paper's ``("Question", "Answer")`` (``()``: none; ignored without a tokenizer, since there is no
-    text then). ``batch_size``: decode slots of the continuous engine (rows decoded at once), rows
-    (prompt x sample) per program of the static one; buckets default to
+    are off. ``n`` samples per prompt use seeds ``seed .. seed + n - 1``. ``stop``: strings that end a
+    sample (default none; the method's prompt format passes ``prompts.STOP_STRINGS``; ignored without a
+    tokenizer, since there is no text then). ``batch_size``: decode slots of the continuous engine (rows
+    decoded at once), rows (prompt x sample) per program of the static one; buckets default to
     :func:`default_prompt_buckets` / :func:`default_batch_buckets`; ``max_prompt_len`` defaults to
     ``max_seq_len - max_new_tokens``. A longer prompt is an error unless ``truncate_prompts`` (then
     its left part is dropped, keeping a leading BOS)."""
@@ -165,7 +166,7 @@ class SampleConfig:
     top_p: float = 1.0
     n: int = 1
     seed: int = 0
-    stop: tuple[str, ...] = STOP_STRINGS
+    stop: tuple[str, ...] = ()
     batch_size: int = 16
     prompt_buckets: tuple[int, ...] | None = None
     batch_buckets: tuple[int, ...] | None = None
@@ -239,465 +240,6 @@ def pick_bucket(n: int, buckets: Sequence[int]) -> int:
     raise UserError(f"{n} exceeds the largest bucket {max(buckets)}")
 
 
-def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """``(text cut before the first occurrence of any stop string, whether one occurred)``."""
-    cut = len(text)
-    for s in stop:
-        i = text.find(s)
-        if 0 <= i < cut:
-            cut = i
-    return text[:cut], cut < len(text)
-
-
-# ----------------------------------------------------------------------------- stop strings in token space
-
-
-def token_pieces(tokenizer, vocab_size: int) -> list[str]:
-    """The text each token id contributes when appended to a sequence (``""`` for special or
-    out-of-vocabulary ids). Uses ``decode([ref, id])`` minus ``decode([ref])`` so that a
-    sentencepiece token keeps its leading space."""
-    ref_ids = tokenizer.encode("a")
-    ref = ref_ids[-1] if ref_ids else None
-    tok_vocab = int(getattr(tokenizer, "vocab_size", vocab_size))
-    n = min(vocab_size, tok_vocab)
-    ids = range(n)
-    hf = getattr(tokenizer, "tok", None)
-    if ref is not None and hf is not None and hasattr(hf, "batch_decode"):
-        pre = hf.decode([ref], skip_special_tokens=True)
-        both = hf.batch_decode([[ref, i] for i in ids], skip_special_tokens=True)
-        pieces = [s[len(pre):] if s.startswith(pre) else hf.decode([i], skip_special_tokens=True)
-                  for i, s in zip(ids, both)]
-    elif ref is not None:
-        pre = tokenizer.decode([ref])
-        pieces = []
-        for i in ids:
-            s = tokenizer.decode([ref, i])
-            pieces.append(s[len(pre):] if s.startswith(pre) else tokenizer.decode([i]))
-    else:
-        pieces = [tokenizer.decode([i]) for i in ids]
-    return pieces + [""] * (vocab_size - n)
-
-
-class StopMatcher:
-    """Aho-Corasick automaton over the characters of the stop strings, lifted to whole tokens.
-
-    ``table[state, token]`` is the state after appending ``token``'s text piece; ``match_state``
-    (absorbing) means some stop string occurred. Start state 0.
-    """
-
-    def __init__(self, stop: Sequence[str], pieces: Sequence[str]):
-        self.stop = tuple(stop)
-        alphabet = sorted(set("".join(self.stop)))
-        cls = {c: i + 1 for i, c in enumerate(alphabet)}  # 0 = any other character
-        # trie
-        goto: list[dict[int, int]] = [{}]
-        out = [False]
-        for s in self.stop:
-            node = 0
-            for ch in s:
-                c = cls[ch]
-                if c not in goto[node]:
-                    goto.append({})
-                    out.append(False)
-                    goto[node][c] = len(goto) - 1
-                node = goto[node][c]
-            out[node] = True
-        n_nodes = len(goto)
-        fail = [0] * n_nodes
-        delta = np.zeros((n_nodes, len(alphabet) + 1), np.int64)
-        order = [0]
-        for node in order:  # BFS
-            for c in range(len(alphabet) + 1):
-                if c in goto[node]:
-                    child = goto[node][c]
-                    fail[child] = 0 if node == 0 else delta[fail[node], c]
-                    out[child] = out[child] or out[fail[child]]
-                    delta[node, c] = child
-                    order.append(child)
-                else:
-                    delta[node, c] = 0 if node == 0 else delta[fail[node], c]
-        match = n_nodes
-        full = np.full((n_nodes + 1, len(alphabet) + 1), match, np.int64)
-        full[:n_nodes] = np.where(np.asarray(out)[delta], match, delta)
-        self.match_state = match
-        self.num_states = n_nodes + 1
-        # run every token's piece from every state at once, one character position at a time
-        V = len(pieces)
-        lens = np.fromiter((len(p) for p in pieces), np.int64, V)
-        st = np.repeat(np.arange(self.num_states, dtype=np.int64)[:, None], V, axis=1)
-        for pos in range(int(lens.max(initial=0))):
-            idx = np.nonzero(lens > pos)[0]
-            c = np.fromiter((cls.get(pieces[i][pos], 0) for i in idx), np.int64, len(idx))
-            st[:, idx] = full[st[:, idx], c[None, :]]
-        self.table = st.astype(np.int32)
-
-    def run(self, ids: Sequence[int]) -> int:
-        """Final state after ``ids`` (host-side reference, for tests)."""
-        s = 0
-        for i in ids:
-            s = int(self.table[s, int(i)])
-        return s
-
-
-# ----------------------------------------------------------------------------- the compiled program
-
-
-@dataclass(frozen=True)
-class _Spec:
-    """Everything static about one compiled program."""
-
-    cfg: ModelConfig
-    batch: int
-    prompt_len: int
-    max_new: int
-    greedy: bool
-    top_k: int
-    use_top_p: bool
-    has_stop: bool
-    eos_ids: tuple[int, ...]
-    scan_layers: bool
-    has_lora: bool
-    return_logits: bool = False
-    cpu_kernels: bool = False  # decode's small matmuls through cpu_kernels.skinny_matmul
-
-
-def _rope_tables(cfg: ModelConfig, positions: jax.Array, dtype):
-    ang = positions.astype(jnp.float32)[..., None] * rope_frequencies(cfg)  # [B, T, Dh/2]
-    ang = jnp.concatenate([ang, ang], -1)[:, :, None, :]
-    return jnp.cos(ang).astype(dtype), jnp.sin(ang).astype(dtype)
-
-
-def _rope(x, cos, sin):  # same as model.apply_rope with the tables precomputed once per step
-    half = x.shape[-1] // 2
-    return x * cos + jnp.concatenate([-x[..., half:], x[..., :half]], -1) * sin
-
-
-def _lora_add(y, name, x, lp, lora_scale):
-    """``y`` plus the unmerged LoRA term of kernel ``name`` (same einsums as ``model._dense``)."""
-    if lp is None or name not in lp:
-        return y
-    h = jnp.einsum(_EINSUM[name][1], x, lp[name]["a"].astype(x.dtype))
-    return y + lora_scale * jnp.einsum(_EINSUM[name][2], h, lp[name]["b"].astype(x.dtype))
-
-
-# set while a program with _Spec.cpu_kernels is traced: _mm then sends products with at most
-# cpu_kernels.SKINNY_MAX_ROWS rows (the decode steps) to the native kernel
-_SKINNY = contextvars.ContextVar("w2s_sampler_skinny", default=False)
-
-
-def _mm(x, w, out_dtype=None):
-    """``x [..., in] @ w`` for a prepared weight: an ``[in, out]`` matrix or a list of column chunks
-    (separate matmuls XLA:CPU can run concurrently; see ``Sampler(matmul_split=)``)."""
-    if isinstance(w, (list, tuple)):
-        return jnp.concatenate([_mm(x, c, out_dtype) for c in w], axis=-1)
-    if (_SKINNY.get() and x.dtype == jnp.float32 and w.dtype == jnp.float32
-            and math.prod(x.shape[:-1]) <= native.SKINNY_MAX_ROWS):
-        return native.skinny_matmul(x, w)
-    return jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=out_dtype)
-
-
-def _qkv(cfg, p, lp, lora_scale, x, cos, sin, mesh, rules):
-    h = rms_norm(x, p["attn_norm"], cfg.norm_eps, cfg.norm_plus_one)
-    H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    if "o" in p:  # prepared per-layer weights (unrolled layers, see _prepare_layer)
-        B, T = h.shape[:2]
-        if "qkv" in p:
-            y = _mm(h, p["qkv"])
-            q, k, v = y[..., : H * Dh], y[..., H * Dh: (H + K) * Dh], y[..., (H + K) * Dh:]
-        else:
-            q, k, v = _mm(h, p["q"]), _mm(h, p["k"]), _mm(h, p["v"])
-        q, k, v = q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh), v.reshape(B, T, K, Dh)
-        q, k, v = (_lora_add(t, n, h, lp, lora_scale) for t, n in ((q, "wq"), (k, "wk"), (v, "wv")))
-    else:
-        dense = lambda name, h: _dense(name, h, p, lp, lora_scale, None, 0.0)
-        q, k, v = dense("wq", h), dense("wk", h), dense("wv", h)
-    q = _rope(q, cos, sin)
-    k = _rope(k, cos, sin)
-    q = constrain(q, ("batch", "length", "heads", "head_dim"), mesh, rules)
-    return q, k, v
-
-
-def _out_mlp(cfg, p, lp, lora_scale, x, attn, mesh, rules):
-    dense = lambda name, h: _dense(name, h, p, lp, lora_scale, None, 0.0)
-    prepared = "o" in p
-    if prepared:
-        o = _lora_add(_mm(attn.reshape(*attn.shape[:2], -1), p["o"]), "wo", attn, lp, lora_scale)
-    else:
-        o = dense("wo", attn)
-    x = constrain(x + o, ("batch", "length", "embed"), mesh, rules)
-    h = rms_norm(x, p["mlp_norm"], cfg.norm_eps, cfg.norm_plus_one)
-    if prepared:
-        if "gu" in p:
-            gu = _mm(h, p["gu"])
-            g, u = gu[..., : cfg.d_ff], gu[..., cfg.d_ff:]
-        else:
-            g, u = _mm(h, p["gate"]), _mm(h, p["up"])
-        g, u = _lora_add(g, "w_gate", h, lp, lora_scale), _lora_add(u, "w_up", h, lp, lora_scale)
-    else:
-        g, u = dense("w_gate", h), dense("w_up", h)
-    g = jax.nn.silu(g) if cfg.activation == "silu" else jax.nn.gelu(g, approximate=True)
-    gu = constrain(g * u, ("batch", "length", "mlp"), mesh, rules)
-    down = _lora_add(_mm(gu, p["down"]), "w_down", gu, lp, lora_scale) if prepared else dense("w_down", gu)
-    return constrain(x + down, ("batch", "length", "embed"), mesh, rules)
-
-
-def _chunks(w, n: int):
-    """An [in, out] matrix as ``n`` column chunks (or itself for n == 1)."""
-    if n <= 1 or w.shape[1] < 2 * n:
-        return w
-    bounds = np.linspace(0, w.shape[1], n + 1).astype(int)
-    return [w[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def _prepare_layer(cfg: ModelConfig, fuse: bool, split: int, p: dict) -> dict:
-    """One layer's weights as ``[in, out]`` matrices for the unrolled decoder: q/k/v and gate/up
-    concatenated when ``fuse``, each matrix cut into ``split`` column chunks."""
-    D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    q, k, v = p["wq"].reshape(D, H * Dh), p["wk"].reshape(D, K * Dh), p["wv"].reshape(D, K * Dh)
-    out = {"attn_norm": p["attn_norm"], "mlp_norm": p["mlp_norm"]}
-    if fuse:
-        out["qkv"] = _chunks(jnp.concatenate([q, k, v], 1), split)
-        out["gu"] = _chunks(jnp.concatenate([p["w_gate"], p["w_up"]], 1), split)
-    else:
-        out.update(q=_chunks(q, split), k=_chunks(k, split), v=_chunks(v, split),
-                   gate=_chunks(p["w_gate"], split), up=_chunks(p["w_up"], split))
-    out["o"] = _chunks(p["wo"].reshape(H * Dh, D), split)
-    out["down"] = _chunks(p["w_down"], split)
-    return out
-
-
-def _prefill_layer(cfg, mesh, rules, lora_scale, x, cos, sin, mask, p, lp):
-    """A layer over the whole (left-padded) prompt; returns x and this layer's keys/values [B,P,K,Dh]."""
-    q, k, v = _qkv(cfg, p, lp, lora_scale, x, cos, sin, mesh, rules)
-    # cuDNN only when asked for by name: "auto" (cuDNN for GPU training) keeps XLA's attention here,
-    # the path the GPU decode figures were measured with (left-padded prompts mask whole rows)
-    attn = jax.nn.dot_product_attention(
-        q, k, v, mask=mask[:, None], implementation="cudnn" if cfg.attention_impl == "cudnn" else None
-    )
-    return _out_mlp(cfg, p, lp, lora_scale, x, attn, mesh, rules), k, v
-
-
-def _decode_layer(cfg, mesh, rules, lora_scale, x, cos, sin, valid, p, lp, ck, cv):
-    """A layer for one new token: attend over the OLD cache ``ck/cv [B,K,S,Dh]`` (slots ``valid``)
-    plus the token itself; returns x and the token's key/value ``[B,K,Dh]`` (written by the caller)."""
-    B, H, K, Dh = x.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    q, k, v = _qkv(cfg, p, lp, lora_scale, x, cos, sin, mesh, rules)
-    k, v = k[:, 0].astype(ck.dtype), v[:, 0].astype(cv.dtype)  # [B, K, Dh]
-    qg = (q[:, 0] * jnp.asarray(1.0 / math.sqrt(Dh), q.dtype)).reshape(B, K, H // K, Dh).astype(ck.dtype)
-    s = jnp.einsum("bkgd,bksd->bkgs", qg, ck, preferred_element_type=jnp.float32)
-    s = jnp.where(valid[:, None, None, :], s, -1e30)
-    s_self = jnp.einsum("bkgd,bkd->bkg", qg, k, preferred_element_type=jnp.float32)
-    m = jnp.maximum(jnp.max(s, axis=-1), s_self)
-    e = jnp.exp(s - m[..., None])
-    e_self = jnp.exp(s_self - m)
-    den = jnp.sum(e, axis=-1) + e_self
-    o = jnp.einsum("bkgs,bksd->bkgd", e.astype(cv.dtype), cv, preferred_element_type=jnp.float32)
-    o = (o + e_self[..., None] * v[:, :, None, :].astype(jnp.float32)) / den[..., None]
-    attn = o.reshape(B, 1, H, Dh).astype(x.dtype)
-    return _out_mlp(cfg, p, lp, lora_scale, x, attn, mesh, rules), k, v
-
-
-def _logits(cfg, weights, h):
-    """Float32 logits [B, V] for final hidden states h [B, D] (already normalized)."""
-    if "head" in weights:  # prepared [D, V] output projection (see Sampler)
-        return _mm(h, weights["head"], jnp.float32)
-    if cfg.tie_embeddings:
-        return jnp.einsum("bd,vd->bv", h, weights["embed"].astype(h.dtype), preferred_element_type=jnp.float32)
-    return jnp.einsum("bd,dv->bv", h, weights["lm_head"].astype(h.dtype), preferred_element_type=jnp.float32)
-
-
-def _top_p_mask(logits, top_p):
-    """Keep the tokens whose probability is >= t*, the largest threshold whose kept mass reaches top_p
-    (exact bisection over the float bit patterns; no sort)."""
-    probs = jax.nn.softmax(logits, axis=-1)
-    pmax = jnp.max(probs, axis=-1)
-    lo = jnp.zeros(probs.shape[:1], jnp.int32)
-    hi = jax.lax.bitcast_convert_type(pmax, jnp.int32) + 1
-
-    def body(_, c):
-        lo, hi = c
-        mid = lo + (hi - lo) // 2
-        t = jax.lax.bitcast_convert_type(mid, jnp.float32)
-        mass = jnp.sum(jnp.where(probs >= t[:, None], probs, 0.0), axis=-1)
-        ok = mass >= top_p
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
-    t = jax.lax.bitcast_convert_type(lo, jnp.float32)
-    return probs >= t[:, None]
-
-
-def _argmax(x):
-    """First index of the maximum along the last axis (as ``jnp.argmax``, NaN aside): two plain
-    reductions, which XLA:CPU vectorizes, instead of argmax's variadic (value, index) reduction
-    (~3x slower over a 49k vocabulary)."""
-    m = jnp.max(x, axis=-1, keepdims=True)
-    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-    return jnp.min(jnp.where(x == m, iota, x.shape[-1]), axis=-1).astype(jnp.int32)
-
-
-def _sample(spec: _Spec, logits, keys, step, temperature, top_p):
-    """One token per row; every row at token index ``step``."""
-    steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), logits.shape[:1])
-    return _sample_rows(spec, logits, keys, steps, temperature, top_p)
-
-
-def _sample_rows(spec: _Spec, logits, keys, steps, temperature, top_p):
-    """One token per row: greedy, or a Gumbel-max draw from row ``i``'s key folded with its token index
-    ``steps[i]`` (so a row's draw never depends on which slot or batch it sits in)."""
-    if spec.greedy:
-        return _argmax(logits)
-    logits = logits / temperature
-    neg = jnp.float32(-jnp.inf)
-    if spec.top_k:
-        kth = jax.lax.top_k(logits, spec.top_k)[0][:, -1:]
-        logits = jnp.where(logits >= kth, logits, neg)
-    if spec.use_top_p:
-        logits = jnp.where(_top_p_mask(logits, top_p), logits, neg)
-    V = logits.shape[-1]
-    g = jax.vmap(lambda k, t: jax.random.gumbel(jax.random.fold_in(k, t), (V,), jnp.float32))(keys, steps)
-    return _argmax(logits + g)
-
-
-def _program(spec: _Spec, mesh, rules, weights, lora, lora_scale, tokens, kv_start, seeds, hashes, active,
-             stop_table, temperature, top_p):
-    """Prefill + decode loop. Returns (tokens [B, N], num_tokens [B], finish code [B]) and, with
-    ``spec.return_logits``, the float32 logits each token was chosen from [B, N, V]."""
-    token = _SKINNY.set(spec.cpu_kernels)
-    try:
-        return _program_body(spec, mesh, rules, weights, lora, lora_scale, tokens, kv_start, seeds, hashes, active,
-                             stop_table, temperature, top_p)
-    finally:
-        _SKINNY.reset(token)
-
-
-def _program_body(spec: _Spec, mesh, rules, weights, lora, lora_scale, tokens, kv_start, seeds, hashes, active,
-                  stop_table, temperature, top_p):
-    cfg = spec.cfg
-    B, P = tokens.shape
-    N = spec.max_new
-    S = P + N
-    L = cfg.n_layers
-    dtype = jnp.dtype(cfg.dtype)
-    cache_names = ("batch", "kv_heads", "cache_length", "head_dim")
-    keys = jax.vmap(lambda s, h: jax.random.fold_in(jax.random.key(s), h))(seeds, hashes)
-    eos = jnp.asarray(spec.eos_ids or (-1,), jnp.int32)
-    window = cfg.sliding_window
-    layers = weights["layers"]
-    lora_layers = None if lora is None else lora["layers"]
-
-    def embed(tok):
-        x = weights["embed"].astype(dtype)[tok]
-        if cfg.scale_embeddings:
-            x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype)
-        return constrain(x, ("batch", "length", "embed"), mesh, rules)
-
-    def head(x_last):
-        h = rms_norm(x_last, weights["final_norm"], cfg.norm_eps, cfg.norm_plus_one)
-        return _logits(cfg, weights, h)
-
-    # ---- prefill
-    slots = jnp.arange(P, dtype=jnp.int32)
-    positions = jnp.maximum(slots[None, :] - kv_start[:, None], 0)
-    mask = (slots[None, :, None] >= slots[None, None, :]) & (slots[None, None, :] >= kv_start[:, None, None])
-    if window is not None:
-        mask &= (slots[None, :, None] - slots[None, None, :]) < window
-    mask |= jnp.eye(P, dtype=bool)[None]  # padding queries see themselves (finite; never read)
-    x = embed(tokens)
-    cos, sin = _rope_tables(cfg, positions, dtype)
-    pre = partial(_prefill_layer, cfg, mesh, rules, lora_scale)
-
-    def to_cache(kv):  # [B, P, K, Dh] -> [B, K, S, Dh]
-        kv = jnp.pad(jnp.swapaxes(kv, 1, 2).astype(dtype), ((0, 0), (0, 0), (0, N), (0, 0)))
-        return constrain(kv, cache_names, mesh, rules)
-
-    if spec.scan_layers:
-        def scan_pre(x, xs):
-            p, lp = xs
-            x, k, v = pre(x, cos, sin, mask, p, lp)
-            return x, (to_cache(k), to_cache(v))
-
-        x, (ck, cv) = jax.lax.scan(scan_pre, x, (layers, lora_layers))
-        caches = (ck, cv)
-    else:
-        caches = []
-        for i in range(L):
-            x, k, v = pre(x, cos, sin, mask, layers[i], None if lora_layers is None else lora_layers[i])
-            caches.append((to_cache(k), to_cache(v)))
-    logits = head(x[:, -1])
-    tok = _sample(spec, logits, keys, 0, temperature, top_p)
-    lbuf = None
-    if spec.return_logits:
-        lbuf = jnp.zeros((B, N, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
-
-    def update(i, tok, out, done, finish, ntok, sstate):
-        out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
-        live = ~done
-        ntok = jnp.where(live, i + 1, ntok)
-        reason = jnp.where(i + 1 >= N, LENGTH, RUNNING)
-        if spec.has_stop:
-            sstate = jnp.where(live, stop_table[sstate, tok], sstate)
-            reason = jnp.where(sstate == stop_table.shape[0] - 1, STOP, reason)
-        reason = jnp.where(jnp.any(tok[:, None] == eos[None, :], axis=-1), EOS, reason)
-        finish = jnp.where(live, reason, finish)
-        done = done | (live & (reason != RUNNING))
-        return out, done, finish, ntok, sstate
-
-    zeros = jnp.zeros((B,), jnp.int32)
-    out, done, finish, ntok, sstate = update(0, tok, jnp.zeros((B, N), jnp.int32), ~active, zeros, zeros, zeros)
-
-    # ---- decode
-    dec = partial(_decode_layer, cfg, mesh, rules, lora_scale)
-    kslots = jnp.arange(S, dtype=jnp.int32)
-
-    def cond(c):
-        i, done = c[0], c[4]
-        return (i < N) & ~jnp.all(done)
-
-    def body(c):
-        i, tok, caches, out, done, finish, ntok, sstate, lbuf = c
-        slot = P + i - 1
-        valid = (kslots[None, :] >= kv_start[:, None]) & (kslots[None, :] < slot)
-        if window is not None:
-            valid &= kslots[None, :] > slot - window
-        x = embed(tok[:, None])
-        cos, sin = _rope_tables(cfg, (slot - kv_start)[:, None], dtype)
-        if spec.scan_layers:
-            ck_all, cv_all = caches
-
-            def scan_dec(x, xs):
-                p, lp, ck, cv = xs
-                x, k, v = dec(x, cos, sin, valid, p, lp, ck, cv)
-                return x, (k, v)
-
-            x, (k_new, v_new) = jax.lax.scan(scan_dec, x, (layers, lora_layers, ck_all, cv_all))
-            ck_all = jax.lax.dynamic_update_slice(ck_all, k_new[:, :, :, None, :], (0, 0, 0, slot, 0))
-            cv_all = jax.lax.dynamic_update_slice(cv_all, v_new[:, :, :, None, :], (0, 0, 0, slot, 0))
-            caches = (ck_all, cv_all)
-        else:
-            new = []
-            for li in range(L):
-                ck, cv = caches[li]
-                lp = None if lora_layers is None else lora_layers[li]
-                x, k, v = dec(x, cos, sin, valid, layers[li], lp, ck, cv)
-                ck = jax.lax.dynamic_update_slice(ck, k[:, :, None, :], (0, 0, slot, 0))
-                cv = jax.lax.dynamic_update_slice(cv, v[:, :, None, :], (0, 0, slot, 0))
-                new.append((ck, cv))
-            caches = new
-        logits = head(x[:, -1])
-        tok = _sample(spec, logits, keys, i, temperature, top_p)
-        out, done, finish, ntok, sstate = update(i, tok, out, done, finish, ntok, sstate)
-        if lbuf is not None:
-            lbuf = jax.lax.dynamic_update_slice(lbuf, logits[:, None], (0, i, 0))
-        return i + 1, tok, caches, out, done, finish, ntok, sstate, lbuf
-
-    init = (jnp.int32(1), tok, caches, out, done, finish, ntok, sstate, lbuf)
-    _, _, _, out, _, finish, ntok, _, lbuf = jax.lax.while_loop(cond, body, init)
-    if spec.return_logits:
-        return out, ntok, finish, lbuf
-    return out, ntok, finish
-
-
 # ----------------------------------------------------------------------------- the sampler
 
 
@@ -744,12 +286,13 @@ def _device_memory(device) -> int | None:
 class Sampler:
     """Batched generation for one model (see the module docstring).
 
-    ``params``/``lora`` are the stacked trees of ``model.py``/``lora.py`` (LoRA applied unmerged with
+    ``params``/``lora`` are the stacked trees of ``models/params.py``/``lora.py`` (LoRA applied unmerged with
     ``lora_scale``; merged weights are just other params). ``tokenizer`` is needed for text prompts,
     text outputs and stop strings (``None``: token-id prompts only; no text, stop strings ignored).
     ``layer_loop``: ``"unroll"`` (per-layer weights, the CPU and GPU default), ``"scan"`` (stacked
     weights, the TPU default) or ``"auto"`` (:func:`default_layer_loop`). ``eos_ids`` default: the
-    tokenizer's and the config's EOS.
+    tokenizer's and the config's EOS. ``programs``: where compiled programs are kept and looked up
+    (default :data:`SHARED_PROGRAMS`, shared by every Sampler of the process).
     """
 
     def __init__(
@@ -769,6 +312,7 @@ class Sampler:
         head_chunks: int = 1,
         cpu_kernels: bool | None = None,
         engine: str = "continuous",
+        programs: ProgramCache | None = None,
     ):
         if layer_loop not in ("auto", "unroll", "scan"):
             raise UserError(f"layer_loop must be auto, unroll or scan, got {layer_loop!r}")
@@ -781,7 +325,7 @@ class Sampler:
         self.rules = rules
         self.lora_scale = float(lora_scale)
         device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
-        platform = device.platform
+        self.platform = platform = device.platform
         if layer_loop == "auto":
             layer_bytes, device_bytes = (None, None) if platform == "cpu" else (
                 _per_device_bytes(params["layers"]), _device_memory(device))
@@ -797,7 +341,6 @@ class Sampler:
         if eos_ids is None:
             eos_ids = [i for i in (getattr(tokenizer, "eos_id", None), cfg.eos_token_id) if i is not None]
         self.eos_ids = tuple(sorted({int(i) for i in eos_ids}))
-        top = {k: v for k, v in params.items() if k != "layers"}
         if fuse_projections is None:  # only where no mesh axis splits heads or mlp (the concat would mix them)
             fuse_projections = mesh is None or all(
                 named_sharding(mesh, (n,), None, rules).spec[0] is None for n in ("heads", "kv_heads", "mlp")
@@ -812,23 +355,14 @@ class Sampler:
                             "(see w2s_jax/infer/kernels.py; the log says why the build failed)")
         self.cpu_kernels = bool(cpu_kernels)
         if layer_loop == "unroll":
-            # one layer at a time, sliced inside the jit: peak memory = stacked + prepared weights
-            prep = jax.jit(lambda stacked, i: _prepare_layer(
-                cfg, self.fuse_projections, self.matmul_split, jax.tree.map(lambda a: a[i], stacked)))
-            layers = [prep(params["layers"], jnp.int32(i)) for i in range(cfg.n_layers)]
-            self.weights = {**top, "layers": layers}
-            split = max(self.matmul_split, int(head_chunks))
-            if cfg.tie_embeddings:  # XLA:CPU's matrix-vector product is faster on [D, V] than on [V, D]^T
-                head = jax.jit(lambda e: _chunks(e.T, split))(params["embed"])
-            else:
-                head = jax.jit(lambda w: _chunks(w, split))(params["lm_head"])
-            self.weights["head"] = head
-            self.weights.pop("lm_head", None)
+            self.weights = prepare.prepare_weights(params, cfg, self.fuse_projections, self.matmul_split,
+                                                   head_chunks)
             self.lora = None if lora is None else {"layers": _unstack(lora["layers"], cfg.n_layers)}
         else:
-            self.weights = {**top, "layers": params["layers"]}
+            self.weights = dict(params)
             self.lora = lora
-        self._programs: dict[tuple, Any] = {}
+        self.programs = SHARED_PROGRAMS if programs is None else programs  # compiled programs, maybe shared
+        self._programs: dict[tuple, Any] = {}  # the programs this Sampler used (num_compiled)
         self._stop_matchers: dict[tuple[str, ...], StopMatcher] = {}
         self._stop_tables: dict[tuple[str, ...], jax.Array] = {}
         self._pieces: list[str] | None = None
@@ -921,16 +455,16 @@ class Sampler:
 
     # -- compilation
 
-    def _program_for(self, spec: _Spec, args: tuple):
+    def _program_for(self, spec: Spec, args: tuple):
         leaves, treedef = jax.tree.flatten(args)
         key = (spec, self.mesh, self.rules, tuple(sorted(self.compiler_options.items())), treedef,
                tuple((a.shape, str(a.dtype), a.sharding) for a in leaves))
         prog = self._programs.get(key)
-        if prog is None and key in _COMPILED:
-            prog = self._programs[key] = _COMPILED[key]
+        if prog is None and self.programs.get(key) is not None:
+            prog = self._programs[key] = self.programs.get(key)
         if prog is None:
             t0 = time.perf_counter()
-            fn = jax.jit(partial(_program, spec, self.mesh, self.rules))
+            fn = jax.jit(partial(program, spec, self.mesh, self.rules))
             lowered = fn.lower(*args)
             try:
                 prog = lowered.compile(compiler_options=self.compiler_options or None)
@@ -943,9 +477,7 @@ class Sampler:
             dt = time.perf_counter() - t0
             self.compile_seconds += dt
             self._programs[key] = prog
-            if len(_COMPILED) >= _COMPILED_MAX:
-                _COMPILED.pop(next(iter(_COMPILED)))
-            _COMPILED[key] = prog
+            self.programs.put(key, prog)
             log.info(
                 "compiled generation program #%d (batch %d, prompt %d, new %d, %s) in %.1fs",
                 len(self._programs), spec.batch, spec.prompt_len, spec.max_new,
@@ -960,8 +492,8 @@ class Sampler:
         key = (kind, spec, self.mesh, self.rules, tuple(sorted(self.compiler_options.items())), treedef,
                tuple((a.shape, str(a.dtype)) for a in leaves))
         prog = self._programs.get(key)
-        if prog is None and key in _COMPILED:
-            prog = self._programs[key] = _COMPILED[key]
+        if prog is None and self.programs.get(key) is not None:
+            prog = self._programs[key] = self.programs.get(key)
         if prog is None:
             out_sh = None
             if (donate or kind == "init") and self.mesh is not None:  # the state keeps its layout
@@ -972,9 +504,7 @@ class Sampler:
                 out_shardings=out_sh)
             self.compile_seconds += dt
             self._programs[key] = prog
-            if len(_COMPILED) >= _COMPILED_MAX:
-                _COMPILED.pop(next(iter(_COMPILED)))
-            _COMPILED[key] = prog
+            self.programs.put(key, prog)
             log.info("compiled generation program #%d (%s, %s) in %.1fs", len(self._programs), detail,
                      "greedy" if spec.greedy else "sampling", dt)
         return prog
@@ -1009,13 +539,13 @@ class Sampler:
             seeds[r] = sc.seed + j
             hashes[r] = _prompt_hash(t)
             active[r] = True
-        spec = _Spec(
+        spec = Spec(
             cfg=self.cfg, batch=B, prompt_len=P, max_new=sc.max_new_tokens, greedy=sc.greedy,
             top_k=0 if sc.greedy else min(sc.top_k, self.cfg.vocab_size),
             use_top_p=(not sc.greedy) and sc.top_p < 1.0, has_stop=bool(sc.stop) and self.tokenizer is not None,
             eos_ids=self.eos_ids,
             scan_layers=self.layer_loop == "scan", has_lora=self.lora is not None, return_logits=return_logits,
-            cpu_kernels=self.cpu_kernels,
+            cpu_kernels=self.cpu_kernels, platform=self.platform,
         )
         b = ("batch",)
         args = (
@@ -1143,13 +673,20 @@ class Sampler:
 
     def generate_with_logits(self, prompts, sample_cfg: SampleConfig) -> list[tuple[Completion, np.ndarray]]:
         """One completion per prompt (``n`` ignored) with the float32 logits each generated token was
-        drawn from, ``[num_tokens, V]`` (before temperature/top-k/top-p). One batch; for tests and
-        debugging."""
+        drawn from, ``[num_tokens, V]`` (before temperature/top-k/top-p), from this Sampler's engine.
+        For tests and debugging (the logits of every slot come back to the host)."""
         sc = sample_cfg.replace(n=1, batch_size=max(len(prompts), 1))
         ids = self._fit(self.encode(prompts), sc)
         rows = [(i, 0) for i in range(len(ids))]
         prompt_buckets = sc.prompt_buckets or default_prompt_buckets(self.max_prompt_len(sc))
         batch_buckets = sc.batch_buckets or default_batch_buckets(len(ids), self.data_parallel)
+        if self.engine == "continuous":
+            from w2s_jax.infer.engine import Engine
+
+            eng = Engine(self, sc, ids, rows, batch_buckets, tuple(sorted(prompt_buckets)), max(batch_buckets),
+                         return_logits=True)
+            done = {i: self._completion(gen, code, sc, j) for i, j, gen, code in eng.run()}
+            return [(done[i], eng.logits[(i, 0)]) for i in range(len(ids))]
         outs = self._launch(rows, ids, sc, batch_buckets, prompt_buckets, return_logits=True)
         res = self._finish(rows, ids, outs, sc)
         from w2s_jax.parallel.distributed import to_host

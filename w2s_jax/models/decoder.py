@@ -21,10 +21,15 @@ Weight layout (x @ W, per layer; stacked over L):
 LoRA adapters (``lora.py``) are a second tree ``{"layers": {name: {"a": [L, in..., r], "b": [L, r, out...]}}}``
 applied unmerged inside the same einsums.
 
-Attention masks: training and scoring pass ``segment_ids`` (0 = padding; packing puts several
-examples in one row with distinct ids; attention never crosses ids). Generation passes a KV cache
-with ``cache_index`` (the slot the first new token is written to, same for all rows) and
-``kv_start`` (per row, the first valid slot: prompts are left-padded).
+One layer function (:func:`layer`) serves every path: training and scoring (:func:`forward`), and
+the prefill and decode programs of generation (``infer/sampler.py``, ``infer/engine.py``). What
+differs is passed in: the attention (:func:`causal_attention` with ``segment_ids`` masks for
+training/scoring; :func:`prefill_attention` over a padded prompt, optionally behind a shared
+prefix; :func:`decode_attention` of one new token against a KV cache ``[B, K, S, Dh]`` per layer,
+optionally plus a shared prefix) and the weight form (:class:`Proj`: the stacked parameters as above,
+or the per-layer matrices of ``prepare.py`` with fused q/k/v and gate/up and an optional native
+matmul). Backend-specific choices follow the platform of the mesh (:func:`platform_of`), not JAX's
+default backend, so a program traced for a TPU mesh on a CPU host is the TPU program.
 """
 
 from __future__ import annotations
@@ -32,12 +37,16 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from w2s_jax.core.errors import UserError
+from w2s_jax.models import prepare
 from w2s_jax.models.config import REMAT_POLICIES, ModelConfig
 from w2s_jax.parallel.sharding import DEFAULT_RULES, Rules, constrain
 
@@ -79,9 +88,12 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
     cos = jnp.cos(jnp.concatenate([ang, ang], -1))[:, :, None, :].astype(x.dtype)
     sin = jnp.sin(jnp.concatenate([ang, ang], -1))[:, :, None, :].astype(x.dtype)
+    return _rope(x, cos, sin)
+
+
+def _rope(x, cos, sin):
     half = x.shape[-1] // 2
-    rot = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
-    return x * cos + rot * sin
+    return x * cos + jnp.concatenate([-x[..., half:], x[..., :half]], -1) * sin
 
 
 # einsum specs: (base, lora-in, lora-out)
@@ -96,12 +108,20 @@ _EINSUM = {
 }
 
 
-def _flat_dots() -> bool:
+def platform_of(mesh=None, platform: str | None = None) -> str:
+    """The platform programs are built for: the mesh's devices', else ``platform``, else the first
+    device's (``cpu``, ``gpu``/``cuda``, ``tpu``)."""
+    if mesh is not None:
+        return mesh.devices.flat[0].platform
+    return platform or jax.devices()[0].platform
+
+
+def _flat_dots(platform: str) -> bool:
     """Whether projections run as 2-D matmuls ``[B*T, in] @ [in, out]``. On XLA:CPU the einsum form
     makes the backward pass transpose 3-D activations for the weight gradients with a slow strided
     copy; the 2-D form uses the fast transpose and made the SmolLM2-shape SFT step ~20% faster.
     Elsewhere (GPU/TPU, sharded sequence axes) the einsum keeps every logical axis visible."""
-    return jax.default_backend() == "cpu"
+    return platform == "cpu"
 
 
 def _flat_dot(x, w, n_in: int, out_dtype=None):
@@ -111,9 +131,9 @@ def _flat_dot(x, w, n_in: int, out_dtype=None):
     return y.reshape(*lead, *w.shape[n_in:])
 
 
-def _dense(name, x, p, lora_p, lora_scale, dropout_key, lora_dropout):
+def _dense(name, x, p, lora_p, lora_scale, dropout_key, lora_dropout, flat: bool):
     w = p[name].astype(x.dtype)
-    flat, n_in = _flat_dots(), 2 if name == "wo" else 1
+    n_in = 2 if name == "wo" else 1
     y = _flat_dot(x, w, n_in) if flat else jnp.einsum(_EINSUM[name][0], x, w)
     if lora_p is not None and name in lora_p:
         xin = x
@@ -140,7 +160,7 @@ def _attention_mask(q_slots, k_slots, q_seg, k_seg, k_valid, window):
     return m
 
 
-def attention_implementation(cfg: ModelConfig, backend: str | None = None) -> str:
+def attention_implementation(cfg: ModelConfig, platform: str | None = None) -> str:
     """``xla`` or ``cudnn`` for the training/scoring attention. ``auto`` picks cuDNN's fused attention
     (``jax.nn.dot_product_attention(implementation="cudnn")``) on GPUs with a bfloat16/float16 compute
     dtype and head_dim <= 128, XLA's elsewhere. Measured on an H200 (Llama-2-7B shape cut to 8 layers,
@@ -148,18 +168,16 @@ def attention_implementation(cfg: ModelConfig, backend: str | None = None) -> st
     XLA's attention."""
     if cfg.attention_impl != "auto":
         return cfg.attention_impl
-    backend = backend or jax.default_backend()
-    if backend in ("gpu", "cuda") and cfg.dtype in ("bfloat16", "float16") and cfg.head_dim <= 128:
+    if platform_of(None, platform) in ("gpu", "cuda") and cfg.dtype in ("bfloat16", "float16") and cfg.head_dim <= 128:
         return "cudnn"
     return "xla"
 
 
-def _attend(cfg: ModelConfig, q, k, v, mask, causal: bool):
-    """Attention ``[B, T, H, D]`` over keys/values ``[B, S, KV, D]`` with a boolean mask [B, T, S].
-
-    ``causal``: the mask allows no key after its query (the training/scoring path without a cache).
-    On XLA:CPU that path uses :func:`_grouped_causal_attention`; elsewhere ``jax.nn``'s attention."""
-    impl = attention_implementation(cfg)
+def _attend(cfg: ModelConfig, q, k, v, mask, platform: str):
+    """Causal attention ``[B, T, H, D]`` over keys/values ``[B, T, KV, D]`` with a boolean mask [B, T, T]
+    that allows no key after its query (training and scoring). On CPU it uses
+    :func:`_grouped_causal_attention`; elsewhere ``jax.nn``'s attention (cuDNN's when chosen)."""
+    impl = attention_implementation(cfg, platform)
     if impl == "cudnn":
         try:  # JAX checks cuDNN's availability and limits while tracing
             return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], implementation="cudnn")
@@ -170,7 +188,7 @@ def _attend(cfg: ModelConfig, q, k, v, mask, causal: bool):
             _warn_once(f"cuDNN attention is not available here ({e}); using XLA's attention "
                        "(attention_impl='xla' silences this)")
             impl = "xla"
-    if impl == "xla" and causal and _flat_dots():
+    if impl == "xla" and _flat_dots(platform):
         return _grouped_causal_attention(q, k, v, mask, blocks=2 if q.shape[1] % 2 == 0 and q.shape[1] >= 128 else 1)
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
 
@@ -209,38 +227,176 @@ def _grouped_causal_attention(q, k, v, mask, blocks: int):
     return o.transpose(0, 2, 1, 3, 4).reshape(B, T, H, D)
 
 
-def _layer(cfg: ModelConfig, mesh, rules, lora_scale, lora_dropout, carry, xs):
-    x, mask, positions, cache_index, dropout_key = carry
-    p, lp, ck, cv, layer_idx = xs
-    inv_freq = rope_frequencies(cfg)
-    dk = None if dropout_key is None else jax.random.fold_in(dropout_key, layer_idx)
-    dense = lambda name, h: _dense(name, h, p, lp, lora_scale, dk, lora_dropout)
 
-    h = rms_norm(x, p["attn_norm"], cfg.norm_eps, cfg.norm_plus_one)
-    q = apply_rope(dense("wq", h), positions, inv_freq)
-    k = apply_rope(dense("wk", h), positions, inv_freq)
-    v = dense("wv", h)
-    q = constrain(q, ("batch", "length", "heads", "head_dim"), mesh, rules)
-    if ck is not None:  # write the new keys/values into the cache, attend over the whole cache
-        ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-        cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
-        k_all, v_all = ck.astype(x.dtype), cv.astype(x.dtype)
+# ----------------------------------------------------------------------------- the layer
+
+
+@dataclass(frozen=True)
+class Proj:
+    """How a layer applies its weights. Stacked-parameter layers (``wq`` ... ``w_down``) run as einsums,
+    or as 2-D matmuls when ``flat`` (:func:`_flat_dots`); LoRA adapters are added unmerged with
+    ``lora_scale``, with inverted dropout on their inputs when ``dropout_key`` is set. Prepared layers
+    (``prepare.prepare_layer``: ``[in, out]`` matrices, q/k/v and gate/up possibly fused and cut into
+    column chunks) run through ``prepare.matmul`` with the optional native kernel ``skinny``."""
+
+    lora_scale: Any = 1.0
+    flat: bool = False
+    lora_dropout: float = 0.0
+    dropout_key: Any = None
+    skinny: Callable | None = None
+
+    def dense(self, name, x, p, lp):
+        return _dense(name, x, p, lp, self.lora_scale, self.dropout_key, self.lora_dropout, self.flat)
+
+    def lora(self, y, name, x, lp):
+        """``y`` plus the unmerged LoRA term of kernel ``name`` (prepared layers; no dropout)."""
+        if lp is None or name not in lp:
+            return y
+        h = jnp.einsum(_EINSUM[name][1], x, lp[name]["a"].astype(x.dtype))
+        return y + self.lora_scale * jnp.einsum(_EINSUM[name][2], h, lp[name]["b"].astype(x.dtype))
+
+    def mm(self, x, w, out_dtype=None):
+        return prepare.matmul(x, w, out_dtype, self.skinny)
+
+
+def rotary(cfg: ModelConfig, positions: jax.Array, dtype) -> Callable:
+    """RoPE for ``positions [B, T]`` with the ``cos, sin`` tables ``[B, T, 1, Dh]`` computed once (the
+    values :func:`apply_rope` uses): a function ``x [B, T, N, Dh] -> rotated x``, for :func:`layer`."""
+    ang = positions.astype(jnp.float32)[..., None] * rope_frequencies(cfg)  # [B, T, Dh/2]
+    ang = jnp.concatenate([ang, ang], -1)[:, :, None, :]
+    return partial(_rope, cos=jnp.cos(ang).astype(dtype), sin=jnp.sin(ang).astype(dtype))
+
+
+def _qkv(cfg: ModelConfig, p, lp, h, proj: Proj):
+    H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    if "o" not in p:  # stacked parameters
+        return proj.dense("wq", h, p, lp), proj.dense("wk", h, p, lp), proj.dense("wv", h, p, lp)
+    B, T = h.shape[:2]
+    if "qkv" in p:
+        y = proj.mm(h, p["qkv"])
+        q, k, v = y[..., : H * Dh], y[..., H * Dh: (H + K) * Dh], y[..., (H + K) * Dh:]
     else:
-        k_all, v_all = k, v
-    k_all = constrain(k_all, ("batch", "cache_length", "kv_heads", "head_dim"), mesh, rules)
-    v_all = constrain(v_all, ("batch", "cache_length", "kv_heads", "head_dim"), mesh, rules)
-    attn = _attend(cfg, q, k_all, v_all, mask, causal=ck is None)
-    x = x + dense("wo", attn)
-    x = constrain(x, ("batch", "length", "embed"), mesh, rules)
+        q, k, v = proj.mm(h, p["q"]), proj.mm(h, p["k"]), proj.mm(h, p["v"])
+    q, k, v = q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh), v.reshape(B, T, K, Dh)
+    return proj.lora(q, "wq", h, lp), proj.lora(k, "wk", h, lp), proj.lora(v, "wv", h, lp)
 
+
+def _gate_up(cfg: ModelConfig, p, lp, h, proj: Proj):
+    if "o" not in p:
+        return proj.dense("w_gate", h, p, lp), proj.dense("w_up", h, p, lp)
+    if "gu" in p:
+        gu = proj.mm(h, p["gu"])
+        g, u = gu[..., : cfg.d_ff], gu[..., cfg.d_ff:]
+    else:
+        g, u = proj.mm(h, p["gate"]), proj.mm(h, p["up"])
+    return proj.lora(g, "w_gate", h, lp), proj.lora(u, "w_up", h, lp)
+
+
+def _out(p, lp, attn, proj: Proj):
+    if "o" not in p:
+        return proj.dense("wo", attn, p, lp)
+    return proj.lora(proj.mm(attn.reshape(*attn.shape[:2], -1), p["o"]), "wo", attn, lp)
+
+
+def _down(p, lp, gu, proj: Proj):
+    if "o" not in p:
+        return proj.dense("w_down", gu, p, lp)
+    return proj.lora(proj.mm(gu, p["down"]), "w_down", gu, lp)
+
+
+def layer(cfg: ModelConfig, p: dict, lp: dict | None, x, rope: Callable, attend: Callable, proj: Proj, mesh=None,
+          rules: Rules = DEFAULT_RULES):
+    """One decoder layer: norm -> q/k/v + RoPE -> ``attend(q, k, v)`` -> output projection -> norm ->
+    gated MLP, with residuals. ``p``/``lp``: this layer's weights and LoRA adapters; ``rope``: applies
+    RoPE to q and k (:func:`rotary`, or :func:`apply_rope` at given positions). Returns ``x`` and the
+    layer's new keys/values ``[B, T, K, Dh]`` (after RoPE), which a generation caller writes into its
+    cache."""
+    h = rms_norm(x, p["attn_norm"], cfg.norm_eps, cfg.norm_plus_one)
+    q, k, v = _qkv(cfg, p, lp, h, proj)
+    q, k = rope(q), rope(k)
+    q = constrain(q, ("batch", "length", "heads", "head_dim"), mesh, rules)
+    attn = attend(q, k, v)
+    x = constrain(x + _out(p, lp, attn, proj), ("batch", "length", "embed"), mesh, rules)
     h = rms_norm(x, p["mlp_norm"], cfg.norm_eps, cfg.norm_plus_one)
-    g = dense("w_gate", h)
+    g, u = _gate_up(cfg, p, lp, h, proj)
     g = jax.nn.silu(g) if cfg.activation == "silu" else jax.nn.gelu(g, approximate=True)
-    u = dense("w_up", h)
     gu = constrain(g * u, ("batch", "length", "mlp"), mesh, rules)
-    x = x + dense("w_down", gu)
-    x = constrain(x, ("batch", "length", "embed"), mesh, rules)
-    return (x, mask, positions, cache_index, dropout_key), (ck, cv)
+    x = constrain(x + _down(p, lp, gu, proj), ("batch", "length", "embed"), mesh, rules)
+    return x, (k, v)
+
+
+# ----------------------------------------------------------------------------- attention modes
+
+
+def causal_attention(cfg: ModelConfig, mask, platform: str, mesh=None, rules: Rules = DEFAULT_RULES):
+    """Training and scoring: the sequence attends to itself under ``mask [B, T, T]`` (causal, per segment)."""
+    def attend(q, k, v):
+        k = constrain(k, ("batch", "cache_length", "kv_heads", "head_dim"), mesh, rules)
+        v = constrain(v, ("batch", "cache_length", "kv_heads", "head_dim"), mesh, rules)
+        return _attend(cfg, q, k, v, mask, platform)
+
+    return attend
+
+
+def prefill_attention(cfg: ModelConfig, mask, prefix=None):
+    """A padded prompt ``[B, P]`` attends to itself, behind the shared ``prefix`` keys/values
+    ``([K, Sp, Dh], [K, Sp, Dh])`` when given; ``mask [B, P, Sp + P]``. cuDNN only when asked for by
+    name: ``auto`` keeps XLA's attention here (left-padded prompts mask whole rows)."""
+    def attend(q, k, v):
+        if prefix is not None:
+            R, Sp = q.shape[0], prefix[0].shape[1]
+            pk, pv = (jnp.broadcast_to(jnp.swapaxes(a, 0, 1)[None].astype(b.dtype), (R, Sp, *b.shape[2:]))
+                      for a, b in zip(prefix, (k, v)))
+            k, v = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask[:, None], implementation="cudnn" if cfg.attention_impl == "cudnn" else None)
+
+    return attend
+
+
+def decode_attention(cfg: ModelConfig, ck, cv, valid, prefix=None, prefix_valid=None):
+    """One new token per row attends to the row's OLD cache ``ck/cv [B, K, S, Dh]`` (slots ``valid
+    [B, S]``), to itself, and to the shared ``prefix`` ``([K, Sp, Dh], [K, Sp, Dh])`` (slots
+    ``prefix_valid [B, Sp]``) when given. The cache is only read: the caller writes the new key/value
+    afterwards, so XLA can update the cache in place."""
+    def attend(q, k, v):
+        B, H, K, Dh = q.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        k, v = k[:, 0].astype(ck.dtype), v[:, 0].astype(cv.dtype)  # [B, K, Dh]
+        qg = (q[:, 0] * jnp.asarray(1.0 / math.sqrt(Dh), q.dtype)).reshape(B, K, H // K, Dh).astype(ck.dtype)
+        s = jnp.einsum("bkgd,bksd->bkgs", qg, ck, preferred_element_type=jnp.float32)
+        s = jnp.where(valid[:, None, None, :], s, -1e30)
+        s_self = jnp.einsum("bkgd,bkd->bkg", qg, k, preferred_element_type=jnp.float32)
+        m = jnp.maximum(jnp.max(s, axis=-1), s_self)
+        if prefix is not None:
+            sp = jnp.einsum("bkgd,ksd->bkgs", qg, prefix[0].astype(ck.dtype), preferred_element_type=jnp.float32)
+            sp = jnp.where(prefix_valid[:, None, None, :], sp, -1e30)
+            m = jnp.maximum(m, jnp.max(sp, axis=-1))
+        e = jnp.exp(s - m[..., None])
+        e_self = jnp.exp(s_self - m)
+        den = jnp.sum(e, axis=-1) + e_self
+        o = jnp.einsum("bkgs,bksd->bkgd", e.astype(cv.dtype), cv, preferred_element_type=jnp.float32)
+        o = o + e_self[..., None] * v[:, :, None, :].astype(jnp.float32)
+        if prefix is not None:
+            ep = jnp.exp(sp - m[..., None])
+            den = den + jnp.sum(ep, axis=-1)
+            o = o + jnp.einsum("bkgs,ksd->bkgd", ep.astype(cv.dtype), prefix[1].astype(cv.dtype),
+                               preferred_element_type=jnp.float32)
+        return (o / den[..., None]).reshape(B, 1, H, Dh).astype(q.dtype)
+
+    return attend
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def _scan_layer(cfg, mesh, rules, platform, lora_scale, lora_dropout, carry, xs):
+    x, mask, positions, dropout_key = carry
+    p, lp, layer_idx = xs
+    dk = None if dropout_key is None else jax.random.fold_in(dropout_key, layer_idx)
+    proj = Proj(lora_scale, _flat_dots(platform), lora_dropout, dk)
+    rope = partial(apply_rope, positions=positions, inv_freq=rope_frequencies(cfg))
+    x, _ = layer(cfg, p, lp, x, rope, causal_attention(cfg, mask, platform, mesh, rules), proj, mesh, rules)
+    return (x, mask, positions, dropout_key), None
 
 
 def forward(
@@ -250,9 +406,6 @@ def forward(
     *,
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
-    cache: dict | None = None,
-    cache_index: jax.Array | int | None = None,
-    kv_start: jax.Array | None = None,
     lora: dict | None = None,
     lora_scale: float = 1.0,
     lora_dropout: float = 0.0,
@@ -260,58 +413,43 @@ def forward(
     mesh=None,
     rules: Rules = DEFAULT_RULES,
     return_hidden: bool = False,
+    platform: str | None = None,
 ):
-    """Logits ``[B, T, V]`` (float32) and the updated cache (None without a cache).
-
-    Without a cache: ``segment_ids`` [B, T] (default all ones; 0 marks padding) and ``positions``
-    (default 0..T-1; restart per packed segment). With a cache: ``cache_index`` is the slot of
-    ``tokens[:, 0]`` and ``kv_start`` [B] the first valid slot of each row.
+    """``(logits [B, T, V] float32, None)`` for training and scoring (generation runs the same
+    :func:`layer` in ``infer/``). ``segment_ids`` [B, T] (default all ones; 0 marks padding) and
+    ``positions`` (default 0..T-1; restart per packed segment). ``platform``: see :func:`platform_of`.
     """
     B, T = tokens.shape
     dtype = jnp.dtype(cfg.dtype)
+    platform = platform_of(mesh, platform)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    if cache is None:
-        if segment_ids is None:
-            segment_ids = jnp.ones((B, T), jnp.int32)
-        slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        # padding queries attend to themselves only (keeps softmax finite; their outputs are ignored)
-        mask = _attention_mask(slots, slots, segment_ids, segment_ids, segment_ids > 0, cfg.sliding_window)
-        mask |= jnp.eye(T, dtype=bool)[None]
-        cache_index = jnp.int32(0)
-    else:
-        S = cache["k"].shape[2]
-        cache_index = jnp.asarray(cache_index, jnp.int32)
-        if kv_start is None:
-            kv_start = jnp.zeros((B,), jnp.int32)
-        q_slots = cache_index + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        k_slots = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-        ones_q, ones_k = jnp.ones((B, T), jnp.int32), jnp.ones((B, S), jnp.int32)
-        mask = _attention_mask(q_slots, k_slots, ones_q, ones_k, k_slots >= kv_start[:, None], cfg.sliding_window)
+    if segment_ids is None:
+        segment_ids = jnp.ones((B, T), jnp.int32)
+    slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    # padding queries attend to themselves only (keeps softmax finite; their outputs are ignored)
+    mask = _attention_mask(slots, slots, segment_ids, segment_ids, segment_ids > 0, cfg.sliding_window)
+    mask |= jnp.eye(T, dtype=bool)[None]
 
     x = params["embed"].astype(dtype)[tokens]
     if cfg.scale_embeddings:
         x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype)
     x = constrain(x, ("batch", "length", "embed"), mesh, rules)
 
-    body = partial(_layer, cfg, mesh, rules, lora_scale, lora_dropout)
-    policy = REMAT_POLICIES[cfg.remat]
+    body = partial(_scan_layer, cfg, mesh, rules, platform, lora_scale, lora_dropout)
     if cfg.remat != "none":
-        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     lp = None if lora is None else lora["layers"]
-    ck = None if cache is None else cache["k"]
-    cv = None if cache is None else cache["v"]
-    xs = (params["layers"], lp, ck, cv, jnp.arange(cfg.n_layers))
-    (x, *_), (new_k, new_v) = jax.lax.scan(body, (x, mask, positions, cache_index, dropout_key), xs)
+    xs = (params["layers"], lp, jnp.arange(cfg.n_layers))
+    (x, *_), _ = jax.lax.scan(body, (x, mask, positions, dropout_key), xs)
 
     x = rms_norm(x, params["final_norm"], cfg.norm_eps, cfg.norm_plus_one)
     if return_hidden:
         return x
     head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-    if _flat_dots():
+    if _flat_dots(platform):
         logits = _flat_dot(x, head.astype(dtype), 1, jnp.float32)
     else:
         logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
     logits = constrain(logits, ("batch", "length", "vocab"), mesh, rules)
-    new_cache = None if cache is None else {"k": new_k, "v": new_v}
-    return logits, new_cache
+    return logits, None

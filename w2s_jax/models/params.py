@@ -61,19 +61,3 @@ def init_params(cfg: ModelConfig, key: jax.Array, mesh=None, rules: Rules = DEFA
     """Random parameters, created directly sharded on ``mesh`` (jit with out_shardings; compiled once
     per (config, mesh, rules))."""
     return _init_fn(cfg, mesh, rules)(key)
-
-
-# ----------------------------------------------------------------------------- KV cache
-
-
-def cache_axes() -> dict:
-    names = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
-    return {"k": names, "v": names}
-
-
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
-    dt = jnp.dtype(dtype or cfg.dtype)
-    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
-
-

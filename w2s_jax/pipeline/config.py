@@ -15,6 +15,7 @@ from w2s_jax.core.config import load_config
 from w2s_jax.core.errors import UserError
 from w2s_jax.infer.sampler import SampleConfig
 from w2s_jax.method.grading import MODES
+from w2s_jax.method.prompts import STOP_STRINGS
 from w2s_jax.method.splits import DataConfig, SyntheticConfig
 from w2s_jax.method.tasks import get_task
 from w2s_jax.parallel.sharding import MeshConfig
@@ -99,7 +100,7 @@ class RunConfig:
     strong: RunModelSpec = field(default_factory=RunModelSpec)
     weak_train: TrainConfig = field(default_factory=TrainConfig)  # weak model SFT on train_1 gold
     strong_train: TrainConfig = field(default_factory=TrainConfig)  # Stage I, full weak FT, gold ceiling
-    generation: SampleConfig = field(default_factory=SampleConfig)  # greedy labels and evaluation
+    generation: SampleConfig = field(default_factory=lambda: SampleConfig(stop=STOP_STRINGS))  # labels and eval
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)

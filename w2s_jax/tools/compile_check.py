@@ -1,9 +1,10 @@
 """`w2s compile-check CONFIG --topology v5p-128`: will this config fit on that TPU slice, and how fast?
 
-Compiles the config's SFT step, DPO step and the generation steps (prefill, and one decode step of
-the KV-cache loop) ahead of time for a TPU topology on a CPU-only machine: libtpu describes the
-slice's devices, the config's mesh is laid over them, and each step -- the training steps are
-``train.py``'s own jitted ``sft_step``/``dpo_step`` with their shardings and donation -- is
+Compiles the config's SFT step, DPO step and the generation engine's programs (prefill, insert into
+the decode slots, and the decode loop: the programs ``w2s generate`` and the pipeline run) ahead of
+time for a TPU topology on a CPU-only machine: libtpu describes the slice's devices, the config's
+mesh is laid over them, and each program -- the training loop's own jitted steps and the engine's
+own programs, with their shardings and donation, traced for the mesh's platform -- is
 ``.lower(abstract arguments with NamedShardings).compile()``d. Nothing is allocated. For each
 stage it prints per-chip memory (``compiled.memory_analysis()``: arguments, outputs, temporaries,
 total) against the chip's HBM, FLOPs per step (XLA's ``cost_analysis()`` extrapolated over the
@@ -23,7 +24,7 @@ Config (YAML, see ``configs/tpu/*.yaml``)::
     dpo: {batch_size: 32, seq_len: 1024, reference: precompute, lora: null}  # (batch_size = pairs)
     generation: {batch_size: 256, prompt_len: 512, max_new_tokens: 1024, param_dtype: bfloat16,
                  mesh: null}     # generation mesh (MeshConfig); null = the training mesh
-    stages: [sft, dpo, prefill, decode]
+    stages: [sft, dpo, prefill, insert, decode]
 
 ``--set key=value`` overrides any key (dotted for nested ones: ``--set sft.batch_size=128``).
 
@@ -49,7 +50,8 @@ from w2s_jax.core.errors import UserError
 from w2s_jax.parallel.sharding import MeshConfig
 from w2s_jax.train.loop import TrainConfig
 
-STAGES = ("sft", "dpo", "prefill", "decode", "generate")
+GENERATION_STAGES = ("prefill", "insert", "decode")
+STAGES = ("sft", "dpo", *GENERATION_STAGES)
 
 
 # ----------------------------------------------------------------------------- config
@@ -266,6 +268,7 @@ class Target:
     tokens: int
     detail: str = ""
     hbm_bytes: float | None = None  # analytic bytes that must cross HBM per step (global), when known
+    compiler_options: dict | None = None  # as the program is compiled when it runs
 
 
 def _sds(tree, shardings):
@@ -275,154 +278,137 @@ def _sds(tree, shardings):
 
 
 def build_targets(cfg: CheckConfig, mesh, gen_mesh) -> list[Target]:
-    """SFT / DPO (train.py's steps) and prefill / decode targets for ``cfg`` on ``mesh``."""
+    """SFT / DPO (the training loop's steps) and the generation engine's prefill / insert / decode
+    programs for ``cfg`` on ``mesh`` / ``gen_mesh``."""
+    rules = cfg.mesh.rules_table()
+    targets = [_train_target(cfg, kind, mesh, rules) for kind in ("sft", "dpo") if kind in cfg.stages]
+    if any(st in cfg.stages for st in GENERATION_STAGES):
+        targets += [t for t in _generation_targets(cfg, gen_mesh, rules) if t.name in cfg.stages]
+    return targets
+
+
+def _attn_flops(mcfg, T: int) -> float:
+    """Attention FLOPs per token over ``T`` keys, forward only (the model's flops_per_token term)."""
+    return 4 * mcfg.n_layers * mcfg.n_heads * mcfg.head_dim * T
+
+
+def _train_target(cfg: CheckConfig, kind: str, mesh, rules) -> Target:
+    from w2s_jax.models import params as MP
+    from w2s_jax.train import loop as train
+
+    mcfg = cfg.model_config()
+    N = mcfg.num_params
+    tc: TrainConfig = getattr(cfg, kind)
+    T = tc.seq_len
+    if T > mcfg.max_seq_len:
+        raise UserError(f"{kind}.seq_len {T} exceeds the model's max_seq_len {mcfg.max_seq_len}")
+    bundle = train.build_steps(kind, mcfg, tc, 1000, mesh, rules)
+    ab = train.abstract_batch(kind, tc, T)
+    ab = _sds(ab, train.batch_shardings(ab, mesh, rules))
+    frozen = None
+    if bundle.frozen_sh is not None:
+        frozen = _sds(MP.param_shapes(mcfg), bundle.frozen_sh)
+    rows = tc.grad_accum * tc.batch_size * (1 if kind == "sft" else 2)
+    # model FLOPs per token: full fine-tuning 6N; LoRA ~4N (no weight gradients for the frozen base);
+    # causal attention forward + backward: 3 x half the keys
+    lora = tc.lora is not None
+    attn = 1.5 * _attn_flops(mcfg, T)
+    per_tok = (4.0 if lora else 6.0) * N + attn * (2 / 3 if lora else 1.0)
+    detail = f"{tc.grad_accum} x {tc.batch_size} {'rows' if kind == 'sft' else 'pairs'} x {T} tokens"
+    if lora:
+        detail += f", LoRA r={tc.lora.rank}"
+    if kind == "dpo" and bundle.spec.needs_reference:
+        detail += f", reference: {tc.reference}"
+        if tc.reference == "lora_off":
+            per_tok += 2.0 * N + attn / 3
+    return Target(kind, bundle.step_fn, (bundle.abstract_state, ab, frozen), per_tok * rows * T, rows * T, detail)
+
+
+def _generation_weights(gcfg, gen_mesh, rules, layer_loop: str):
+    """Abstract weights as the Sampler holds them: the stacked parameters (scanned layers) or the
+    prepared per-layer matrices (unrolled; laid out replicated, the unsharded CPU/GPU case)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from w2s_jax.models import params as MP
+    from w2s_jax.models import prepare
+    from w2s_jax.parallel.sharding import tree_shardings
+
+    shapes = MP.param_shapes(gcfg)
+    stacked = _sds(shapes, tree_shardings(gen_mesh, MP.param_axes(gcfg), shapes, rules))
+    if layer_loop == "scan":
+        return stacked
+    prepared = jax.eval_shape(lambda p: prepare.prepare_weights(p, gcfg, fuse=True), stacked)
+    rep = NamedSharding(gen_mesh, PartitionSpec())
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), prepared)
+
+
+def _generation_targets(cfg: CheckConfig, gen_mesh, rules) -> list[Target]:
+    """The engine's programs as ``w2s generate`` runs them (no shared prefix, sampling with temperature):
+    prefill of ``batch_size`` prompts of ``prompt_len`` tokens, insert of the prefilled rows into the
+    decode slots, and the decode loop over ``batch_size`` slots (the decode state donated)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from w2s_jax.models import decoder as M
-    from w2s_jax.models import params as MP
-    from w2s_jax.parallel.sharding import logical_to_spec, tree_shardings
-    from w2s_jax.train import loop as train
-
-    rules = cfg.mesh.rules_table()
-    mcfg = cfg.model_config()
-    N = mcfg.num_params
-    targets: list[Target] = []
-
-    def attn_flops(T):  # per token, forward+backward, causal (model.flops_per_token's term)
-        return 12 * mcfg.n_layers * mcfg.n_heads * mcfg.head_dim * T / 2
-
-    for kind in ("sft", "dpo"):
-        if kind not in cfg.stages:
-            continue
-        tc: TrainConfig = getattr(cfg, kind)
-        T = tc.seq_len
-        if T > mcfg.max_seq_len:
-            raise UserError(f"{kind}.seq_len {T} exceeds the model's max_seq_len {mcfg.max_seq_len}")
-        bundle = train.build_steps(kind, mcfg, tc, 1000, mesh, rules)
-        ab = train.abstract_batch(kind, tc, T)
-        bsh = train.batch_shardings(ab, mesh, rules)
-        ab = _sds(ab, bsh)
-        frozen = None
-        if bundle.frozen_sh is not None:
-            frozen = _sds(MP.param_shapes(mcfg), bundle.frozen_sh)
-        rows = tc.grad_accum * tc.batch_size * (1 if kind == "sft" else 2)
-        # model FLOPs per token: full fine-tuning 6N; LoRA ~4N (no weight gradients for the frozen base)
-        lora = tc.lora is not None
-        per_tok = (4.0 if lora else 6.0) * N + attn_flops(T) * (2 / 3 if lora else 1.0)
-        detail = f"{tc.grad_accum} x {tc.batch_size} {'rows' if kind == 'sft' else 'pairs'} x {T} tokens"
-        if lora:
-            detail += f", LoRA r={tc.lora.rank}"
-        if kind == "dpo" and bundle.spec.needs_reference:
-            detail += f", reference: {tc.reference}"
-            if tc.reference == "lora_off":
-                per_tok += 2.0 * N + attn_flops(T) / 3
-        targets.append(Target(kind, bundle.step_fn, (bundle.abstract_state, ab, frozen), per_tok * rows * T,
-                              rows * T, detail))
+    from w2s_jax.infer import engine as E
+    from w2s_jax.infer.sampler import CPU_COMPILER_OPTIONS, default_layer_loop
+    from w2s_jax.models.decoder import platform_of
+    from w2s_jax.parallel.sharding import named_sharding
 
     g = cfg.generation
-    if any(st in cfg.stages for st in ("prefill", "decode", "generate")):
-        S = g.prompt_len + g.max_new_tokens
-        gcfg = cfg.model_config(param_dtype=g.param_dtype, remat="none")
-        gcfg = gcfg.replace(max_seq_len=max(gcfg.max_seq_len, S))
-        GB = g.batch_size
-        cache_dtype = jnp.dtype(g.cache_dtype or cfg.dtype)
-        gp_shapes = MP.param_shapes(gcfg)
-        gp_shard = tree_shardings(gen_mesh, MP.param_axes(gcfg), gp_shapes, rules)
-        gparams_abs = _sds(gp_shapes, gp_shard)
-        cshape = (gcfg.n_layers, GB, S, gcfg.n_kv_heads, gcfg.head_dim)
-        c_struct = {"k": jax.ShapeDtypeStruct(cshape, cache_dtype), "v": jax.ShapeDtypeStruct(cshape, cache_dtype)}
-        c_shard = tree_shardings(gen_mesh, MP.cache_axes(), c_struct, rules)
-        cache_abs = _sds(c_struct, c_shard)
-        g_rep = NamedSharding(gen_mesh, PartitionSpec())
-        vsh = NamedSharding(gen_mesh, logical_to_spec(("batch",), (GB,), gen_mesh, rules))
-        kv_start_abs = jax.ShapeDtypeStruct((GB,), jnp.int32, sharding=vsh)
-        key_abs = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=g_rep)
-        gen_param_bytes = N * jnp.dtype(g.param_dtype).itemsize
-        cache_bytes = 2 * math.prod(cshape) * cache_dtype.itemsize
-        attn = 4 * gcfg.n_layers * gcfg.n_heads * gcfg.head_dim * S  # per token: the whole cache (masked)
-
-        def rows_sharding(shape):
-            return NamedSharding(gen_mesh, logical_to_spec(("batch", "length"), shape, gen_mesh, rules))
-
-        def sample(logits, key):
-            return jax.random.categorical(key, logits[:, -1].astype(jnp.float32)).astype(jnp.int32)
-
-        if "prefill" in cfg.stages:
-            Pn = g.prompt_len
-            psh = rows_sharding((GB, Pn))
-            prompt_abs = jax.ShapeDtypeStruct((GB, Pn), jnp.int32, sharding=psh)
-
-            def prefill(params, cache, prompts, kv_start, key):
-                pos = jnp.maximum(jnp.arange(Pn, dtype=jnp.int32)[None, :] - kv_start[:, None], 0)
-                logits, cache = M.forward(params, prompts, gcfg, positions=pos, cache=cache, cache_index=0,
-                                          kv_start=kv_start, mesh=gen_mesh, rules=rules)
-                return sample(logits, key), cache
-
-            fn = jax.jit(prefill, in_shardings=(gp_shard, c_shard, psh, vsh, g_rep), out_shardings=(vsh, c_shard),
-                         donate_argnums=1)
-            targets.append(Target("prefill", fn, (gparams_abs, cache_abs, prompt_abs, kv_start_abs, key_abs),
-                                  (2 * N + attn) * GB * Pn, GB * Pn,
-                                  f"{GB} prompts x {Pn} tokens; KV cache {cache_bytes / 2**30:.1f} GiB in all",
-                                  hbm_bytes=gen_param_bytes + cache_bytes * Pn / S))
-
-        if "decode" in cfg.stages:
-            tsh = rows_sharding((GB, 1))
-            tok_abs = jax.ShapeDtypeStruct((GB, 1), jnp.int32, sharding=tsh)
-            idx_abs = jax.ShapeDtypeStruct((), jnp.int32, sharding=g_rep)
-
-            def decode(params, cache, tokens, index, kv_start, key):
-                pos = index - kv_start[:, None]
-                logits, cache = M.forward(params, tokens, gcfg, positions=pos, cache=cache, cache_index=index,
-                                          kv_start=kv_start, mesh=gen_mesh, rules=rules)
-                return sample(logits, key), cache
-
-            fn = jax.jit(decode, in_shardings=(gp_shard, c_shard, tsh, g_rep, vsh, g_rep),
-                         out_shardings=(vsh, c_shard), donate_argnums=1)
-            targets.append(Target("decode", fn, (gparams_abs, cache_abs, tok_abs, idx_abs, kv_start_abs, key_abs),
-                                  (2 * N + attn) * GB, GB,
-                                  f"one token for {GB} rows over a {S}-slot cache (x{g.max_new_tokens} per batch); "
-                                  f"weights {gen_param_bytes / 2**30:.0f} GiB + cache {cache_bytes / 2**30:.0f} GiB "
-                                  "in all", hbm_bytes=gen_param_bytes + cache_bytes))
-        if "generate" in cfg.stages:
-            t = _generate_target(cfg, gcfg, gparams_abs, gen_mesh, rules, rows_sharding, vsh, g_rep)
-            if t is not None:
-                t.flops = (2 * N + attn) * GB * (g.prompt_len + g.max_new_tokens)
-                t.tokens = GB * g.max_new_tokens
-                targets.append(t)
-    return targets
-
-
-def _generate_target(cfg: CheckConfig, gcfg, gparams_abs, mesh, rules, rows_sharding, vsh, rep) -> Target | None:
-    """The Sampler's decode program (engine.py: ``generation.batch_size`` decode slots, each with a
-    ``prompt_len + max_new_tokens`` slot cache, the decode state donated; a ``lax.while_loop`` over
-    steps), sampling with temperature. Its memory is the generation working set: weights, the decode
-    state (every slot's KV cache) and the loop's temporaries."""
-    import jax
-    import jax.numpy as jnp
-
-    try:
-        from w2s_jax.infer import engine as E
-    except ImportError:
-        return None
-    g = cfg.generation
-    GB, Pn = g.batch_size, g.prompt_len
-    spec = E._ESpec(cfg=gcfg, slots=GB, cache_len=Pn + g.max_new_tokens, max_new=g.max_new_tokens, prefix_len=0,
-                    greedy=False, top_k=0, use_top_p=False, has_stop=False,
-                    eos_ids=tuple(i for i in (gcfg.eos_token_id,) if i is not None), scan_layers=True,
-                    has_lora=False)
-    state = jax.eval_shape(lambda: E.init_state(spec, None, rules))
-    state_sh = E.state_shardings(spec, mesh, rules, state)
-    state_abs = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state, state_sh)
+    GB, Pn, new = g.batch_size, g.prompt_len, g.max_new_tokens
+    gcfg = cfg.model_config(param_dtype=g.param_dtype, remat="none")
+    gcfg = gcfg.replace(max_seq_len=max(gcfg.max_seq_len, Pn + new))
+    platform = platform_of(gen_mesh)
+    layer_loop = default_layer_loop(platform)
+    weights = _generation_weights(gcfg, gen_mesh, rules, layer_loop)
+    spec = E._ESpec(cfg=gcfg, slots=GB, cache_len=Pn + new, max_new=new, prefix_len=0, greedy=False, top_k=0,
+                    use_top_p=False, has_stop=False, eos_ids=tuple(i for i in (gcfg.eos_token_id,) if i is not None),
+                    scan_layers=layer_loop == "scan", has_lora=False, platform=platform)
+    options = dict(CPU_COMPILER_OPTIONS) if platform == "cpu" else {}
+    rep = NamedSharding(gen_mesh, PartitionSpec())
     scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=rep)  # noqa: E731
-    fn = jax.jit(lambda *a: E.decode(spec, mesh, rules, *a), donate_argnums=0, out_shardings=state_sh)
-    args = (state_abs, gparams_abs, None, scalar(jnp.float32), None, scalar(jnp.int32), None, scalar(jnp.float32),
-            scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.int32))
-    cache = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(state["caches"]))
-    return Target("generate", fn, args, 0.0, 0,
-                  f"Sampler decode program: {GB} slots x ({Pn} prompt + {g.max_new_tokens} new) tokens "
-                  f"(sampling); slot caches {cache / 2**30:.1f} GiB")
+    rows = lambda shape, dt, names: jax.ShapeDtypeStruct(  # noqa: E731
+        shape, dt, sharding=named_sharding(gen_mesh, names, shape, rules))
+
+    pspec = E._replace(spec, slots=0, cache_len=0, max_new=0, greedy=True, eos_ids=())
+    pargs = (weights, None, scalar(jnp.float32), None, scalar(jnp.int32),
+             rows((GB, Pn), jnp.int32, ("batch", "length")), rows((GB,), jnp.int32, ("batch",)))
+    prefill = E.jit_program(E.prefill, pspec, gen_mesh, rules)
+    kv, logits = jax.eval_shape(prefill, *pargs)
+    lead = ("layers",) if spec.scan_layers else ()
+    kv = jax.tree.map(lambda a: rows(a.shape, a.dtype, lead + E.CACHE_NAMES), kv)
+    logits = rows(logits.shape, logits.dtype, ("batch", None))
+
+    state = jax.eval_shape(lambda: E.init_state(spec, None, rules))
+    state_sh = E.state_shardings(spec, gen_mesh, rules, state)
+    state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state, state_sh)
+    b = rows((GB,), jnp.int32, ("batch",))
+    u = rows((GB,), jnp.uint32, ("batch",))
+    iargs = (state, kv, logits, b, b, u, u, None, scalar(jnp.float32), scalar(jnp.float32))
+    insert = E.jit_program(E.insert, spec, gen_mesh, rules, donate=True, out_shardings=state_sh)
+    dargs = (state, weights, None, scalar(jnp.float32), None, scalar(jnp.int32), None, scalar(jnp.float32),
+             scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.int32))
+    decode = E.jit_program(E.decode, spec, gen_mesh, rules, donate=True, out_shardings=state_sh)
+
+    N = gcfg.num_params
+    param_bytes = N * jnp.dtype(g.param_dtype).itemsize
+    cache_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(state.get("caches")))
+    cache_note = f"slot caches {cache_bytes / 2**30:.1f} GiB in all"
+    # insert: copies the prefilled rows into the caches and samples the first tokens (elementwise work)
+    insert_flops = 2.0 * cache_bytes / jnp.dtype(gcfg.dtype).itemsize * Pn / (Pn + new) + 8.0 * GB * gcfg.vocab_size
+    return [
+        Target("prefill", prefill, pargs, (2 * N + _attn_flops(gcfg, Pn) / 2) * GB * Pn, GB * Pn,
+               f"{GB} prompts x {Pn} tokens; {layer_loop} layers",
+               hbm_bytes=param_bytes + cache_bytes * Pn / (Pn + new), compiler_options=options),
+        Target("insert", insert, iargs, insert_flops, GB, f"{GB} prefilled rows into {GB} decode slots; {cache_note}",
+               hbm_bytes=cache_bytes * (1 + Pn / (Pn + new)), compiler_options=options),
+        Target("decode", decode, dargs, (2 * N + _attn_flops(gcfg, Pn + new)) * GB, GB,
+               f"decode loop: one step = one token for {GB} slots over {Pn + new}-slot caches (x{new} per batch); "
+               f"weights {param_bytes / 2**30:.1f} GiB + {cache_note}", hbm_bytes=param_bytes + cache_bytes,
+               compiler_options=options),
+    ]
 
 
 # ----------------------------------------------------------------------------- run
@@ -446,7 +432,7 @@ def compile_target(t: Target, hbm: int, chips: int, peak: float, bandwidth: floa
         rep.time_hbm = t.hbm_bytes / chips / bandwidth
     t0 = time.time()
     try:
-        compiled = t.fn.lower(*t.args).compile()
+        compiled = t.fn.lower(*t.args).compile(compiler_options=t.compiler_options or None)
     except Exception as e:  # an XLA error (e.g. out of memory at compile time) is a failed stage
         rep.ok = False
         rep.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
@@ -503,7 +489,7 @@ def _layer_costs(cfg: CheckConfig, mesh, gen_mesh) -> dict[str, tuple[float, flo
         c = dataclasses.replace(cfg, model_overrides={**cfg.model_overrides, "n_layers": n})
         for t in build_targets(c, mesh, gen_mesh):
             try:
-                cost = _cost(t.fn.lower(*t.args).compile())
+                cost = _cost(t.fn.lower(*t.args).compile(compiler_options=t.compiler_options or None))
             except Exception:
                 continue
             per.setdefault(t.name, {})[n] = (float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)))
@@ -513,23 +499,17 @@ def _layer_costs(cfg: CheckConfig, mesh, gen_mesh) -> dict[str, tuple[float, flo
     return out
 
 
-def _generation_estimate(stages: list[StageReport], new_tokens: int, bandwidth: float) -> None:
-    """The generate row's XLA figures count its decode loop once: replace them by prefill + N decode
-    steps (from the prefill/decode rows) and note the expected wall time (prefill at 50% of peak,
-    each decode step at the slower of 50% peak and HBM bandwidth)."""
+def _generation_estimate(stages: list[StageReport], new_tokens: int) -> None:
+    """Note on the decode row the expected wall time of one batch: prefill and insert at the slower of
+    50% of peak and HBM bandwidth, then ``new_tokens`` decode steps likewise (the decode row's figures
+    are one step's: XLA counts the loop body once)."""
     by = {s.stage: s for s in stages if s.ok}
-    gen, pre, dec = by.get("generate"), by.get("prefill"), by.get("decode")
-    if gen is None or pre is None or dec is None:
+    if not all(k in by for k in GENERATION_STAGES):
         return
-    if pre.flops_compiled is not None and dec.flops_compiled is not None:
-        gen.flops_compiled = pre.flops_compiled + new_tokens * dec.flops_compiled
-    if pre.bytes_accessed is not None and dec.bytes_accessed is not None:
-        gen.bytes_accessed = pre.bytes_accessed + new_tokens * dec.bytes_accessed
-    if pre.time_hbm is not None and dec.time_hbm is not None:
-        gen.time_hbm = pre.time_hbm + new_tokens * dec.time_hbm
-        step = max(dec.time_50, dec.time_hbm)
-        est = pre.time_50 + new_tokens * step
-        gen.detail += f"; est. {est:.1f} s per batch ({gen.tokens / est:.0f} new tokens/s)"
+    step = lambda s: max(s.time_50, s.time_hbm or 0.0)  # noqa: E731
+    est = step(by["prefill"]) + step(by["insert"]) + new_tokens * step(by["decode"])
+    tokens = by["decode"].tokens * new_tokens
+    by["decode"].detail += f"; est. {est:.1f} s per batch ({tokens / est:.0f} new tokens/s)"
 
 
 def check(cfg: CheckConfig, topology: str, devices: list | None = None, xla_costs: bool = True) -> Report:
@@ -561,7 +541,7 @@ def check(cfg: CheckConfig, topology: str, devices: list | None = None, xla_cost
             if t.hbm_bytes is None:
                 rep.time_hbm = rep.bytes_accessed / chip.hbm_bandwidth
         stages.append(rep)
-    _generation_estimate(stages, cfg.generation.max_new_tokens, chip.hbm_bandwidth)
+    _generation_estimate(stages, cfg.generation.max_new_tokens)
     return Report(
         topology=sl.topology_name, accelerator_type=sl.accelerator_type, chip=chip.name, num_chips=sl.num_chips,
         num_hosts=sl.num_hosts, hbm_per_chip=chip.hbm_bytes, peak_flops_per_chip=chip.peak_bf16_flops,
