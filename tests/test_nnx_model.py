@@ -24,11 +24,13 @@ from w2s_jax.core.errors import UserError  # noqa: E402
 from w2s_jax.io.convert import lora_to_peft, params_to_hf  # noqa: E402
 from w2s_jax.io.native import load_model  # noqa: E402
 from w2s_jax.models.decoder import forward, rms_norm  # noqa: E402
+from w2s_jax.models.logprobs import token_logps  # noqa: E402
 from w2s_jax.models.lora import init_lora, lora_axes  # noqa: E402
 from w2s_jax.models.params import init_params, param_axes, param_shapes  # noqa: E402
 from w2s_jax.parallel.sharding import make_mesh  # noqa: E402
-from w2s_jax.train import loop as T  # noqa: E402
-from w2s_jax.train.losses import token_logps  # noqa: E402
+from w2s_jax.train import build as T  # noqa: E402
+from w2s_jax.train import optim  # noqa: E402
+from w2s_jax.train.config import TrainConfig  # noqa: E402
 
 TOL = 1e-4
 V, T_LEN = 300, 24
@@ -183,7 +185,7 @@ def _sft_batch(vocab, rows=4, length=16, seed=0):
 
 def test_optax_steps_through_nnx_split_match_sft_step():
     cfg = wm.get_preset("tiny-gqa", vocab_size=64)
-    tcfg = T.TrainConfig(lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.1, batch_size=4, seq_len=16,
+    tcfg = TrainConfig(lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.1, batch_size=4, seq_len=16,
                          packing=False)
     steps = 4
     batch = _sft_batch(cfg.vocab_size)
@@ -200,7 +202,7 @@ def test_optax_steps_through_nnx_split_match_sft_step():
     # ordinary optax over the NNX model's split state
     model = wm.Llama.from_params(cfg, jax.tree.map(jnp.copy, params))
     graphdef, weights = nnx.split(model, nnx.Param)
-    tx, _ = T.make_optimizer(tcfg, steps)
+    tx, _ = optim.make_optimizer(tcfg, steps)
     opt_state = tx.init(weights)
     mb = jax.tree.map(lambda x: x[0], batch)
 
@@ -225,7 +227,7 @@ def test_optax_steps_through_nnx_split_match_sft_step():
     for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
     # norms got no weight decay: with zero gradient they would stay put (the mask reads the metadata)
-    mask = T.decay_mask(weights)
+    mask = optim.decay_mask(weights)
     assert not mask["layers"]["attn_norm"].get_value() and mask["layers"]["wq"].get_value()
 
 
