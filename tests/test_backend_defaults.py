@@ -90,7 +90,7 @@ def test_per_device_bytes_counts_one_shard():
     import jax
     import jax.numpy as jnp
 
-    from w2s_jax.infer.sampler import _per_device_bytes
+    from w2s_jax.infer.layer_loop import per_device_bytes as _per_device_bytes
 
     tree = {"a": jnp.zeros((4, 8), jnp.float32), "b": [jnp.zeros((3,), jnp.bfloat16)]}
     assert _per_device_bytes(tree) == 4 * 8 * 4 + 3 * 2
