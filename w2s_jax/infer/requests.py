@@ -33,9 +33,9 @@ class SampleConfig:
     sample (default none; the method's prompt format passes ``prompts.STOP_STRINGS``; ignored without a
     tokenizer, since there is no text then). ``batch_size``: decode slots of the continuous engine (rows
     decoded at once), rows (prompt x sample) per program of the static one; buckets default to
-    :func:`default_prompt_buckets` / :func:`default_batch_buckets`; ``max_prompt_len`` defaults to
-    ``max_seq_len - max_new_tokens``. A longer prompt is an error unless ``truncate_prompts`` (then
-    its left part is dropped, keeping a leading BOS)."""
+    :func:`default_prompt_buckets` / :func:`default_batch_buckets` (``core.lengths.doubling_buckets``
+    ladders); ``max_prompt_len`` defaults to ``max_seq_len - max_new_tokens``. A longer prompt is an
+    error unless ``truncate_prompts`` (then its left part is dropped, keeping a leading BOS)."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0

@@ -85,7 +85,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from w2s_jax.core.errors import UserError
-from w2s_jax.core.lengths import pick_bucket
+from w2s_jax.core.lengths import doubling_buckets, pick_bucket, round_up
 from w2s_jax.core.programs import ProgramCache
 from w2s_jax.infer import engine as E
 from w2s_jax.infer import kernels as native
@@ -373,7 +373,7 @@ class Sampler:
         return prog(*args)
 
     def _finish(self, rows, ids, outs, sc: SampleConfig) -> list[tuple[int, int, Completion]]:
-        toks, ntok, finish = to_host(tuple(outs[:3]))
+        toks, ntok, finish = to_host(tuple(outs[:3]))  # (arrays may span processes: gathered to every host)
         results = []
         for r, (i, j) in enumerate(rows):
             k = int(ntok[r])
@@ -406,12 +406,12 @@ class Sampler:
         rows = [(i, j) for i in range(len(ids)) for j in range(sc.n) if (i, j) not in skip]
         rows.sort(key=lambda r: (-len(ids[r[0]]), r[0], r[1]))
         dp = self.data_parallel
-        batch_buckets = sc.batch_buckets or default_batch_buckets(sc.batch_size, dp)
+        batch_buckets = sc.batch_buckets or doubling_buckets(round_up(sc.batch_size, dp), start=dp)
         if any(b % dp for b in batch_buckets):
             raise UserError(f"batch buckets {batch_buckets} must be multiples of the data-parallel size {dp}")
         bs = max(batch_buckets) if sc.batch_buckets else sc.batch_size
         limit = self.max_prompt_len(sc)
-        prompt_buckets = tuple(sorted(sc.prompt_buckets)) if sc.prompt_buckets else default_prompt_buckets(limit)
+        prompt_buckets = tuple(sorted(sc.prompt_buckets)) if sc.prompt_buckets else doubling_buckets(limit)
         if max(prompt_buckets) < max((len(t) for t in ids), default=0):
             raise UserError(f"prompt buckets {prompt_buckets} do not cover the longest prompt")
         bar = None
@@ -480,8 +480,9 @@ class Sampler:
         sc = sample_cfg.replace(n=1, batch_size=max(len(prompts), 1))
         ids = self._fit(self.encode(prompts), sc)
         rows = [(i, 0) for i in range(len(ids))]
-        prompt_buckets = sc.prompt_buckets or default_prompt_buckets(self.max_prompt_len(sc))
-        batch_buckets = sc.batch_buckets or default_batch_buckets(len(ids), self.data_parallel)
+        prompt_buckets = sc.prompt_buckets or doubling_buckets(self.max_prompt_len(sc))
+        dp = self.data_parallel
+        batch_buckets = sc.batch_buckets or doubling_buckets(round_up(len(ids), dp), start=dp)
         if self.engine == "continuous":
             eng = Engine(self, sc, ids, rows, batch_buckets, tuple(sorted(prompt_buckets)), max(batch_buckets),
                          return_logits=True)
