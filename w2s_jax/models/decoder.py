@@ -423,7 +423,7 @@ def forward(
     return_hidden: bool = False,
     platform: str | None = None,
 ):
-    """``(logits [B, T, V] float32, None)`` for training and scoring (generation runs the same
+    """Logits ``[B, T, V]`` (float32) for training and scoring (generation runs the same
     :func:`layer` in ``infer/``). ``segment_ids`` [B, T] (default all ones; 0 marks padding) and
     ``positions`` (default 0..T-1; restart per packed segment). ``platform``: see :func:`platform_of`.
     """
@@ -459,5 +459,4 @@ def forward(
         logits = _flat_dot(x, head.astype(dtype), 1, jnp.float32)
     else:
         logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
-    logits = constrain(logits, ("batch", "length", "vocab"), mesh, rules)
-    return logits, None
+    return constrain(logits, ("batch", "length", "vocab"), mesh, rules)

@@ -99,8 +99,9 @@ class DecoderLayer(nnx.Module):
         mask = decoder._attention_mask(slots, slots, segment_ids, segment_ids, segment_ids > 0, self.cfg.sliding_window)
         mask |= jnp.eye(T, dtype=bool)[None]
         p = nnx.to_pure_dict(nnx.state(self, BASE))
-        carry = (x, mask, positions, jnp.int32(0), None)
-        (x, *_), _ = decoder._layer(self.cfg, mesh, rules, lora_scale, 0.0, carry, (p, lora, None, None, 0))
+        platform = decoder.platform_of(mesh)
+        (x, *_), _ = decoder._scan_layer(self.cfg, mesh, rules, platform, lora_scale, 0.0, (x, mask, positions, None),
+                                         (p, lora, 0))
         return x
 
 
@@ -173,7 +174,7 @@ class Llama(nnx.Module):
 @partial(jax.jit, static_argnames=("cfg", "mesh", "rules"))
 def _logits(params, tokens, positions, segment_ids, lora, lora_scale, *, cfg, mesh, rules):
     return decoder.forward(params, tokens, cfg, positions=positions, segment_ids=segment_ids, lora=lora,
-                           lora_scale=lora_scale, mesh=mesh, rules=rules)[0]
+                           lora_scale=lora_scale, mesh=mesh, rules=rules)
 
 
 def _is_var(x) -> bool:
