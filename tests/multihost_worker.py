@@ -62,7 +62,7 @@ def greedy_generate(params, cfg, prompts_global, mesh):
         buf = jnp.concatenate([prompts, jnp.zeros((B, NEW), jnp.int32)], axis=1)
 
         def body(i, buf):
-            logits = M.forward(params, buf, cfg, mesh=mesh)[0]
+            logits = M.forward(params, buf, cfg, mesh=mesh)
             tok = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, P + i - 1, 1, keepdims=False), -1)
             return jax.lax.dynamic_update_slice_in_dim(buf, tok.astype(jnp.int32)[:, None], P + i, 1)
 

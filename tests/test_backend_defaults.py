@@ -45,9 +45,9 @@ def test_cudnn_fallback_and_error(caplog):
     assert attention_implementation(cfg, "gpu") == "cudnn"
     M._warn_once.cache_clear()
     with caplog.at_level("WARNING", logger="w2s_jax.models.decoder"):
-        auto = M.forward(params, tokens, cfg.replace(attention_impl="auto"), platform="gpu")[0]
+        auto = M.forward(params, tokens, cfg.replace(attention_impl="auto"), platform="gpu")
     assert "cuDNN attention is not available" in caplog.text
-    ref = M.forward(params, tokens, cfg.replace(attention_impl="xla"), platform="gpu")[0]
+    ref = M.forward(params, tokens, cfg.replace(attention_impl="xla"), platform="gpu")
     np.testing.assert_array_equal(np.asarray(auto, np.float32), np.asarray(ref, np.float32))
     with pytest.raises(UserError, match="attention_impl='cudnn' is not available"):
         M.forward(params, tokens, cfg.replace(attention_impl="cudnn"), platform="gpu")
@@ -70,11 +70,11 @@ def test_program_follows_the_mesh_platform_not_the_default_backend():
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
     assert M.platform_of(mesh) == M.platform_of() == jax.devices()[0].platform == "cpu"
     assert M.platform_of(None, "tpu") == "tpu"
-    progs = {p: str(jax.make_jaxpr(lambda pr, t, p=p: M.forward(pr, t, cfg, platform=p)[0])(params, tokens))
+    progs = {p: str(jax.make_jaxpr(lambda pr, t, p=p: M.forward(pr, t, cfg, platform=p))(params, tokens))
              for p in ("cpu", "tpu", "gpu")}
     assert progs["tpu"] == progs["gpu"] != progs["cpu"]  # (tiny is float32: no cuDNN on gpu either)
     assert progs["cpu"].count("dot_general") > progs["tpu"].count("dot_general")  # the blocked CPU attention
-    on_mesh = str(jax.make_jaxpr(lambda pr, t: M.forward(pr, t, cfg, mesh=mesh, platform="tpu")[0])(params, tokens))
+    on_mesh = str(jax.make_jaxpr(lambda pr, t: M.forward(pr, t, cfg, mesh=mesh, platform="tpu"))(params, tokens))
     assert on_mesh.count("dot_general") == progs["cpu"].count("dot_general")  # the mesh's platform wins
 
 
@@ -90,7 +90,7 @@ def test_per_device_bytes_counts_one_shard():
     import jax
     import jax.numpy as jnp
 
-    from w2s_jax.infer.sampler import _per_device_bytes
+    from w2s_jax.infer.layer_loop import per_device_bytes as _per_device_bytes
 
     tree = {"a": jnp.zeros((4, 8), jnp.float32), "b": [jnp.zeros((3,), jnp.bfloat16)]}
     assert _per_device_bytes(tree) == 4 * 8 * 4 + 3 * 2

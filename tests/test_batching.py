@@ -158,7 +158,7 @@ def test_packed_batch_gives_the_same_loss_as_unpacked_examples():
 
     def loss(p, b):
         b = jax.tree.map(lambda x: jnp.asarray(x[0]), b)
-        logits, _ = forward(p, b["tokens"], cfg, positions=b["positions"], segment_ids=b["segment_ids"])
+        logits = forward(p, b["tokens"], cfg, positions=b["positions"], segment_ids=b["segment_ids"])
         return L.sft_loss(token_logps(logits, b["targets"]), b["loss_mask"])
 
     fast = {"xla_backend_optimization_level": 0}  # tiny model: compile time dominates

@@ -48,7 +48,7 @@ def random_params(cfg, seed=0):
 
 
 def ours(params, cfg, tokens):
-    return np.asarray(jax.jit(lambda p, t: forward(p, t, cfg)[0])(params, jnp.asarray(tokens)))
+    return np.asarray(jax.jit(lambda p, t: forward(p, t, cfg))(params, jnp.asarray(tokens)))
 
 
 def torch_logits(d, tokens):

@@ -12,8 +12,8 @@ import pytest
 from test_sampler import rand_prompts, sharp_params  # the sampler tests' random models and prompts
 
 import w2s_jax.infer.sampler as sampler_mod
-from w2s_jax.infer.engine import common_prefix
 from w2s_jax.infer.sampler import SampleConfig, Sampler
+from w2s_jax.infer.scheduler import common_prefix
 from w2s_jax.models.config import get_preset
 from w2s_jax.models.lora import LoRAConfig, init_lora
 from w2s_jax.models.params import init_params

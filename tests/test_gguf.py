@@ -168,7 +168,7 @@ def test_smollm2_matches_transformers_gguf_loader():
         assert np.array_equal(v, sd[k]), k
     with torch.no_grad():
         ref = m(torch.tensor([ids])).logits.numpy()
-    ours = np.asarray(jax.jit(lambda p, t: forward(p, t, lm.cfg)[0])(lm.params, jnp.asarray([ids])))
+    ours = np.asarray(jax.jit(lambda p, t: forward(p, t, lm.cfg))(lm.params, jnp.asarray([ids])))
     diff = np.abs(ours - ref).max()
     print(f"SmolLM2 GGUF: max abs logits diff {diff:.2e} (|logits| max {np.abs(ref).max():.1f})")
     assert diff <= 5e-4

@@ -26,7 +26,7 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 
 def _fwd(params, cfg, tokens, lora=None, scale=1.0):
-    f = jax.jit(lambda p, t, lo: forward(p, t, cfg, lora=lo, lora_scale=scale)[0])
+    f = jax.jit(lambda p, t, lo: forward(p, t, cfg, lora=lo, lora_scale=scale))
     return np.asarray(f(params, jnp.asarray(tokens), lora))
 
 

@@ -78,7 +78,7 @@ def test_logits_match_transformers(kind, tmp_path):
     tokens = np.random.RandomState(1).randint(0, V, (2, T))
     ref = hf_logits(m, tokens)
     assert ref.std() > 0.5  # non-trivial logits
-    fwd = jax.jit(lambda p, t, cfg: forward(p, t, cfg)[0], static_argnums=2)
+    fwd = jax.jit(lambda p, t, cfg: forward(p, t, cfg), static_argnums=2)
     ours = np.asarray(fwd(lm.params, jnp.asarray(tokens), lm.cfg))
     diff = np.abs(ours - ref).max()
     print(f"{kind}: max abs logits diff {diff:.2e}")
@@ -105,7 +105,7 @@ def test_padding_matches_attention_mask(tmp_path):
     for b, n in enumerate(lengths):
         seg[b, :n] = 1
     ref = hf_logits(m, tokens, attention_mask=seg)
-    ours = np.asarray(forward(lm.params, jnp.asarray(tokens), lm.cfg, segment_ids=jnp.asarray(seg))[0])
+    ours = np.asarray(forward(lm.params, jnp.asarray(tokens), lm.cfg, segment_ids=jnp.asarray(seg)))
     for b, n in enumerate(lengths):
         assert np.abs(ours[b, :n] - ref[b, :n]).max() <= TOL
 

@@ -240,8 +240,8 @@ def test_lora_variables_match_decoder_forward():
     assert jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(model.lora, nnx.LoRAParam))) == \
         jax.tree.map(jnp.shape, lora)
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, 256, (2, 12)))
-    ref = forward(params, tokens, cfg, lora=lora, lora_scale=lcfg.scale)[0]
-    base = forward(params, tokens, cfg)[0]
+    ref = forward(params, tokens, cfg, lora=lora, lora_scale=lcfg.scale)
+    base = forward(params, tokens, cfg)
     assert float(jnp.abs(ref - base).max()) > 100 * TOL
     assert float(jnp.abs(model(tokens) - ref).max()) <= 1e-5
 
@@ -249,7 +249,7 @@ def test_lora_variables_match_decoder_forward():
     graphdef, adapters, frozen = nnx.split(model, nnx.LoRAParam, ...)
     loss = lambda a: jnp.mean(nnx.merge(graphdef, a, frozen)(tokens) ** 2)
     grads = nnx.to_pure_dict(jax.grad(loss)(adapters))["lora"]
-    ref_loss = lambda lo: jnp.mean(forward(params, tokens, cfg, lora=lo, lora_scale=lcfg.scale)[0] ** 2)
+    ref_loss = lambda lo: jnp.mean(forward(params, tokens, cfg, lora=lo, lora_scale=lcfg.scale) ** 2)
     ref_grads = jax.grad(ref_loss)(lora)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)

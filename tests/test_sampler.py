@@ -114,7 +114,7 @@ def test_cached_logits_equal_full_forward(name, loop):
         full = p + c.token_ids
         toks[r, : len(full)] = full
         seg[r, : len(full)] = 1
-    ref, _ = jax.jit(lambda t, s: forward(params, t, cfg, segment_ids=s))(toks, seg)
+    ref = jax.jit(lambda t, s: forward(params, t, cfg, segment_ids=s))(toks, seg)
     ref = np.asarray(ref)
     for r, (p, (c, logits)) in enumerate(zip(prompts, res)):
         assert c.num_tokens == 10 and logits.shape == (10, cfg.vocab_size)

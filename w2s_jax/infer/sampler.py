@@ -73,13 +73,10 @@ gives the same tokens whichever requests share the run, in any order, with sampl
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
-import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -88,12 +85,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from w2s_jax.core.errors import UserError
+from w2s_jax.core.lengths import doubling_buckets, pick_bucket, round_up
+from w2s_jax.core.programs import ProgramCache
+from w2s_jax.infer import engine as E
 from w2s_jax.infer import kernels as native
-from w2s_jax.infer.sampling import EOS, LENGTH, STOP
+from w2s_jax.infer.layer_loop import auto_layer_loop, default_layer_loop, unstack
+from w2s_jax.infer.requests import (
+    Completion,
+    SampleConfig,
+    completion,
+    default_batch_buckets,
+    default_prompt_buckets,
+    encode_prompts,
+    fit_prompts,
+    prompt_hash,
+    prompt_limit,
+)
+from w2s_jax.infer.scheduler import Engine
 from w2s_jax.infer.static import Spec, program
 from w2s_jax.infer.stops import StopMatcher, cut_at_stop, token_pieces
 from w2s_jax.models import prepare
 from w2s_jax.models.config import ModelConfig
+from w2s_jax.parallel.distributed import to_host
 from w2s_jax.parallel.sharding import DEFAULT_RULES, Rules, named_sharding
 
 __all__ = [
@@ -105,182 +118,22 @@ __all__ = [
     "cut_at_stop",
     "default_prompt_buckets",
     "default_batch_buckets",
-    "pick_bucket",
     "ProgramCache",
     "SHARED_PROGRAMS",
+    "CPU_COMPILER_OPTIONS",
+    "default_layer_loop",
 ]
 
 log = logging.getLogger(__name__)
 
-FINISH_NAMES = {EOS: "eos", STOP: "stop", LENGTH: "length"}
 CPU_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
-
-
-class ProgramCache:
-    """Compiled generation programs keyed by everything that goes into compilation (the static spec,
-    mesh, rules, compiler options, argument shapes, dtypes and shardings; weights are arguments, so a
-    program serves any weights of that shape). The oldest entry goes once ``max_size`` are held.
-    Samplers share :data:`SHARED_PROGRAMS` unless given their own."""
-
-    def __init__(self, max_size: int = 128):
-        self.max_size = max_size
-        self._programs: dict[tuple, Any] = {}
-
-    def get(self, key: tuple):
-        return self._programs.get(key)
-
-    def put(self, key: tuple, prog) -> None:
-        if len(self._programs) >= self.max_size:
-            self._programs.pop(next(iter(self._programs)))
-        self._programs[key] = prog
-
-    def __len__(self) -> int:
-        return len(self._programs)
-
-    def clear(self) -> None:
-        self._programs.clear()
-
-
-SHARED_PROGRAMS = ProgramCache()
-
-
-# ----------------------------------------------------------------------------- configuration
-
-
-@dataclass(frozen=True)
-class SampleConfig:
-    """How to generate.
-
-    ``temperature == 0`` is greedy (``top_k``/``top_p`` ignored); ``top_k == 0`` and ``top_p == 1``
-    are off. ``n`` samples per prompt use seeds ``seed .. seed + n - 1``. ``stop``: strings that end a
-    sample (default none; the method's prompt format passes ``prompts.STOP_STRINGS``; ignored without a
-    tokenizer, since there is no text then). ``batch_size``: decode slots of the continuous engine (rows
-    decoded at once), rows (prompt x sample) per program of the static one; buckets default to
-    :func:`default_prompt_buckets` / :func:`default_batch_buckets`; ``max_prompt_len`` defaults to
-    ``max_seq_len - max_new_tokens``. A longer prompt is an error unless ``truncate_prompts`` (then
-    its left part is dropped, keeping a leading BOS)."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    n: int = 1
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-    batch_size: int = 16
-    prompt_buckets: tuple[int, ...] | None = None
-    batch_buckets: tuple[int, ...] | None = None
-    max_prompt_len: int | None = None
-    truncate_prompts: bool = False
-
-    def __post_init__(self):
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        else:
-            object.__setattr__(self, "stop", tuple(self.stop))
-        checks = [
-            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
-            (self.temperature >= 0 and math.isfinite(self.temperature),
-             f"temperature must be >= 0, got {self.temperature}"),
-            (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.n >= 1, f"n must be >= 1, got {self.n}"),
-            (0 <= self.seed and self.seed + self.n <= 2**32, f"seed must be in [0, 2**32 - n), got {self.seed}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (all(isinstance(s, str) and s for s in self.stop), f"stop strings must be non-empty, got {self.stop}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise UserError(msg)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def replace(self, **kw) -> SampleConfig:
-        return dataclasses.replace(self, **kw)
-
-
-@dataclass
-class Completion:
-    """One generated sample (see the module docstring for the exact meaning of each field)."""
-
-    text: str
-    token_ids: list[int]
-    num_tokens: int
-    finish_reason: str
-    seed: int
-
-
-def default_prompt_buckets(max_prompt_len: int) -> tuple[int, ...]:
-    """16, 32, 64, ... (powers of two) below ``max_prompt_len``, then ``max_prompt_len`` itself."""
-    out, b = [], 16
-    while b < max_prompt_len:
-        out.append(b)
-        b *= 2
-    out.append(max_prompt_len)
-    return tuple(out)
-
-
-def default_batch_buckets(batch_size: int, multiple: int = 1) -> tuple[int, ...]:
-    """``multiple`` x 1, 2, 4, ... below ``batch_size``, then ``batch_size`` rounded up to ``multiple``."""
-    top = -(-batch_size // multiple) * multiple
-    out, b = [], multiple
-    while b < top:
-        out.append(b)
-        b *= 2
-    out.append(top)
-    return tuple(out)
-
-
-def pick_bucket(n: int, buckets: Sequence[int]) -> int:
-    for b in sorted(buckets):
-        if b >= n:
-            return b
-    raise UserError(f"{n} exceeds the largest bucket {max(buckets)}")
+# compiled generation programs keyed by everything that goes into compilation (the static spec, mesh, rules,
+# compiler options, argument shapes, dtypes and shardings; weights are arguments, so a program serves any
+# weights of that shape); Samplers share this cache unless given their own
+SHARED_PROGRAMS = ProgramCache(max_entries=128)
 
 
 # ----------------------------------------------------------------------------- the sampler
-
-
-def _unstack(tree, n: int) -> list:
-    """A stacked ``[L, ...]`` tree as a list of L per-layer trees (each leaf keeps its sharding
-    minus the layer axis)."""
-    return [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(n)]
-
-
-def _prompt_hash(ids: Sequence[int]) -> int:
-    return zlib.crc32(np.asarray(ids, np.int64).astype("<i4").tobytes())
-
-
-def default_layer_loop(platform: str, layer_bytes: int | None = None, device_bytes: int | None = None) -> str:
-    """``unroll`` on CPU and GPU, ``scan`` elsewhere (TPU). A scan over stacked weights copies each
-    layer's weights out of the stack every step on XLA:CPU, and on an H200 (Llama-2-7B, bfloat16,
-    batch 1) a decode step took 11.6 ms scanned against 4.3 ms unrolled. Unrolling keeps a second,
-    per-layer copy of the layer weights, so on a GPU whose memory (``device_bytes``) would hold the
-    layer weights (``layer_bytes``, per device) less than four times over, the scan is kept."""
-    if platform == "cpu":
-        return "unroll"
-    if platform in ("gpu", "cuda", "rocm"):
-        if layer_bytes and device_bytes and layer_bytes > device_bytes / 4:
-            return "scan"
-        return "unroll"
-    return "scan"
-
-
-def _per_device_bytes(tree) -> int:
-    n = 0
-    for a in jax.tree.leaves(tree):
-        shards = getattr(a, "addressable_shards", None)
-        n += shards[0].data.nbytes if shards else int(getattr(a, "nbytes", 0))
-    return n
-
-
-def _device_memory(device) -> int | None:
-    try:
-        return int((device.memory_stats() or {}).get("bytes_limit") or 0) or None
-    except Exception:  # noqa: BLE001  (backends without memory statistics)
-        return None
 
 
 class Sampler:
@@ -327,13 +180,7 @@ class Sampler:
         device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
         self.platform = platform = device.platform
         if layer_loop == "auto":
-            layer_bytes, device_bytes = (None, None) if platform == "cpu" else (
-                _per_device_bytes(params["layers"]), _device_memory(device))
-            layer_loop = default_layer_loop(platform, layer_bytes, device_bytes)
-            if platform != "cpu":
-                log.info("Sampler: layer_loop=%s (%s; layer weights %.2f GB per device, device memory %s GB)",
-                         layer_loop, platform, (layer_bytes or 0) / 1e9,
-                         f"{device_bytes / 1e9:.1f}" if device_bytes else "unknown")
+            layer_loop = auto_layer_loop(platform, params["layers"], device)
         self.layer_loop = layer_loop
         if compiler_options is None:
             compiler_options = dict(CPU_COMPILER_OPTIONS) if platform == "cpu" else {}
@@ -357,7 +204,7 @@ class Sampler:
         if layer_loop == "unroll":
             self.weights = prepare.prepare_weights(params, cfg, self.fuse_projections, self.matmul_split,
                                                    head_chunks)
-            self.lora = None if lora is None else {"layers": _unstack(lora["layers"], cfg.n_layers)}
+            self.lora = None if lora is None else {"layers": unstack(lora["layers"], cfg.n_layers)}
         else:
             self.weights = dict(params)
             self.lora = lora
@@ -412,45 +259,14 @@ class Sampler:
     # -- prompts
 
     def encode(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
-        out = []
-        for p in prompts:
-            if isinstance(p, str):
-                if self.tokenizer is None:
-                    raise UserError("text prompts need a tokenizer")
-                from w2s_jax.io.tokenizer import encode_prompt
-
-                out.append(list(encode_prompt(self.tokenizer, p)))
-            else:
-                out.append([int(t) for t in p])
-        return out
+        return encode_prompts(self.tokenizer, prompts)
 
     def max_prompt_len(self, sc: SampleConfig) -> int:
-        limit = self.cfg.max_seq_len - sc.max_new_tokens
-        if sc.max_prompt_len is not None:
-            limit = min(limit, sc.max_prompt_len)
-        if limit < 1:
-            raise UserError(
-                f"max_new_tokens={sc.max_new_tokens} leaves no room for a prompt (max_seq_len={self.cfg.max_seq_len})"
-            )
-        return limit
+        return prompt_limit(self.cfg.max_seq_len, sc)
 
     def _fit(self, ids: list[list[int]], sc: SampleConfig) -> list[list[int]]:
-        limit = self.max_prompt_len(sc)
-        bos = getattr(self.tokenizer, "bos_id", None)
-        out = []
-        for i, t in enumerate(ids):
-            if not t:
-                raise UserError(f"prompt {i} is empty (no tokens)")
-            if len(t) > limit:
-                if not sc.truncate_prompts:
-                    raise UserError(
-                        f"prompt {i} has {len(t)} tokens, more than the {limit} that fit "
-                        f"(max_seq_len {self.cfg.max_seq_len} - max_new_tokens {sc.max_new_tokens})"
-                    )
-                keep = 1 if (bos is not None and t[0] == bos) else 0
-                t = t[:keep] + t[len(t) - (limit - keep):]
-                self.stats["truncated"] += 1
-            out.append(t)
+        out, truncated = fit_prompts(ids, sc, self.cfg.max_seq_len, getattr(self.tokenizer, "bos_id", None))
+        self.stats["truncated"] += truncated
         return out
 
     # -- compilation
@@ -487,7 +303,6 @@ class Sampler:
 
     def _engine_program(self, kind: str, fn, spec, args: tuple, donate: bool = False, detail: str = ""):
         """The compiled continuous-batching program ``kind`` for these argument shapes (see engine.py)."""
-        from w2s_jax.infer import engine as E
         leaves, treedef = jax.tree.flatten(args)
         key = (kind, spec, self.mesh, self.rules, tuple(sorted(self.compiler_options.items())), treedef,
                tuple((a.shape, str(a.dtype)) for a in leaves))
@@ -511,7 +326,6 @@ class Sampler:
 
     def _engine_init(self, spec):
         """A fresh decode state for ``spec`` (every slot empty), laid out on the mesh."""
-        from w2s_jax.infer import engine as E
         return self._engine_program("init", lambda spec, mesh, rules: E.init_state(spec, mesh, rules), spec, (),
                                     detail="empty state")()
 
@@ -537,7 +351,7 @@ class Sampler:
             tokens[r, P - len(t):] = t
             kv_start[r] = P - len(t)
             seeds[r] = sc.seed + j
-            hashes[r] = _prompt_hash(t)
+            hashes[r] = prompt_hash(t)
             active[r] = True
         spec = Spec(
             cfg=self.cfg, batch=B, prompt_len=P, max_new=sc.max_new_tokens, greedy=sc.greedy,
@@ -559,9 +373,7 @@ class Sampler:
         return prog(*args)
 
     def _finish(self, rows, ids, outs, sc: SampleConfig) -> list[tuple[int, int, Completion]]:
-        from w2s_jax.parallel.distributed import to_host  # (arrays may span processes: gathered to every host)
-
-        toks, ntok, finish = to_host(tuple(outs[:3]))
+        toks, ntok, finish = to_host(tuple(outs[:3]))  # (arrays may span processes: gathered to every host)
         results = []
         for r, (i, j) in enumerate(rows):
             k = int(ntok[r])
@@ -573,15 +385,7 @@ class Sampler:
         return results
 
     def _completion(self, gen: list[int], code: int, sc: SampleConfig, j: int) -> Completion:
-        reason = FINISH_NAMES.get(code, "length")
-        text = ""
-        if self.tokenizer is not None:
-            body = gen[:-1] if reason == "eos" else gen
-            text, found = cut_at_stop(self.tokenizer.decode(body), sc.stop)
-            if found:
-                reason = "stop"
-            text = text.strip()
-        return Completion(text, gen, len(gen), reason, sc.seed + j)
+        return completion(self.tokenizer, gen, code, sc, j)
 
     # -- public API
 
@@ -602,12 +406,12 @@ class Sampler:
         rows = [(i, j) for i in range(len(ids)) for j in range(sc.n) if (i, j) not in skip]
         rows.sort(key=lambda r: (-len(ids[r[0]]), r[0], r[1]))
         dp = self.data_parallel
-        batch_buckets = sc.batch_buckets or default_batch_buckets(sc.batch_size, dp)
+        batch_buckets = sc.batch_buckets or doubling_buckets(round_up(sc.batch_size, dp), start=dp)
         if any(b % dp for b in batch_buckets):
             raise UserError(f"batch buckets {batch_buckets} must be multiples of the data-parallel size {dp}")
         bs = max(batch_buckets) if sc.batch_buckets else sc.batch_size
         limit = self.max_prompt_len(sc)
-        prompt_buckets = tuple(sorted(sc.prompt_buckets)) if sc.prompt_buckets else default_prompt_buckets(limit)
+        prompt_buckets = tuple(sorted(sc.prompt_buckets)) if sc.prompt_buckets else doubling_buckets(limit)
         if max(prompt_buckets) < max((len(t) for t in ids), default=0):
             raise UserError(f"prompt buckets {prompt_buckets} do not cover the longest prompt")
         bar = None
@@ -620,8 +424,6 @@ class Sampler:
         tokens = 0
         try:
             if self.engine == "continuous":
-                from w2s_jax.infer.engine import Engine
-
                 eng = Engine(self, sc, ids, rows, batch_buckets, prompt_buckets, bs)
                 for i, j, gen, code in eng.run():
                     c = self._completion(gen, code, sc, j)
@@ -678,18 +480,15 @@ class Sampler:
         sc = sample_cfg.replace(n=1, batch_size=max(len(prompts), 1))
         ids = self._fit(self.encode(prompts), sc)
         rows = [(i, 0) for i in range(len(ids))]
-        prompt_buckets = sc.prompt_buckets or default_prompt_buckets(self.max_prompt_len(sc))
-        batch_buckets = sc.batch_buckets or default_batch_buckets(len(ids), self.data_parallel)
+        prompt_buckets = sc.prompt_buckets or doubling_buckets(self.max_prompt_len(sc))
+        dp = self.data_parallel
+        batch_buckets = sc.batch_buckets or doubling_buckets(round_up(len(ids), dp), start=dp)
         if self.engine == "continuous":
-            from w2s_jax.infer.engine import Engine
-
             eng = Engine(self, sc, ids, rows, batch_buckets, tuple(sorted(prompt_buckets)), max(batch_buckets),
                          return_logits=True)
             done = {i: self._completion(gen, code, sc, j) for i, j, gen, code in eng.run()}
             return [(done[i], eng.logits[(i, 0)]) for i in range(len(ids))]
         outs = self._launch(rows, ids, sc, batch_buckets, prompt_buckets, return_logits=True)
         res = self._finish(rows, ids, outs, sc)
-        from w2s_jax.parallel.distributed import to_host
-
         logits = to_host(outs[3])
         return [(c, logits[r, : c.num_tokens]) for r, (_, _, c) in enumerate(res)]

@@ -59,7 +59,7 @@ __all__ = ["Scorer", "token_logprobs", "completion_logprobs", "score_records", "
 
 
 def _token_logprobs_impl(params, tokens, segment_ids, positions, lora, lora_scale, cfg, mesh, rules):
-    logits, _ = forward(
+    logits = forward(
         params, tokens, cfg, positions=positions, segment_ids=segment_ids, lora=lora, lora_scale=lora_scale,
         mesh=mesh, rules=rules,
     )

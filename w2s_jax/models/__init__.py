@@ -16,50 +16,26 @@ scoring and generation compile; the module wraps the same parameter dict (``mode
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import jax
-import jax.numpy as jnp
-
-from w2s_jax.core.errors import UserError
-from w2s_jax.models.config import PRESETS, ModelConfig, get_preset
-from w2s_jax.models.llama import BASE, DecoderLayer, Llama
-from w2s_jax.models.lora import Adapters, LoRAConfig, add_lora
-from w2s_jax.models.params import init_params
-from w2s_jax.parallel.sharding import DEFAULT_RULES, Rules
+import importlib
 
 __all__ = ["BASE", "Adapters", "DecoderLayer", "Llama", "LoRAConfig", "ModelConfig", "add_lora", "get_preset",
            "load"]
 
+# where each public name lives; it is imported on first use (see __getattr__)
+_HOMES = {"BASE": "llama", "DecoderLayer": "llama", "Llama": "llama", "Adapters": "lora", "LoRAConfig": "lora",
+          "add_lora": "lora", "ModelConfig": "config", "get_preset": "config", "load": "loading"}
 
-def load(spec: str | os.PathLike, *, mesh=None, rules: Rules = DEFAULT_RULES, seed: int = 0, dtype=None,
-         tokenizer=None, **overrides) -> Llama:
-    """A :class:`Llama` from a preset name or a checkpoint path.
 
-    A preset (``"tiny"``, ``"llama3-8b"``, ... see ``config.PRESETS``; ``overrides`` replace config
-    fields) is initialised at random from ``seed`` (``init_params(cfg, jax.random.PRNGKey(seed))``).
-    A path is read with ``io.native.load_model`` (native, Hugging Face, GGUF or PEFT; ``dtype`` and
-    ``tokenizer`` are passed on); saved adapters are attached as ``model.lora``. With ``mesh`` the
-    weights are created or read directly with their shardings."""
-    path = Path(spec)
-    if not path.exists() and str(spec) not in PRESETS:
-        try:
-            get_preset(str(spec))
-        except UserError as e:
-            raise UserError(f"`{spec}` is no file or directory, and {e}") from None
-    if path.exists():
-        # the one import from a higher layer (an exception in the import-linter contract), made here so that
-        # io's modules can import the models package while it initialises
-        from w2s_jax.io import native
+def __getattr__(name: str):
+    """The package's public names, imported when first used: importing a submodule such as
+    ``w2s_jax.models.config`` (model shapes; no JAX) stays light, and ``wm.load`` / ``wm.Llama`` bring
+    in JAX and Flax when asked for."""
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    globals()[name] = value
+    return value
 
-        loaded = native.load_model(path, mesh=mesh, rules=rules, dtype=dtype, tokenizer=tokenizer)
-        cfg = loaded.cfg.replace(**overrides)
-        model = Llama.from_params(cfg, loaded.params)
-        if loaded.lora is not None:
-            add_lora(model, loaded.lora_cfg, lora=loaded.lora)
-        return model
-    cfg = get_preset(str(spec), **overrides)
-    if dtype is not None:
-        cfg = cfg.replace(param_dtype=jnp.dtype(dtype).name)
-    return Llama.from_params(cfg, init_params(cfg, jax.random.PRNGKey(seed), mesh, rules))
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})

@@ -6,8 +6,6 @@ import dataclasses
 import difflib
 from dataclasses import dataclass
 
-import jax
-
 from w2s_jax.core.errors import UserError
 
 
@@ -70,12 +68,8 @@ class ModelConfig:
         return 6.0 * self.num_params + attn
 
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+# rematerialisation policies by name (decoder.CHECKPOINT_POLICIES maps each to JAX's policy)
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 # Published shapes. vocab/special ids follow each family's tokenizer.

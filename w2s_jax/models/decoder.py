@@ -47,10 +47,18 @@ import jax.numpy as jnp
 
 from w2s_jax.core.errors import UserError
 from w2s_jax.models import prepare
-from w2s_jax.models.config import REMAT_POLICIES, ModelConfig
+from w2s_jax.models.config import ModelConfig
 from w2s_jax.parallel.sharding import DEFAULT_RULES, Rules, constrain
 
 log = logging.getLogger(__name__)
+
+# JAX's rematerialisation policy for each name of config.REMAT_POLICIES
+CHECKPOINT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 # ----------------------------------------------------------------------------- layers
@@ -415,7 +423,7 @@ def forward(
     return_hidden: bool = False,
     platform: str | None = None,
 ):
-    """``(logits [B, T, V] float32, None)`` for training and scoring (generation runs the same
+    """Logits ``[B, T, V]`` (float32) for training and scoring (generation runs the same
     :func:`layer` in ``infer/``). ``segment_ids`` [B, T] (default all ones; 0 marks padding) and
     ``positions`` (default 0..T-1; restart per packed segment). ``platform``: see :func:`platform_of`.
     """
@@ -438,7 +446,7 @@ def forward(
 
     body = partial(_scan_layer, cfg, mesh, rules, platform, lora_scale, lora_dropout)
     if cfg.remat != "none":
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        body = jax.checkpoint(body, policy=CHECKPOINT_POLICIES[cfg.remat], prevent_cse=False)
     lp = None if lora is None else lora["layers"]
     xs = (params["layers"], lp, jnp.arange(cfg.n_layers))
     (x, *_), _ = jax.lax.scan(body, (x, mask, positions, dropout_key), xs)
@@ -451,5 +459,4 @@ def forward(
         logits = _flat_dot(x, head.astype(dtype), 1, jnp.float32)
     else:
         logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
-    logits = constrain(logits, ("batch", "length", "vocab"), mesh, rules)
-    return logits, None
+    return constrain(logits, ("batch", "length", "vocab"), mesh, rules)

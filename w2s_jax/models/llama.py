@@ -174,7 +174,7 @@ class Llama(nnx.Module):
 @partial(jax.jit, static_argnames=("cfg", "mesh", "rules"))
 def _logits(params, tokens, positions, segment_ids, lora, lora_scale, *, cfg, mesh, rules):
     return decoder.forward(params, tokens, cfg, positions=positions, segment_ids=segment_ids, lora=lora,
-                           lora_scale=lora_scale, mesh=mesh, rules=rules)[0]
+                           lora_scale=lora_scale, mesh=mesh, rules=rules)
 
 
 def _is_var(x) -> bool:

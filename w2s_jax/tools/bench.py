@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from w2s_jax.core.errors import UserError
+from w2s_jax.models.config import get_preset  # (model shapes only: no JAX)
 from w2s_jax.tools.tpu_specs import chip_for_device
 
 __all__ = ["WORKLOADS", "BenchOptions", "benchmarks_dir", "cpu_name", "plan", "print_table", "run_suite"]
@@ -181,8 +182,6 @@ def _sft_row(res: dict) -> dict:
                    baseline_peak_memory_bytes=(res.get("peak_rss_growth_bytes") or {}).get("torch_sft"),
                    baseline_memory_source="process RSS growth")
     try:
-        from w2s_jax.models.config import get_preset  # (imports JAX: after the mode set JAX_PLATFORMS)
-
         cfg = get_preset(res["model"]["preset"], n_layers=res["model"]["n_layers"])
         row["flops_per_token"] = cfg.flops_per_token(S)
     except Exception:  # noqa: BLE001
@@ -309,8 +308,6 @@ def run_suite(opts: BenchOptions) -> int:
     bdir = benchmarks_dir()
     env = dict(os.environ)
     device_kind = _device(opts.mode, env)
-    from w2s_jax.models.config import get_preset  # (imports JAX: after _device set JAX_PLATFORMS)
-
     spec = chip_for_device(device_kind)
     peak = spec.peak_bf16_flops if spec else None
     preset = opts.preset or DEFAULT_PRESET[opts.mode]

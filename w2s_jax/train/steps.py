@@ -88,7 +88,7 @@ def sequence_token_logps(params, lora, mb: dict, spec: StepSpec, dropout_key=Non
               lora_scale=spec.lora_scale or 1.0, lora_dropout=spec.lora_dropout if dropout_key is not None else 0.0,
               dropout_key=dropout_key, mesh=spec.mesh, rules=spec.rules)
     if spec.logits_chunks <= 1:
-        logits, _ = forward(params, mb["tokens"], cfg, **kw)
+        logits = forward(params, mb["tokens"], cfg, **kw)
         return token_logps(logits, mb["targets"])
     # chunks of rows whose logits are recomputed in the backward pass: less memory, more compute
     hidden = forward(params, mb["tokens"], cfg, return_hidden=True, **kw)
