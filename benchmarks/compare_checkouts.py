@@ -1,6 +1,6 @@
 """`w2s bench` for two source checkouts, workload by workload, back to back on the same machine.
 
-    python benchmarks/compare_checkouts.py OLD_DIR NEW_DIR [--only sft,dpo,score,lora,generate] [--out F]
+    python benchmarks/compare_checkouts.py OLD_DIR NEW_DIR [--only sft,dpo,score,lora,generate] [--out F] [w2s bench options]
 
 Each workload runs first in OLD_DIR then in NEW_DIR (each checkout's own `w2s bench`, with
 ``PYTHONPATH`` pointing at it), so a slow spell of a shared machine hits both sides of a pair rather
@@ -57,9 +57,8 @@ def main() -> int:
     ap.add_argument("new", type=Path)
     ap.add_argument("--only", default="sft,dpo,score,lora,generate")
     ap.add_argument("--out", type=Path, default=None, help="JSON with both sides' rows and the comparison")
-    ap.add_argument("bench_args", nargs=argparse.REMAINDER, help="after `--`: more `w2s bench` options")
-    args = ap.parse_args()
-    extra = [a for a in args.bench_args if a != "--"]
+    args, extra = ap.parse_known_args()  # anything else is passed on to `w2s bench` (e.g. --rounds 3)
+    extra = [a for a in extra if a != "--"]
     rows, raw = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for w in args.only.split(","):
