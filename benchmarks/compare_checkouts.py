@@ -1,6 +1,6 @@
 """`w2s bench` for two source checkouts, workload by workload, back to back on the same machine.
 
-    python benchmarks/compare_checkouts.py OLD_DIR NEW_DIR [--only sft,dpo,score,lora,generate] [--out F] [w2s bench options]
+    python benchmarks/compare_checkouts.py OLD_DIR NEW_DIR [--only W1,W2] [--out F] [w2s bench options]
 
 Each workload runs first in OLD_DIR then in NEW_DIR (each checkout's own `w2s bench`, with
 ``PYTHONPATH`` pointing at it), so a slow spell of a shared machine hits both sides of a pair rather
