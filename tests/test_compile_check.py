@@ -9,6 +9,8 @@ from pathlib import Path
 import jax
 import pytest
 
+from w2s_jax.cli import app
+from w2s_jax.cli import compile_check as CLI
 from w2s_jax.core.errors import UserError
 from w2s_jax.tools import compile_check as C
 from w2s_jax.tools import tpu_specs as T
@@ -166,7 +168,7 @@ def test_run_config_is_accepted():
 @needs_libtpu
 def test_compile_for_tpu_topology(tiny_cfg, tmp_path, capsys):
     out = tmp_path / "report.json"
-    rc = C.main([str(tiny_cfg), "--topology", "v5litepod-4", "--json", str(out)])
+    rc = CLI.main([str(tiny_cfg), "--topology", "v5litepod-4", "--json", str(out)])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "v5litepod-4 = v5e:2x2: 4 chips" in text and "FITS" in text
@@ -187,9 +189,17 @@ def test_does_not_fit_exits_nonzero(tmp_path, capsys):
     p = tmp_path / "big.yaml"
     # 13B parameters with fp32 Adam: ~200 GiB of state on 4 x 16 GiB chips
     p.write_text("model: llama2-13b\nsft: {seq_len: 256, batch_size: 4}\nstages: [sft]\nmesh: {fsdp: -1}\n")
-    rc = C.main([str(p), "--topology", "v5litepod-4", "--no-xla-costs"])
+    rc = CLI.main([str(p), "--topology", "v5litepod-4", "--no-xla-costs"])
     text = capsys.readouterr().out
     assert rc == 1 and "DOES NOT FIT" in text and "| sft |" in text
+
+
+def test_command_module():
+    """`w2s compile-check` runs the cli module, whose parser hands its options to the library entry."""
+    assert app.COMMANDS["compile-check"][0] == CLI.__name__
+    with pytest.raises(SystemExit) as e:
+        CLI.main(["--help"])
+    assert e.value.code == 0
 
 
 def test_bytes_math():

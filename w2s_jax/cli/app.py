@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("w2s_jax.cli.convert", "convert checkpoints between HF/GGUF and w2s-jax"),
     "sft": ("w2s_jax.cli.train", "supervised fine-tuning"),
     "dpo": ("w2s_jax.cli.train", "preference optimization (DPO, IPO, hinge, ORPO, SimPO)"),
-    "compile-check": ("w2s_jax.tools.compile_check", "ahead-of-time fit check for a TPU topology"),
+    "compile-check": ("w2s_jax.cli.compile_check", "ahead-of-time fit check for a TPU topology"),
     "bench": ("w2s_jax.cli.bench", "benchmarks against PyTorch baselines"),
 }
 
