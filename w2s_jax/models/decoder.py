@@ -5,18 +5,7 @@ axis names (see ``sharding.py``). Layers are stacked on a leading ``layers`` axi
 ``jax.lax.scan``, so compile time does not grow with depth; each layer body is wrapped in
 ``jax.checkpoint`` with the configured rematerialisation policy.
 
-Weight layout (x @ W, per layer; stacked over L):
-
-    embed      [V, D]            ("vocab", "embed")
-    attn_norm  [L, D]            ("layers", "norm")
-    wq         [L, D, H, Dh]     ("layers", "embed", "heads", "head_dim")
-    wk, wv     [L, D, K, Dh]     ("layers", "embed", "kv_heads", "head_dim")
-    wo         [L, H, Dh, D]     ("layers", "heads", "head_dim", "embed")
-    mlp_norm   [L, D]
-    w_gate,w_up[L, D, F]         ("layers", "embed", "mlp")
-    w_down     [L, F, D]         ("layers", "mlp", "embed")
-    final_norm [D]
-    lm_head    [D, V]            (absent when embeddings are tied)
+Weight layout (x @ W per layer, stacked over a leading layer axis) and logical axis names: ``params.py``.
 
 LoRA adapters (``lora.py``) are a second tree ``{"layers": {name: {"a": [L, in..., r], "b": [L, r, out...]}}}``
 applied unmerged inside the same einsums.
