@@ -277,3 +277,49 @@ def test_old_layout_checkpoint_loads(tmp_path):
 def test_load_errors():
     with pytest.raises(UserError, match="no file or directory.*did you mean `tiny-gqa`"):
         wm.load("tiny-gqq")
+
+
+def test_parts_are_modules_over_the_layer_weights(hf):
+    """Embedding, RMSNorm, Attention and MLP modules: composed, they give transformers' layer output and
+    the layer's own call; each part equals transformers' module on the same weights."""
+    m, _ = hf
+    model = wm.load(hf[1])
+    tokens = np.random.RandomState(2).randint(0, V, (2, T_LEN))
+    hs = [h.numpy() for h in _torch_out(m, tokens, output_hidden_states=True).hidden_states]
+    assert np.abs(np.asarray(model.embedding(tokens)) - hs[0]).max() <= TOL
+
+    layer = model.layer(1)
+    x = jnp.asarray(hs[1])
+    h = layer.attention_norm(x)
+    y = x + layer.attention(h)
+    y = y + layer.mlp(layer.mlp_norm_module(y))
+    assert np.abs(np.asarray(y) - hs[2]).max() <= TOL
+    assert np.abs(np.asarray(y) - np.asarray(layer(x))).max() <= 1e-5
+
+    hl = m.model.layers[1]
+    with torch.no_grad():
+        ref_norm = hl.input_layernorm(torch.as_tensor(hs[1])).numpy()
+        ref_mlp = hl.mlp(torch.as_tensor(np.array(h))).numpy()
+    assert np.abs(np.asarray(h) - ref_norm).max() <= TOL
+    assert np.abs(np.asarray(layer.mlp(h)) - ref_mlp).max() <= TOL
+
+    # views over the layer's own nnx.Param objects, not copies: the state keeps the checkpoint names
+    assert layer.attention.wq is layer.wq and layer.mlp.w_down is layer.w_down and model.norm.weight is model.final_norm
+    layer.attention.wo[...] = jnp.zeros_like(layer.wo[...])
+    assert not np.any(np.asarray(layer.wo[...]))
+    assert set(nnx.to_pure_dict(nnx.state(layer, nnx.Param))) == {"attn_norm", "wq", "wk", "wv", "wo", "mlp_norm",
+                                                                   "w_gate", "w_up", "w_down"}
+    with pytest.raises(ValueError, match="stacked"):
+        model.layers.attention(x)
+
+    # on their own: fresh weights with their logical axes, and a causal attention (a later token never
+    # changes an earlier output)
+    cfg = model.cfg
+    attn = wm.Attention(cfg, rngs=nnx.Rngs(0))
+    assert attn.wk.shape == (64, 2, 16) and attn.wo.get_metadata("out_sharding") == ("heads", "head_dim", "embed")
+    assert wm.MLP(cfg, rngs=nnx.Rngs(0)).w_gate.shape == (64, 96)
+    assert np.all(np.asarray(wm.RMSNorm(cfg, rngs=nnx.Rngs(0)).weight[...]) == 1.0)
+    z = jax.random.normal(jax.random.PRNGKey(0), (1, 8, 64))
+    out1, out2 = attn(z), attn(z.at[:, -1].set(0.0))
+    assert np.abs(np.asarray(out1[:, :-1] - out2[:, :-1])).max() <= 1e-6
+    assert np.abs(np.asarray(out1[:, -1] - out2[:, -1])).max() > 1e-3

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -74,11 +73,7 @@ class _ESpec:
 
 
 def _embed(spec, mesh, rules, weights, tok):
-    cfg = spec.cfg
-    x = weights["embed"].astype(jnp.dtype(cfg.dtype))[tok]
-    if cfg.scale_embeddings:
-        x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
-    return constrain(x, ("batch", "length", "embed"), mesh, rules)
+    return D.embed(spec.cfg, weights["embed"], tok, mesh, rules)
 
 
 def _head(spec, weights, x_last, skinny=None):

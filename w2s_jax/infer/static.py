@@ -39,7 +39,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -76,13 +75,8 @@ class Spec:
 CACHE_NAMES = ("batch", "kv_heads", "cache_length", "head_dim")
 
 
-def _embed(spec: Spec, mesh, rules, weights, tok):
-    cfg = spec.cfg
-    dtype = jnp.dtype(cfg.dtype)
-    x = weights["embed"].astype(dtype)[tok]
-    if cfg.scale_embeddings:
-        x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype)
-    return constrain(x, ("batch", "length", "embed"), mesh, rules)
+def _embed(spec, mesh, rules, weights, tok):
+    return D.embed(spec.cfg, weights["embed"], tok, mesh, rules)
 
 
 def _head(spec: Spec, weights, x_last, skinny):

@@ -10,6 +10,10 @@
     nnx.display(model)
     logits = model(tokens)
 
+The model's parts are modules too (:class:`Embedding`, :class:`RMSNorm`, :class:`Attention`,
+:class:`MLP`, :class:`DecoderLayer`): ``model.layer(0).attention(h)``, or ``wm.MLP(cfg, rngs=nnx.Rngs(0))``
+on its own.
+
 The functional pieces (``decoder.forward``, ``params.init_params``, ``lora``) are what training,
 scoring and generation compile; the module wraps the same parameter dict (``model.params()``).
 """
@@ -18,11 +22,12 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["BASE", "Adapters", "DecoderLayer", "Llama", "LoRAConfig", "ModelConfig", "add_lora", "get_preset",
-           "load"]
+__all__ = ["BASE", "MLP", "Adapters", "Attention", "DecoderLayer", "Embedding", "Llama", "LoRAConfig", "ModelConfig",
+           "RMSNorm", "add_lora", "get_preset", "load"]
 
 # where each public name lives; it is imported on first use (see __getattr__)
-_HOMES = {"BASE": "llama", "DecoderLayer": "llama", "Llama": "llama", "Adapters": "lora", "LoRAConfig": "lora",
+_HOMES = {"BASE": "llama", "DecoderLayer": "llama", "Llama": "llama", "Embedding": "llama", "RMSNorm": "llama",
+          "Attention": "llama", "MLP": "llama", "Adapters": "lora", "LoRAConfig": "lora",
           "add_lora": "lora", "ModelConfig": "config", "get_preset": "config", "load": "loading"}
 
 

@@ -62,6 +62,15 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float, plus_one: bool) -> jax.Arra
     return w.astype(dtype) * xf.astype(dtype)  # Llama: cast, then scale
 
 
+def embed(cfg: ModelConfig, table: jax.Array, tokens: jax.Array, mesh=None, rules: Rules = DEFAULT_RULES):
+    """Token embeddings ``[B, T, D]`` in the compute dtype (Gemma: times ``sqrt(d_model)``)."""
+    dtype = jnp.dtype(cfg.dtype)
+    x = table.astype(dtype)[tokens]
+    if cfg.scale_embeddings:
+        x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype)
+    return constrain(x, ("batch", "length", "embed"), mesh, rules)
+
+
 def rope_frequencies(cfg: ModelConfig) -> jax.Array:
     dh = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
@@ -155,6 +164,16 @@ def _attention_mask(q_slots, k_slots, q_seg, k_seg, k_valid, window):
     if window is not None:
         m &= (q_slots[:, :, None] - k_slots[:, None, :]) < window
     return m
+
+
+def self_attention_mask(cfg: ModelConfig, segment_ids: jax.Array) -> jax.Array:
+    """The training/scoring mask ``[B, T, T]`` of a (packed) sequence: causal, within a segment, the
+    config's sliding window; padding (segment 0) queries attend to themselves only (keeps the softmax
+    finite; their outputs are ignored)."""
+    B, T = segment_ids.shape
+    slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    mask = _attention_mask(slots, slots, segment_ids, segment_ids, segment_ids > 0, cfg.sliding_window)
+    return mask | jnp.eye(T, dtype=bool)[None]
 
 
 def attention_implementation(cfg: ModelConfig, platform: str | None = None) -> str:
@@ -301,25 +320,37 @@ def _down(p, lp, gu, proj: Proj):
     return proj.lora(proj.mm(gu, p["down"]), "w_down", gu, lp)
 
 
-def layer(cfg: ModelConfig, p: dict, lp: dict | None, x, rope: Callable, attend: Callable, proj: Proj, mesh=None,
-          rules: Rules = DEFAULT_RULES):
-    """One decoder layer: norm -> q/k/v + RoPE -> ``attend(q, k, v)`` -> output projection -> norm ->
-    gated MLP, with residuals. ``p``/``lp``: this layer's weights and LoRA adapters; ``rope``: applies
-    RoPE to q and k (:func:`rotary`, or :func:`apply_rope` at given positions). Returns ``x`` and the
-    layer's new keys/values ``[B, T, K, Dh]`` (after RoPE), which a generation caller writes into its
-    cache."""
-    h = rms_norm(x, p["attn_norm"], cfg.norm_eps, cfg.norm_plus_one)
+def attention_block(cfg: ModelConfig, p: dict, lp: dict | None, h, rope: Callable, attend: Callable, proj: Proj,
+                    mesh=None, rules: Rules = DEFAULT_RULES):
+    """Self-attention of the normed input ``h``: q/k/v projections, RoPE on q and k, ``attend(q, k, v)``
+    and the output projection. Returns the attention output ``[B, T, D]`` (before the residual) and the
+    new keys/values ``[B, T, K, Dh]`` (after RoPE)."""
     q, k, v = _qkv(cfg, p, lp, h, proj)
     q, k = rope(q), rope(k)
     q = constrain(q, ("batch", "length", "heads", "head_dim"), mesh, rules)
-    attn = attend(q, k, v)
-    x = constrain(x + _out(p, lp, attn, proj), ("batch", "length", "embed"), mesh, rules)
-    h = rms_norm(x, p["mlp_norm"], cfg.norm_eps, cfg.norm_plus_one)
+    return _out(p, lp, attend(q, k, v), proj), (k, v)
+
+
+def mlp_block(cfg: ModelConfig, p: dict, lp: dict | None, h, proj: Proj, mesh=None, rules: Rules = DEFAULT_RULES):
+    """The gated MLP of the normed input ``h``: ``down(act(gate(h)) * up(h))`` (SiLU, or tanh-GELU for Gemma)."""
     g, u = _gate_up(cfg, p, lp, h, proj)
     g = jax.nn.silu(g) if cfg.activation == "silu" else jax.nn.gelu(g, approximate=True)
     gu = constrain(g * u, ("batch", "length", "mlp"), mesh, rules)
-    x = constrain(x + _down(p, lp, gu, proj), ("batch", "length", "embed"), mesh, rules)
-    return x, (k, v)
+    return _down(p, lp, gu, proj)
+
+
+def layer(cfg: ModelConfig, p: dict, lp: dict | None, x, rope: Callable, attend: Callable, proj: Proj, mesh=None,
+          rules: Rules = DEFAULT_RULES):
+    """One decoder layer: norm -> :func:`attention_block` -> residual -> norm -> :func:`mlp_block` ->
+    residual. ``p``/``lp``: this layer's weights and LoRA adapters; ``rope``: applies RoPE to q and k
+    (:func:`rotary`, or :func:`apply_rope` at given positions). Returns ``x`` and the layer's new
+    keys/values ``[B, T, K, Dh]`` (after RoPE), which a generation caller writes into its cache."""
+    h = rms_norm(x, p["attn_norm"], cfg.norm_eps, cfg.norm_plus_one)
+    attn, kv = attention_block(cfg, p, lp, h, rope, attend, proj, mesh, rules)
+    x = constrain(x + attn, ("batch", "length", "embed"), mesh, rules)
+    h = rms_norm(x, p["mlp_norm"], cfg.norm_eps, cfg.norm_plus_one)
+    x = constrain(x + mlp_block(cfg, p, lp, h, proj, mesh, rules), ("batch", "length", "embed"), mesh, rules)
+    return x, kv
 
 
 # ----------------------------------------------------------------------------- attention modes
@@ -423,15 +454,9 @@ def forward(
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     if segment_ids is None:
         segment_ids = jnp.ones((B, T), jnp.int32)
-    slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    # padding queries attend to themselves only (keeps softmax finite; their outputs are ignored)
-    mask = _attention_mask(slots, slots, segment_ids, segment_ids, segment_ids > 0, cfg.sliding_window)
-    mask |= jnp.eye(T, dtype=bool)[None]
+    mask = self_attention_mask(cfg, segment_ids)
 
-    x = params["embed"].astype(dtype)[tokens]
-    if cfg.scale_embeddings:
-        x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype)
-    x = constrain(x, ("batch", "length", "embed"), mesh, rules)
+    x = embed(cfg, params["embed"], tokens, mesh, rules)
 
     body = partial(_scan_layer, cfg, mesh, rules, platform, lora_scale, lora_dropout)
     if cfg.remat != "none":

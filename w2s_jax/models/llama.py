@@ -62,42 +62,160 @@ def _declare(cfg: ModelConfig, values, rngs, name: str, shape: tuple, axes: tupl
     return nnx.Param(value, eager_sharding=False, **meta)
 
 
+def _values(module: nnx.Module, names) -> dict:
+    """The arrays of ``module``'s weights ``names`` as the functional layer dict."""
+    return {n: getattr(module, n)[...] for n in names}
+
+
+def _unstacked(cfg: ModelConfig, module: nnx.Module, name: str) -> None:
+    if getattr(module, name).ndim != len(_SHAPES[name](cfg)):
+        raise ValueError("these weights are stacked over layers; use Llama.layer(i) for one layer")
+
+
+def _rope(cfg: ModelConfig, positions, B: int, T: int):
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    return partial(decoder.apply_rope, positions=positions, inv_freq=decoder.rope_frequencies(cfg))
+
+
+def _proj(mesh) -> decoder.Proj:
+    return decoder.Proj(flat=decoder._flat_dots(decoder.platform_of(mesh)))
+
+
+# one layer's weights: shape (from the config), logical axes, contracted input dims (kernels)
+_SHAPES = {
+    "attn_norm": lambda c: (c.d_model,), "mlp_norm": lambda c: (c.d_model,),
+    "wq": lambda c: (c.d_model, c.n_heads, c.head_dim), "wk": lambda c: (c.d_model, c.n_kv_heads, c.head_dim),
+    "wv": lambda c: (c.d_model, c.n_kv_heads, c.head_dim), "wo": lambda c: (c.n_heads, c.head_dim, c.d_model),
+    "w_gate": lambda c: (c.d_model, c.d_ff), "w_up": lambda c: (c.d_model, c.d_ff),
+    "w_down": lambda c: (c.d_ff, c.d_model),
+}
+_AXES = {
+    "attn_norm": (("norm",), None), "mlp_norm": (("norm",), None),
+    "wq": (("embed", "heads", "head_dim"), 1), "wk": (("embed", "kv_heads", "head_dim"), 1),
+    "wv": (("embed", "kv_heads", "head_dim"), 1), "wo": (("heads", "head_dim", "embed"), 2),
+    "w_gate": (("embed", "mlp"), 1), "w_up": (("embed", "mlp"), 1), "w_down": (("mlp", "embed"), 1),
+}
+ATTENTION = ("wq", "wk", "wv", "wo")
+MLP_WEIGHTS = ("w_gate", "w_up", "w_down")
+
+
+def _weights(module: nnx.Module, cfg: ModelConfig, names, given: dict | None, values: dict | None, rngs) -> None:
+    """Set ``module``'s weights ``names``: the given ``nnx.Param`` objects (shared, not copied), or new
+    ones from ``values`` / ``rngs`` (see :func:`_declare`)."""
+    for n in names:
+        if given is not None:
+            setattr(module, n, given[n])
+        else:
+            axes, n_in = _AXES[n]
+            setattr(module, n, _declare(cfg, values, rngs, n, _SHAPES[n](cfg), axes, n_in))
+
+
+class Embedding(nnx.Module):
+    """The token embedding table ``[V, D]``; :meth:`__call__` looks tokens up in the compute dtype
+    (Gemma: times ``sqrt(d_model)``); a tied model's output head is its transpose."""
+
+    def __init__(self, cfg: ModelConfig, weight: nnx.Param | None = None, *, rngs: nnx.Rngs | None = None):
+        self.cfg = cfg
+        shape = (cfg.vocab_size, cfg.d_model)
+        self.weight = weight if weight is not None else _declare(cfg, None, rngs, "embed", shape, ("vocab", "embed"))
+
+    def __call__(self, tokens, *, mesh=None, rules: Rules = DEFAULT_RULES):
+        return decoder.embed(self.cfg, self.weight[...], jnp.asarray(tokens), mesh, rules)
+
+
+class RMSNorm(nnx.Module):
+    """``x * rsqrt(mean(x^2) + eps) * w`` over the last axis (Gemma: ``* (1 + w)``, in float32)."""
+
+    def __init__(self, cfg: ModelConfig, weight: nnx.Param | None = None, *, rngs: nnx.Rngs | None = None):
+        self.cfg = cfg
+        self.weight = weight if weight is not None else _declare(cfg, None, rngs, "weight", (cfg.d_model,), ("norm",))
+
+    def __call__(self, x):
+        return decoder.rms_norm(x, self.weight[...], self.cfg.norm_eps, self.cfg.norm_plus_one)
+
+
+class Attention(nnx.Module):
+    """Causal self-attention with grouped-query heads, RoPE (the config's theta and scaling) and the
+    config's sliding window: ``wq``, ``wk``, ``wv`` ``[D, heads, Dh]`` and ``wo`` ``[H, Dh, D]``.
+    ``weights``: existing ``nnx.Param`` objects to use (shared); otherwise new ones from ``rngs``."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict | None = None, *, rngs: nnx.Rngs | None = None):
+        self.cfg = cfg
+        _weights(self, cfg, ATTENTION, weights, None, rngs)
+
+    def __call__(self, h, *, positions=None, segment_ids=None, mesh=None, rules: Rules = DEFAULT_RULES):
+        """The attention output ``[B, T, D]`` of the normed input ``h`` (before the residual)."""
+        _unstacked(self.cfg, self, "wq")
+        B, T = h.shape[:2]
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
+        mask = decoder.self_attention_mask(self.cfg, segment_ids)
+        attend = decoder.causal_attention(self.cfg, mask, decoder.platform_of(mesh), mesh, rules)
+        out, _ = decoder.attention_block(self.cfg, _values(self, ATTENTION), None, h, _rope(self.cfg, positions, B, T),
+                                         attend, _proj(mesh), mesh, rules)
+        return out
+
+
+class MLP(nnx.Module):
+    """The gated MLP ``down(act(gate(h)) * up(h))``: ``w_gate``, ``w_up`` ``[D, F]``, ``w_down`` ``[F, D]``."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict | None = None, *, rngs: nnx.Rngs | None = None):
+        self.cfg = cfg
+        _weights(self, cfg, MLP_WEIGHTS, weights, None, rngs)
+
+    def __call__(self, h, *, mesh=None, rules: Rules = DEFAULT_RULES):
+        _unstacked(self.cfg, self, "w_up")
+        return decoder.mlp_block(self.cfg, _values(self, MLP_WEIGHTS), None, h, _proj(mesh), mesh, rules)
+
+
 class DecoderLayer(nnx.Module):
-    """The weights of one decoder layer (or, inside :class:`Llama`, of all layers stacked).
+    """One decoder layer (or, inside :class:`Llama`, all layers stacked): pre-norm attention and
+    pre-norm gated MLP, each with a residual.
+
+    The layer owns its nine weights under the names of the parameter dict (``attn_norm``, ``wq`` ...
+    ``w_down``); :attr:`attention_norm`, :attr:`attention`, :attr:`mlp_norm_module` and :attr:`mlp` are
+    :class:`RMSNorm`, :class:`Attention` and :class:`MLP` modules over those same ``nnx.Param`` objects
+    (views: an update through one is seen by the other), so the state keeps the checkpoint names
+    while the parts can be called, displayed and tested on their own.
 
     ``values``: a dict of existing arrays to wrap (not copied); otherwise drawn from ``rngs``
     (norm scales constant, kernels normal with ``initializer_range``); with neither, zeros (for
     ``nnx.eval_shape``)."""
 
     def __init__(self, cfg: ModelConfig, values: dict | None = None, *, rngs: nnx.Rngs | None = None):
-        D, F, H, K, Dh = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        p = partial(_declare, cfg, values, rngs)
         self.cfg = cfg
-        self.attn_norm = p("attn_norm", (D,), ("norm",))
-        self.wq = p("wq", (D, H, Dh), ("embed", "heads", "head_dim"), n_in=1)
-        self.wk = p("wk", (D, K, Dh), ("embed", "kv_heads", "head_dim"), n_in=1)
-        self.wv = p("wv", (D, K, Dh), ("embed", "kv_heads", "head_dim"), n_in=1)
-        self.wo = p("wo", (H, Dh, D), ("heads", "head_dim", "embed"), n_in=2)
-        self.mlp_norm = p("mlp_norm", (D,), ("norm",))
-        self.w_gate = p("w_gate", (D, F), ("embed", "mlp"), n_in=1)
-        self.w_up = p("w_up", (D, F), ("embed", "mlp"), n_in=1)
-        self.w_down = p("w_down", (F, D), ("mlp", "embed"), n_in=1)
+        _weights(self, cfg, ("attn_norm", *ATTENTION, "mlp_norm", *MLP_WEIGHTS), None, values, rngs)
+
+    @property
+    def attention_norm(self) -> RMSNorm:
+        return RMSNorm(self.cfg, self.attn_norm)
+
+    @property
+    def attention(self) -> Attention:
+        return Attention(self.cfg, {n: getattr(self, n) for n in ATTENTION})
+
+    @property
+    def mlp_norm_module(self) -> RMSNorm:
+        return RMSNorm(self.cfg, self.mlp_norm)
+
+    @property
+    def mlp(self) -> MLP:
+        return MLP(self.cfg, {n: getattr(self, n) for n in MLP_WEIGHTS})
 
     def __call__(self, x, *, positions=None, segment_ids=None, lora: dict | None = None, lora_scale: float = 1.0,
                  mesh=None, rules: Rules = DEFAULT_RULES):
-        """Hidden states ``[B, T, D]`` after this layer (a single, unstacked layer: ``Llama.layer(i)``).
+        """Hidden states ``[B, T, D]`` after this layer (a single, unstacked layer: ``Llama.layer(i)``),
+        through ``decoder.layer`` as training runs it.
 
         ``lora``: this layer's adapters ``{kernel: {"a", "b"}}`` without the layer axis."""
-        if self.wq.ndim != 3:
-            raise ValueError("this DecoderLayer holds stacked layers; call Llama.layer(i) for one of them")
+        _unstacked(self.cfg, self, "wq")
         B, T = x.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
-        slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        mask = decoder._attention_mask(slots, slots, segment_ids, segment_ids, segment_ids > 0, self.cfg.sliding_window)
-        mask |= jnp.eye(T, dtype=bool)[None]
+        mask = decoder.self_attention_mask(self.cfg, segment_ids)
         p = nnx.to_pure_dict(nnx.state(self, BASE))
         platform = decoder.platform_of(mesh)
         (x, *_), _ = decoder._scan_layer(self.cfg, mesh, rules, platform, lora_scale, 0.0, (x, mask, positions, None),
@@ -138,6 +256,16 @@ class Llama(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = p("lm_head", (D, V), ("embed", "vocab"))
         self.lora = nnx.data(None)  # adapters (lora.Adapters), attached by lora.add_lora
+
+    @property
+    def embedding(self) -> Embedding:
+        """The token embedding as an :class:`Embedding` module over ``embed`` (shared, not copied)."""
+        return Embedding(self.cfg, self.embed)
+
+    @property
+    def norm(self) -> RMSNorm:
+        """The final norm as an :class:`RMSNorm` module over ``final_norm``."""
+        return RMSNorm(self.cfg, self.final_norm)
 
     @classmethod
     def from_params(cls, cfg: ModelConfig, params: dict) -> Llama:
