@@ -67,8 +67,8 @@ def _values(module: nnx.Module, names) -> dict:
     return {n: getattr(module, n)[...] for n in names}
 
 
-def _unstacked(cfg: ModelConfig, module: nnx.Module, name: str) -> None:
-    if getattr(module, name).ndim != len(_SHAPES[name](cfg)):
+def _unstacked(module: nnx.Module, name: str) -> None:
+    if getattr(module, name).ndim != len(_LAYER_WEIGHTS[name][1]):
         raise ValueError("these weights are stacked over layers; use Llama.layer(i) for one layer")
 
 
@@ -82,19 +82,17 @@ def _proj(mesh) -> decoder.Proj:
     return decoder.Proj(flat=decoder._flat_dots(decoder.platform_of(mesh)))
 
 
-# one layer's weights: shape (from the config), logical axes, contracted input dims (kernels)
-_SHAPES = {
-    "attn_norm": lambda c: (c.d_model,), "mlp_norm": lambda c: (c.d_model,),
-    "wq": lambda c: (c.d_model, c.n_heads, c.head_dim), "wk": lambda c: (c.d_model, c.n_kv_heads, c.head_dim),
-    "wv": lambda c: (c.d_model, c.n_kv_heads, c.head_dim), "wo": lambda c: (c.n_heads, c.head_dim, c.d_model),
-    "w_gate": lambda c: (c.d_model, c.d_ff), "w_up": lambda c: (c.d_model, c.d_ff),
-    "w_down": lambda c: (c.d_ff, c.d_model),
-}
-_AXES = {
-    "attn_norm": (("norm",), None), "mlp_norm": (("norm",), None),
-    "wq": (("embed", "heads", "head_dim"), 1), "wk": (("embed", "kv_heads", "head_dim"), 1),
-    "wv": (("embed", "kv_heads", "head_dim"), 1), "wo": (("heads", "head_dim", "embed"), 2),
-    "w_gate": (("embed", "mlp"), 1), "w_up": (("embed", "mlp"), 1), "w_down": (("mlp", "embed"), 1),
+# one layer's weights: shape (from the config), logical axes, contracted input dims (kernels; None for norms)
+_LAYER_WEIGHTS = {
+    "attn_norm": (lambda c: (c.d_model,), ("norm",), None),
+    "wq": (lambda c: (c.d_model, c.n_heads, c.head_dim), ("embed", "heads", "head_dim"), 1),
+    "wk": (lambda c: (c.d_model, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), 1),
+    "wv": (lambda c: (c.d_model, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), 1),
+    "wo": (lambda c: (c.n_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed"), 2),
+    "mlp_norm": (lambda c: (c.d_model,), ("norm",), None),
+    "w_gate": (lambda c: (c.d_model, c.d_ff), ("embed", "mlp"), 1),
+    "w_up": (lambda c: (c.d_model, c.d_ff), ("embed", "mlp"), 1),
+    "w_down": (lambda c: (c.d_ff, c.d_model), ("mlp", "embed"), 1),
 }
 ATTENTION = ("wq", "wk", "wv", "wo")
 MLP_WEIGHTS = ("w_gate", "w_up", "w_down")
@@ -107,8 +105,8 @@ def _weights(module: nnx.Module, cfg: ModelConfig, names, given: dict | None, va
         if given is not None:
             setattr(module, n, given[n])
         else:
-            axes, n_in = _AXES[n]
-            setattr(module, n, _declare(cfg, values, rngs, n, _SHAPES[n](cfg), axes, n_in))
+            shape, axes, n_in = _LAYER_WEIGHTS[n]
+            setattr(module, n, _declare(cfg, values, rngs, n, shape(cfg), axes, n_in))
 
 
 class Embedding(nnx.Module):
@@ -146,7 +144,7 @@ class Attention(nnx.Module):
 
     def __call__(self, h, *, positions=None, segment_ids=None, mesh=None, rules: Rules = DEFAULT_RULES):
         """The attention output ``[B, T, D]`` of the normed input ``h`` (before the residual)."""
-        _unstacked(self.cfg, self, "wq")
+        _unstacked(self, "wq")
         B, T = h.shape[:2]
         if segment_ids is None:
             segment_ids = jnp.ones((B, T), jnp.int32)
@@ -165,7 +163,7 @@ class MLP(nnx.Module):
         _weights(self, cfg, MLP_WEIGHTS, weights, None, rngs)
 
     def __call__(self, h, *, mesh=None, rules: Rules = DEFAULT_RULES):
-        _unstacked(self.cfg, self, "w_up")
+        _unstacked(self, "w_up")
         return decoder.mlp_block(self.cfg, _values(self, MLP_WEIGHTS), None, h, _proj(mesh), mesh, rules)
 
 
@@ -185,7 +183,7 @@ class DecoderLayer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, values: dict | None = None, *, rngs: nnx.Rngs | None = None):
         self.cfg = cfg
-        _weights(self, cfg, ("attn_norm", *ATTENTION, "mlp_norm", *MLP_WEIGHTS), None, values, rngs)
+        _weights(self, cfg, tuple(_LAYER_WEIGHTS), None, values, rngs)
 
     @property
     def attention_norm(self) -> RMSNorm:
@@ -209,7 +207,7 @@ class DecoderLayer(nnx.Module):
         through ``decoder.layer`` as training runs it.
 
         ``lora``: this layer's adapters ``{kernel: {"a", "b"}}`` without the layer axis."""
-        _unstacked(self.cfg, self, "wq")
+        _unstacked(self, "wq")
         B, T = x.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
