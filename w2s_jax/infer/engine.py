@@ -36,7 +36,17 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from w2s_jax.infer.sampling import EOS, LENGTH, RUNNING, STOP, head_logits, layer_proj, sample_rows, skinny_for
+from w2s_jax.infer.sampling import (
+    EOS,
+    LENGTH,
+    RUNNING,
+    STOP,
+    attention_kernel_for,
+    head_logits,
+    layer_proj,
+    sample_rows,
+    skinny_for,
+)
 from w2s_jax.models import decoder as D
 from w2s_jax.models.config import ModelConfig
 from w2s_jax.models.decoder import rms_norm
@@ -274,6 +284,7 @@ def decode(spec: _ESpec, mesh, rules, state, weights, lora, lora_scale, prefix, 
     keys = _keys(state["seeds"], state["hashes"])
     skinny = skinny_for(spec)
     proj = layer_proj(spec, lora_scale, skinny)
+    kernel = attention_kernel_for(spec)
 
     def cond(c):
         i, st = c
@@ -285,8 +296,11 @@ def decode(spec: _ESpec, mesh, rules, state, weights, lora, lora_scale, prefix, 
         cur, live = st["cur"], ~st["done"]
         pos = prefix_len + cur  # absolute position of the token fed now
         valid = kslots[None, :] < cur[:, None]
+        lo = jnp.zeros_like(cur)
         if window is not None:
             valid &= (pos[:, None] - (prefix_len + kslots[None, :])) < window
+            lo = jnp.maximum(cur - window + 1, 0)
+        span = (lo, jnp.where(live, cur, lo))  # the slots read (none for finished rows, whose output is dropped)
         pvalid = None
         if Sp:
             kp = jnp.arange(Sp, dtype=jnp.int32)
@@ -297,7 +311,7 @@ def decode(spec: _ESpec, mesh, rules, state, weights, lora, lora_scale, prefix, 
         rope = D.rotary(cfg, pos[:, None], dtype)
 
         def layer(x, p, lp, ck, cv, *pre):
-            attend = D.decode_attention(cfg, ck, cv, valid, pre if Sp else None, pvalid)
+            attend = D.decode_attention(cfg, ck, cv, valid, pre if Sp else None, pvalid, span, kernel)
             x, (k, v) = D.layer(cfg, p, lp, x, rope, attend, proj, mesh, rules)
             k, v = k[:, 0].astype(ck.dtype), v[:, 0].astype(cv.dtype)  # [B, K, Dh]
             if spec.scan_layers:

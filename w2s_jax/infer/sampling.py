@@ -36,6 +36,20 @@ def skinny_for(spec) -> Callable | None:
     return skinny
 
 
+def attention_kernel_for(spec) -> Callable | None:
+    """The native decode-attention kernel for a program with ``spec.cpu_kernels`` (a float32 cache; it
+    reads only each row's live slots), else None (XLA's masked attention over the whole cache)."""
+    if not spec.cpu_kernels:
+        return None
+
+    def kernel(q, ck, cv, lo, hi):
+        if q.dtype == ck.dtype == cv.dtype == jnp.float32:
+            return native.decode_attention(q, ck, cv, lo, hi)
+        return None
+
+    return kernel
+
+
 def layer_proj(spec, lora_scale, skinny: Callable | None = None) -> D.Proj:
     """The weight form of a generation program's layers (no LoRA dropout)."""
     return D.Proj(lora_scale, flat=spec.platform == "cpu", skinny=skinny)

@@ -45,7 +45,17 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from w2s_jax.infer.sampling import EOS, LENGTH, RUNNING, STOP, head_logits, layer_proj, sample, skinny_for
+from w2s_jax.infer.sampling import (
+    EOS,
+    LENGTH,
+    RUNNING,
+    STOP,
+    attention_kernel_for,
+    head_logits,
+    layer_proj,
+    sample,
+    skinny_for,
+)
 from w2s_jax.models import decoder as D
 from w2s_jax.models.config import ModelConfig
 from w2s_jax.models.decoder import rms_norm
@@ -121,13 +131,16 @@ def _prefill(spec: Spec, mesh, rules, weights, lora_layers, proj, tokens, kv_sta
     return x[:, -1], caches
 
 
-def _decode_step(spec: Spec, mesh, rules, weights, lora_layers, proj, x, rope, valid, caches, slot):
-    """One new token per row through every layer; its keys/values are written at ``slot`` afterwards."""
+def _decode_step(spec: Spec, mesh, rules, weights, lora_layers, proj, x, rope, valid, span, caches, slot):
+    """One new token per row through every layer; its keys/values are written at ``slot`` afterwards.
+    ``valid [B, S]``: the cache slots each row attends to, ``span``: the same as one range per row."""
     cfg = spec.cfg
     layers = weights["layers"]
+    kernel = attention_kernel_for(spec)
 
     def dec(x, p, lp, ck, cv):
-        x, (k, v) = D.layer(cfg, p, lp, x, rope, D.decode_attention(cfg, ck, cv, valid), proj, mesh, rules)
+        attend = D.decode_attention(cfg, ck, cv, valid, span=span, kernel=kernel)
+        x, (k, v) = D.layer(cfg, p, lp, x, rope, attend, proj, mesh, rules)
         return x, k[:, 0].astype(ck.dtype), v[:, 0].astype(cv.dtype)
 
     if spec.scan_layers:
@@ -199,11 +212,14 @@ def program(spec: Spec, mesh, rules, weights, lora, lora_scale, tokens, kv_start
         i, tok, caches, out, done, finish, ntok, sstate, lbuf = c
         slot = P + i - 1
         valid = (kslots[None, :] >= kv_start[:, None]) & (kslots[None, :] < slot)
+        lo = kv_start
         if window is not None:
             valid &= kslots[None, :] > slot - window
+            lo = jnp.maximum(kv_start, slot - window + 1)
+        span = (lo, jnp.where(done, lo, slot))  # finished rows read nothing (their output is dropped)
         x = _embed(spec, mesh, rules, weights, tok[:, None])
         rope = D.rotary(cfg, (slot - kv_start)[:, None], jnp.dtype(cfg.dtype))
-        x, caches = _decode_step(spec, mesh, rules, weights, lora_layers, proj, x, rope, valid, caches, slot)
+        x, caches = _decode_step(spec, mesh, rules, weights, lora_layers, proj, x, rope, valid, span, caches, slot)
         logits = _head(spec, weights, x[:, -1], skinny)
         tok = sample(spec, logits, keys, i, temperature, top_p)
         out, done, finish, ntok, sstate = _update(spec, stop_table, i, tok, out, done, finish, ntok, sstate)

@@ -382,27 +382,42 @@ def prefill_attention(cfg: ModelConfig, mask, prefix=None):
     return attend
 
 
-def decode_attention(cfg: ModelConfig, ck, cv, valid, prefix=None, prefix_valid=None):
+def decode_attention(cfg: ModelConfig, ck, cv, valid, prefix=None, prefix_valid=None, span=None,
+                     kernel: Callable | None = None):
     """One new token per row attends to the row's OLD cache ``ck/cv [B, K, S, Dh]`` (slots ``valid
     [B, S]``), to itself, and to the shared ``prefix`` ``([K, Sp, Dh], [K, Sp, Dh])`` (slots
     ``prefix_valid [B, Sp]``) when given. The cache is only read: the caller writes the new key/value
-    afterwards, so XLA can update the cache in place."""
+    afterwards, so XLA can update the cache in place.
+
+    ``kernel(q, ck, cv, lo, hi)`` (optional; the native CPU kernel of ``infer/kernels.py``) computes the
+    cache part over the slots ``span = (lo, hi)`` (one range per row, the same slots as ``valid``) and
+    returns softmax partials ``(o, m, l)``, or None when it does not apply (then the masked einsums run)."""
     def attend(q, k, v):
         B, H, K, Dh = q.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         k, v = k[:, 0].astype(ck.dtype), v[:, 0].astype(cv.dtype)  # [B, K, Dh]
         qg = (q[:, 0] * jnp.asarray(1.0 / math.sqrt(Dh), q.dtype)).reshape(B, K, H // K, Dh).astype(ck.dtype)
-        s = jnp.einsum("bkgd,bksd->bkgs", qg, ck, preferred_element_type=jnp.float32)
-        s = jnp.where(valid[:, None, None, :], s, -1e30)
+        part = None if kernel is None or span is None else kernel(qg, ck, cv, *span)
         s_self = jnp.einsum("bkgd,bkd->bkg", qg, k, preferred_element_type=jnp.float32)
-        m = jnp.maximum(jnp.max(s, axis=-1), s_self)
+        if part is None:
+            s = jnp.einsum("bkgd,bksd->bkgs", qg, ck, preferred_element_type=jnp.float32)
+            s = jnp.where(valid[:, None, None, :], s, -1e30)
+            m = jnp.maximum(jnp.max(s, axis=-1), s_self)
+        else:
+            o_c, m_c, l_c = part
+            m = jnp.maximum(m_c, s_self)
         if prefix is not None:
             sp = jnp.einsum("bkgd,ksd->bkgs", qg, prefix[0].astype(ck.dtype), preferred_element_type=jnp.float32)
             sp = jnp.where(prefix_valid[:, None, None, :], sp, -1e30)
             m = jnp.maximum(m, jnp.max(sp, axis=-1))
-        e = jnp.exp(s - m[..., None])
         e_self = jnp.exp(s_self - m)
-        den = jnp.sum(e, axis=-1) + e_self
-        o = jnp.einsum("bkgs,bksd->bkgd", e.astype(cv.dtype), cv, preferred_element_type=jnp.float32)
+        if part is None:
+            e = jnp.exp(s - m[..., None])
+            den = jnp.sum(e, axis=-1) + e_self
+            o = jnp.einsum("bkgs,bksd->bkgd", e.astype(cv.dtype), cv, preferred_element_type=jnp.float32)
+        else:
+            a = jnp.exp(m_c - m)
+            den = l_c * a + e_self
+            o = o_c * a[..., None]
         o = o + e_self[..., None] * v[:, :, None, :].astype(jnp.float32)
         if prefix is not None:
             ep = jnp.exp(sp - m[..., None])
