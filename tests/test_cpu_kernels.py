@@ -84,17 +84,17 @@ def test_decode_attention_kernel_matches_numpy(shape):
         lo[1] = hi[1] = S // 3  # an empty range
     if B > 2:
         lo[2], hi[2] = -4, S + 9  # out of bounds: clamped to the cache
-    o, m, l = jax.jit(cpu_kernels.decode_attention)(q, k, v, lo, hi)
+    o, m, den = jax.jit(cpu_kernels.decode_attention)(q, k, v, lo, hi)
     for b in range(B):
         a, z = max(lo[b], 0), min(hi[b], S)
         if z <= a:
-            assert np.all(np.asarray(m[b]) == -1e30) and np.all(np.asarray(l[b]) == 0) and not np.any(o[b])
+            assert np.all(np.asarray(m[b]) == -1e30) and np.all(np.asarray(den[b]) == 0) and not np.any(o[b])
             continue
         s = np.einsum("kgd,ksd->kgs", q[b].astype(np.float64), k[b, :, a:z].astype(np.float64))
         mm = s.max(-1)
         e = np.exp(s - mm[..., None])
         np.testing.assert_allclose(np.asarray(m[b]), mm, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(np.asarray(l[b]), e.sum(-1), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(den[b]), e.sum(-1), rtol=1e-5)
         np.testing.assert_allclose(np.asarray(o[b]), np.einsum("kgs,ksd->kgd", e, v[b, :, a:z]), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="float32"):
         cpu_kernels.decode_attention(jnp.asarray(q, jnp.bfloat16), k, v, lo, hi)
@@ -127,7 +127,8 @@ def test_decode_attention_with_kernel_equals_masked_attention(window):
     kernel = attention_kernel_for(SimpleNamespace(cpu_kernels=True))
     for pre, pv in ((None, None), (prefix, pvalid)):
         want = D.decode_attention(cfg, ck, cv, valid, pre, pv)(q, k1, v1)
-        got = jax.jit(lambda *a: D.decode_attention(cfg, ck, cv, valid, pre, pv, (lo, cur), kernel)(*a))(q, k1, v1)
+        attend = D.decode_attention(cfg, ck, cv, valid, pre, pv, (lo, cur), kernel)
+        got = jax.jit(attend)(q, k1, v1)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 

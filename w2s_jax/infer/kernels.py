@@ -155,8 +155,8 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lo: jax.Array, hi
     -1e30``, ``l = 0``, ``o = 0``)."""
     if not (q.dtype == k.dtype == v.dtype == jnp.float32) or q.ndim != 4 or k.shape != v.shape or k.ndim != 4 \
             or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"decode_attention needs float32 q [B, K, G, D] and k, v [B, K, S, D]; got {q.dtype}{q.shape}, "
-                         f"{k.dtype}{k.shape}, {v.dtype}{v.shape}")
+        raise ValueError(f"decode_attention needs float32 q [B, K, G, D] and k, v [B, K, S, D]; got "
+                         f"{q.dtype}{q.shape}, {k.dtype}{k.shape}, {v.dtype}{v.shape}")
     B, K, G, D = q.shape
     f32 = jnp.float32
     outs = (jax.ShapeDtypeStruct((B, K, G, D), f32), jax.ShapeDtypeStruct((B, K, G), f32),
