@@ -42,6 +42,7 @@ SRC_DIR = Path(__file__).with_name("csrc")
 _TARGET = "w2s_skinny_matmul"
 _ATTN_TARGET = "w2s_decode_attention"
 _SOURCES = ("skinny_matmul.cc", "decode_attention.cc")
+_HEADERS = ("w2s_cpu.h",)
 # rows of x up to which the Sampler uses skinny_matmul (decode steps of batches up to 16: at 16 rows it still
 # beats XLA's dot, 61 against 65 ms per step on the SmolLM2 shape; 38 against 45 ms at 8 rows)
 SKINNY_MAX_ROWS = 16
@@ -118,8 +119,8 @@ def _load_once() -> bool:
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
         key = hashlib.sha256(
-            b"\0".join(s.encode() for s in (*(p.read_text() for p in srcs), version, jax.__version__, _cpu_id(),
-                                             *_FLAGS))
+            b"\0".join(s.encode() for s in (*(p.read_text() for p in (*srcs, *(SRC_DIR / h for h in _HEADERS))),
+                                             version, jax.__version__, _cpu_id(), *_FLAGS))
         ).hexdigest()[:16]
         cache = Path(os.environ.get("W2S_KERNEL_CACHE", Path.home() / ".cache" / "w2s" / "kernels"))
         cache.mkdir(parents=True, exist_ok=True)

@@ -9,35 +9,25 @@
 //   m[b, k, g] = max_s q.k_s      l[b, k, g] = sum_s exp(q.k_s - m)      o[b, k, g, :] = sum_s exp(q.k_s - m) v_s
 // (an empty range gives m = -1e30, l = 0, o = 0). q is already scaled by 1/sqrt(Dh).
 //
-// Shapes: q [B, K, G, D], k/v [B, K, S, D] (float32, row-major), lo/hi [B] (int32). Work is one task per
-// (row, kv head), claimed by the intra-op threads and the calling thread. exp is a vectorised
+// Shapes: q [B, K, G, D], k/v [B, K, S, D] (float32, row-major), lo/hi [B] (int32). Work is one chunk per
+// (row, kv head), claimed by the intra-op threads and the calling thread (w2s::run_chunks). exp is a vectorised
 // polynomial (Cephes' expf: relative error below 2e-7 on [-87, 0]; below that the terms are 0).
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <vector>
 
+#include "w2s_cpu.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;
-typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
+using w2s::kLanes, w2s::vf, w2s::load, w2s::store, w2s::splat;
 typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-inline vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(vf));
-  return v;
-}
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(vf)); }
-inline vf splat(float s) { return s - (vf){}; }
 inline float hsum(vf v) {
   float s = 0.0f;
   for (int i = 0; i < kLanes; ++i) s += v[i];
@@ -69,15 +59,15 @@ inline vf vexp(vf x) {
   return under ? splat(0.0f) : out;
 }
 
-struct AttnJob {
+struct AttnJob : w2s::Chunks {
   const float *q, *k, *v;
   const int32_t *lo, *hi;
   float *o, *m, *l;
-  int64_t K, G, S, D, tasks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
+  int64_t K, G, S, D;
 
-  void run_task(int64_t t, std::vector<float>& sc) {
+  // chunk t: row t / K, kv head t % K
+  void run_chunk(int64_t t) {
+    thread_local std::vector<float> sc;
     const int64_t b = t / K;
     const int64_t s0 = std::max<int64_t>(0, lo[b]), s1 = std::min<int64_t>(S, hi[b]);
     const float* qt = q + t * G * D;
@@ -140,13 +130,6 @@ struct AttnJob {
     }
   }
 
-  void work() {
-    std::vector<float> sc;
-    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
-      run_task(t, sc);
-      done.fetch_add(1, std::memory_order_acq_rel);
-    }
-  }
 };
 
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -175,11 +158,8 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   job->G = G;
   job->S = S;
   job->D = D;
-  job->tasks = B * K;
-  const int64_t threads = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), job->tasks);
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([job] { job->work(); });
-  job->work();
-  while (job->done.load(std::memory_order_acquire) < job->tasks) std::this_thread::yield();
+  job->chunks = B * K;
+  w2s::run_chunks(pool, job, std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), job->chunks));
   return ffi::Error::Success();
 }
 

@@ -8,35 +8,23 @@
 //   - N large (the output head, [D, V]): each thread takes a panel of columns and all of K;
 //   - otherwise: each thread takes a range of K (rows of w) into a private partial y, and the
 //     partials are summed at the end (M * N floats per thread: a few KB).
-// Work is split into one chunk per intra-op thread; the calling thread claims chunks too, so the call
-// finishes even when the pool's other threads are busy (no waiting on work that has not started).
-// Written with GCC/Clang vector extensions (compiled for the host with -march=native), no intrinsics.
+// Work is split into one chunk per intra-op thread (w2s::run_chunks). Written with GCC/Clang vector
+// extensions (compiled for the host with -march=native), no intrinsics.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <cstring>
 #include <memory>
-#include <thread>
 #include <vector>
 
+#include "w2s_cpu.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;
+using w2s::kLanes, w2s::vf, w2s::load, w2s::store, w2s::splat;
 constexpr int64_t kBlock = 512;  // columns per pass over the rows of x: 8 x 512 floats of w stay in L1
-typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
-
-inline vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(vf));
-  return v;
-}
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(vf)); }
-inline vf splat(float s) { return s - (vf){}; }
 
 // y[m, n0:n1] = sum_{k in [k0, k1)} x[m, k] * w[k, n0:n1] (y rows have stride ldy). Eight rows of w at a
 // time: they are adjacent in memory, so the reads form one sequential stream, and y is loaded and
@@ -79,15 +67,13 @@ void rows_kernel(const float* x, const float* w, float* y, int64_t M, int64_t K,
   }
 }
 
-struct Job {
+struct Job : w2s::Chunks {
   const float* x;
   const float* w;
   float* y;
-  int64_t M, K, N, chunks;
+  int64_t M, K, N;
   bool split_k;
   std::vector<float> partial;  // split_k: chunks x M x N
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
 
   void run_chunk(int64_t c) {
     if (split_k) {
@@ -99,13 +85,6 @@ struct Job {
       const int64_t blocks = (N + kLanes - 1) / kLanes;
       const int64_t n0 = std::min(N, blocks * c / chunks * kLanes), n1 = std::min(N, blocks * (c + 1) / chunks * kLanes);
       if (n1 > n0) rows_kernel(x, w, y, M, K, N, 0, K, n0, n1, N);
-    }
-  }
-  // claim and run chunks until none is left
-  void work() {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      run_chunk(c);
-      done.fetch_add(1, std::memory_order_acq_rel);
     }
   }
 };
@@ -135,9 +114,7 @@ ffi::Error SkinnyMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   job->split_k = N < 4096 * threads && K >= 8 * threads;
   job->chunks = threads;
   if (job->split_k && threads > 1) job->partial.assign((threads - 1) * M * N, 0.0f);
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([job] { job->work(); });
-  job->work();
-  while (job->done.load(std::memory_order_acquire) < job->chunks) std::this_thread::yield();
+  w2s::run_chunks(pool, job, threads);
   if (job->split_k) {
     float* out = job->y;
     for (int64_t c = 1; c < job->chunks; ++c) {
