@@ -103,8 +103,8 @@ def test_decode_attention_kernel_matches_numpy(shape):
 @needs_kernel
 @pytest.mark.parametrize("window", [None, 6])
 def test_decode_attention_with_kernel_equals_masked_attention(window):
-    """decoder.decode_attention with the kernel over each row's slot range = the masked einsums (cache,
-    the token itself, a shared prefix)."""
+    """decoder.decode_attention over each row's slot range, with the kernel and with the masked einsums,
+    against a float64 softmax over the same keys (cache, the token itself, a shared prefix)."""
     from w2s_jax.infer.sampling import attention_kernel_for
     from w2s_jax.models import decoder as D
 
@@ -125,11 +125,33 @@ def test_decode_attention_with_kernel_equals_masked_attention(window):
         lo = jnp.maximum(cur - window + 1, 0)
         pvalid &= (pos[:, None] - jnp.arange(Sp)[None]) < window
     kernel = attention_kernel_for(SimpleNamespace(cpu_kernels=True))
+    # the range form of the slots is the window mask
+    np.testing.assert_array_equal((kslots[None] >= lo[:, None]) & (kslots[None] < cur[:, None]), valid)
+
+    def reference(pre, pv):  # float64 softmax over [prefix slots, cache slots, the token itself]
+        a = lambda x: np.asarray(x, np.float64)  # noqa: E731
+        G = cfg.n_heads // K
+        out = np.zeros((B, 1, cfg.n_heads, Dh))
+        for b in range(B):
+            for h in range(cfg.n_heads):
+                kv = h // G
+                keys, vals = [a(ck[b, kv])[a(valid[b]) > 0]], [a(cv[b, kv])[a(valid[b]) > 0]]
+                if pre is not None:
+                    keys.insert(0, a(pre[0][kv])[a(pv[b]) > 0])
+                    vals.insert(0, a(pre[1][kv])[a(pv[b]) > 0])
+                keys = np.concatenate([*keys, a(k1[b, 0, kv])[None]])
+                vals = np.concatenate([*vals, a(v1[b, 0, kv])[None]])
+                sc = keys @ a(q[b, 0, h]) / np.sqrt(Dh)
+                w = np.exp(sc - sc.max())
+                out[b, 0, h] = w @ vals / w.sum()
+        return out
+
     for pre, pv in ((None, None), (prefix, pvalid)):
-        want = D.decode_attention(cfg, ck, cv, valid, pre, pv)(q, k1, v1)
-        attend = D.decode_attention(cfg, ck, cv, valid, pre, pv, (lo, cur), kernel)
-        got = jax.jit(attend)(q, k1, v1)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+        want = reference(pre, pv)
+        xla = D.decode_attention(cfg, ck, cv, (lo, cur), pre, pv)(q, k1, v1)
+        got = jax.jit(D.decode_attention(cfg, ck, cv, (lo, cur), pre, pv, kernel))(q, k1, v1)
+        np.testing.assert_allclose(np.asarray(xla), want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
 def _tiny_sampler_pair():

@@ -274,12 +274,11 @@ def decode(spec: _ESpec, mesh, rules, state, weights, lora, lora_scale, prefix, 
     all finish), or ``max_steps`` steps. Returns the new state."""
     cfg = spec.cfg
     dtype = jnp.dtype(cfg.dtype)
-    B, Ss, Sp = spec.slots, spec.cache_len, spec.prefix_len
+    B, Sp = spec.slots, spec.prefix_len
     window = cfg.sliding_window
     layers = weights["layers"]
     lora_layers = None if lora is None else lora["layers"]
     bidx = jnp.arange(B, dtype=jnp.int32)
-    kslots = jnp.arange(Ss, dtype=jnp.int32)
     done0 = state["done"]
     keys = _keys(state["seeds"], state["hashes"])
     skinny = skinny_for(spec)
@@ -295,12 +294,9 @@ def decode(spec: _ESpec, mesh, rules, state, weights, lora, lora_scale, prefix, 
         i, st = c
         cur, live = st["cur"], ~st["done"]
         pos = prefix_len + cur  # absolute position of the token fed now
-        valid = kslots[None, :] < cur[:, None]
-        lo = jnp.zeros_like(cur)
-        if window is not None:
-            valid &= (pos[:, None] - (prefix_len + kslots[None, :])) < window
-            lo = jnp.maximum(cur - window + 1, 0)
-        span = (lo, jnp.where(live, cur, lo))  # the slots read (none for finished rows, whose output is dropped)
+        # the slots read: [0, cur), within the window; none for finished rows (their output is dropped)
+        lo = jnp.zeros_like(cur) if window is None else jnp.maximum(cur - window + 1, 0)
+        span = (lo, jnp.where(live, cur, lo))
         pvalid = None
         if Sp:
             kp = jnp.arange(Sp, dtype=jnp.int32)
@@ -311,7 +307,7 @@ def decode(spec: _ESpec, mesh, rules, state, weights, lora, lora_scale, prefix, 
         rope = D.rotary(cfg, pos[:, None], dtype)
 
         def layer(x, p, lp, ck, cv, *pre):
-            attend = D.decode_attention(cfg, ck, cv, valid, pre if Sp else None, pvalid, span, kernel)
+            attend = D.decode_attention(cfg, ck, cv, span, pre if Sp else None, pvalid, kernel)
             x, (k, v) = D.layer(cfg, p, lp, x, rope, attend, proj, mesh, rules)
             k, v = k[:, 0].astype(ck.dtype), v[:, 0].astype(cv.dtype)  # [B, K, Dh]
             if spec.scan_layers:

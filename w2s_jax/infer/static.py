@@ -131,15 +131,15 @@ def _prefill(spec: Spec, mesh, rules, weights, lora_layers, proj, tokens, kv_sta
     return x[:, -1], caches
 
 
-def _decode_step(spec: Spec, mesh, rules, weights, lora_layers, proj, x, rope, valid, span, caches, slot):
-    """One new token per row through every layer; its keys/values are written at ``slot`` afterwards.
-    ``valid [B, S]``: the cache slots each row attends to, ``span``: the same as one range per row."""
+def _decode_step(spec: Spec, mesh, rules, weights, lora_layers, proj, x, rope, span, caches, slot):
+    """One new token per row through every layer, attending to the cache slots ``span = (lo, hi)`` of
+    its row; its keys/values are written at ``slot`` afterwards."""
     cfg = spec.cfg
     layers = weights["layers"]
     kernel = attention_kernel_for(spec)
 
     def dec(x, p, lp, ck, cv):
-        attend = D.decode_attention(cfg, ck, cv, valid, span=span, kernel=kernel)
+        attend = D.decode_attention(cfg, ck, cv, span, kernel=kernel)
         x, (k, v) = D.layer(cfg, p, lp, x, rope, attend, proj, mesh, rules)
         return x, k[:, 0].astype(ck.dtype), v[:, 0].astype(cv.dtype)
 
@@ -202,7 +202,6 @@ def program(spec: Spec, mesh, rules, weights, lora, lora_scale, tokens, kv_start
     zeros = jnp.zeros((B,), jnp.int32)
     out, done, finish, ntok, sstate = _update(spec, stop_table, 0, tok, jnp.zeros((B, N), jnp.int32), ~active,
                                               zeros, zeros, zeros)
-    kslots = jnp.arange(P + N, dtype=jnp.int32)
 
     def cond(c):
         i, done = c[0], c[4]
@@ -211,15 +210,12 @@ def program(spec: Spec, mesh, rules, weights, lora, lora_scale, tokens, kv_start
     def body(c):
         i, tok, caches, out, done, finish, ntok, sstate, lbuf = c
         slot = P + i - 1
-        valid = (kslots[None, :] >= kv_start[:, None]) & (kslots[None, :] < slot)
-        lo = kv_start
-        if window is not None:
-            valid &= kslots[None, :] > slot - window
-            lo = jnp.maximum(kv_start, slot - window + 1)
-        span = (lo, jnp.where(done, lo, slot))  # finished rows read nothing (their output is dropped)
+        # the slots read: [kv_start, slot), within the window; none for finished rows (output dropped)
+        lo = kv_start if window is None else jnp.maximum(kv_start, slot - window + 1)
+        span = (lo, jnp.where(done, lo, slot))
         x = _embed(spec, mesh, rules, weights, tok[:, None])
         rope = D.rotary(cfg, (slot - kv_start)[:, None], jnp.dtype(cfg.dtype))
-        x, caches = _decode_step(spec, mesh, rules, weights, lora_layers, proj, x, rope, valid, span, caches, slot)
+        x, caches = _decode_step(spec, mesh, rules, weights, lora_layers, proj, x, rope, span, caches, slot)
         logits = _head(spec, weights, x[:, -1], skinny)
         tok = sample(spec, logits, keys, i, temperature, top_p)
         out, done, finish, ntok, sstate = _update(spec, stop_table, i, tok, out, done, finish, ntok, sstate)

@@ -382,23 +382,24 @@ def prefill_attention(cfg: ModelConfig, mask, prefix=None):
     return attend
 
 
-def decode_attention(cfg: ModelConfig, ck, cv, valid, prefix=None, prefix_valid=None, span=None,
-                     kernel: Callable | None = None):
-    """One new token per row attends to the row's OLD cache ``ck/cv [B, K, S, Dh]`` (slots ``valid
-    [B, S]``), to itself, and to the shared ``prefix`` ``([K, Sp, Dh], [K, Sp, Dh])`` (slots
-    ``prefix_valid [B, Sp]``) when given. The cache is only read: the caller writes the new key/value
-    afterwards, so XLA can update the cache in place.
+def decode_attention(cfg: ModelConfig, ck, cv, span, prefix=None, prefix_valid=None, kernel: Callable | None = None):
+    """One new token per row attends to the slots ``span = (lo, hi)`` (``[lo[b], hi[b])``, int32 ``[B]``
+    each) of the row's OLD cache ``ck/cv [B, K, S, Dh]``, to itself, and to the shared ``prefix``
+    ``([K, Sp, Dh], [K, Sp, Dh])`` (slots ``prefix_valid [B, Sp]``) when given. The cache is only read:
+    the caller writes the new key/value afterwards, so XLA can update the cache in place.
 
     ``kernel(q, ck, cv, lo, hi)`` (optional; the native CPU kernel of ``infer/kernels.py``) computes the
-    cache part over the slots ``span = (lo, hi)`` (one range per row, the same slots as ``valid``) and
-    returns softmax partials ``(o, m, l)``, or None when it does not apply (then the masked einsums run)."""
+    cache part over those slots only and returns softmax partials ``(o, m, l)``, or None when it does
+    not apply; then the masked einsums run over the whole cache."""
     def attend(q, k, v):
         B, H, K, Dh = q.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         k, v = k[:, 0].astype(ck.dtype), v[:, 0].astype(cv.dtype)  # [B, K, Dh]
         qg = (q[:, 0] * jnp.asarray(1.0 / math.sqrt(Dh), q.dtype)).reshape(B, K, H // K, Dh).astype(ck.dtype)
-        part = None if kernel is None or span is None else kernel(qg, ck, cv, *span)
+        part = None if kernel is None else kernel(qg, ck, cv, *span)
         s_self = jnp.einsum("bkgd,bkd->bkg", qg, k, preferred_element_type=jnp.float32)
         if part is None:
+            kslots = jnp.arange(ck.shape[2], dtype=jnp.int32)
+            valid = (kslots[None, :] >= span[0][:, None]) & (kslots[None, :] < span[1][:, None])
             s = jnp.einsum("bkgd,bksd->bkgs", qg, ck, preferred_element_type=jnp.float32)
             s = jnp.where(valid[:, None, None, :], s, -1e30)
             m = jnp.maximum(jnp.max(s, axis=-1), s_self)

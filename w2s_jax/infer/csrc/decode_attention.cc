@@ -129,7 +129,6 @@ struct AttnJob : w2s::Chunks {
       }
     }
   }
-
 };
 
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
